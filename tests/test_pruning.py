@@ -1,0 +1,108 @@
+"""utils.pruning: MACs speed-up targets, first-step stopping, classifier exclusion, clear errors."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from utils.pruning import (
+    SpeedUpNotReachedError,
+    build_pruner,
+    classifier_module,
+    count_macs,
+    prune_to_speed_up,
+)
+
+METHOD = {"name": "group_l2_norm_max_normalizer", "kind": "structured", "importance": "group_magnitude",
+          "p": 2, "group_reduction": "mean", "normalizer": "max", "global_pruning": True}
+
+
+class TinyNet(nn.Module):
+    """Convs + BN with a residual add and a classifier whose width equals a hidden width (10)."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 10, 3, padding=1, bias=False), nn.BatchNorm2d(10), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(10, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU(),
+                                  nn.Conv2d(24, 10, 3, padding=1, bias=False), nn.BatchNorm2d(10))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(10, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.body(x))
+        return self.head(self.pool(x).flatten(1))
+
+
+def make_net(seed=0):
+    torch.manual_seed(seed)
+    net = TinyNet()
+    for m in net.modules():  # non-trivial BN so importances differ
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+    return net.eval()
+
+
+EXAMPLE = torch.ones(1, 3, 16, 16)
+
+
+def test_classifier_found_by_identity_not_width():
+    net = make_net()
+    assert classifier_module(net, EXAMPLE) is net.head
+    # a hidden conv with exactly num_classes outputs is *not* ignored: it is pruned
+    prune_to_speed_up(net, 3.0, METHOD, EXAMPLE)
+    assert net.head.out_features == 10
+    assert net.stem[0].out_channels < 10 and net.head.in_features == net.stem[0].out_channels
+
+
+@pytest.mark.parametrize("target", [1.3, 2.0, 3.0])
+def test_reaches_target_and_stops_at_first_step_past_it(target):
+    net = make_net()
+    reference = copy.deepcopy(net)
+    base = count_macs(net, EXAMPLE)
+    achieved = prune_to_speed_up(net, target, METHOD, EXAMPLE, iterative_steps=50)
+    assert achieved >= target
+    assert achieved == pytest.approx(base / count_macs(net, EXAMPLE))
+    # replay the same deterministic pruner step by step: the step before the last is below target
+    pruner = build_pruner(reference, EXAMPLE, METHOD, iterative_steps=50)
+    history = [1.0]
+    while history[-1] < target:
+        pruner.step()
+        history.append(base / count_macs(reference, EXAMPLE))
+    assert history[-1] == pytest.approx(achieved)
+    assert history[-2] < target
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_total_speed_up_against_a_given_base():
+    net = make_net()
+    base = count_macs(net, EXAMPLE)
+    first = prune_to_speed_up(net, 1.3, METHOD, EXAMPLE, iterative_steps=50)
+    total = prune_to_speed_up(net, 2.0, METHOD, EXAMPLE, iterative_steps=50, base_macs=base)
+    assert first >= 1.3 and total >= 2.0
+    assert total == pytest.approx(base / count_macs(net, EXAMPLE))
+
+
+def test_unreachable_target_reports_best_reached():
+    net = make_net()
+    with pytest.raises(SpeedUpNotReachedError) as err:
+        prune_to_speed_up(net, 1e6, METHOD, EXAMPLE, iterative_steps=20)
+    assert 1.0 < err.value.achieved < 1e6
+    assert f"{err.value.achieved:.4f}" in str(err.value)
+    net2 = make_net()
+    achieved = prune_to_speed_up(net2, 1e6, METHOD, EXAMPLE, iterative_steps=20, strict=False)
+    assert achieved == pytest.approx(err.value.achieved)
+
+
+def test_already_fast_enough_is_untouched():
+    net = make_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert prune_to_speed_up(net, 1.0, METHOD, EXAMPLE) == 1.0
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_bad_method_and_target_are_clear_errors():
+    with pytest.raises(ValueError, match="structured"):
+        prune_to_speed_up(make_net(), 2.0, {"name": "unstructured_l1_norm", "kind": "unstructured"}, EXAMPLE)
+    with pytest.raises(ValueError, match=">= 1"):
+        prune_to_speed_up(make_net(), 0.5, METHOD, EXAMPLE)

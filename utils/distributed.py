@@ -1,0 +1,59 @@
+"""torchrun / DDP helpers: one process per GPU, environment set by torchrun (RANK, WORLD_SIZE, LOCAL_RANK)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(backend: str = "auto", device: str = "auto") -> torch.device:
+    """Join the process group that torchrun describes and return this rank's device.
+
+    Without torchrun it returns the single-process device and initialises nothing, so the same script
+    runs on a laptop. ``backend=auto`` is NCCL when CUDA is used, else gloo.
+    """
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if not launched_by_torchrun():
+        return torch.device("cuda" if use_cuda else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    chosen = ("nccl" if use_cuda else "gloo") if backend == "auto" else backend
+    if not dist.is_initialized():
+        dist.init_process_group(backend=chosen)
+    log.info("rank %d/%d on %s (%s)", rank(), world_size(), f"cuda:{local_rank}" if use_cuda else "cpu", chosen)
+    return torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()

@@ -1,0 +1,169 @@
+"""Structured pruning to a MACs speed-up with torch-pruning (DepGraph), as the paper does (reference §7).
+
+The criterion is a ``method`` config (``configs/method/*.yaml``): for the paper, group-L2 magnitude
+importance with the max normaliser, ranked globally. Pruning advances in ``iterative_steps`` equal
+steps of the global channel ratio (200 steps of 0.5 %) and stops at the first step whose MACs speed-up
+reaches the target; there is no fine-tuning between steps. The classifier is excluded by module
+identity (the last Linear/Conv that runs), never by its output width.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# The reference's "no per-layer cap": torch-pruning keeps at least one channel per layer anyway.
+NO_LAYER_CAP = 300.0
+
+
+class SpeedUpNotReachedError(RuntimeError):
+    """Raised when pruning cannot reach the requested speed-up; ``achieved`` is the best reached."""
+
+    def __init__(self, target: float, achieved: float, steps: int):
+        self.target, self.achieved, self.steps = target, achieved, steps
+        super().__init__(
+            f"speed-up {target:.4f}x is unreachable with this criterion: the best reached is {achieved:.4f}x "
+            f"after {steps} pruning steps (the model is left at that point). Lower the target or raise "
+            f"iterative_steps."
+        )
+
+
+def classifier_module(model: nn.Module, example_inputs: torch.Tensor) -> nn.Module:
+    """The last Linear/Conv2d executed in a forward pass: the module that produces the logits."""
+    executed: list[nn.Module] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, _inp, _out: executed.append(mod))
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    ]
+    try:
+        with torch.no_grad():
+            model(example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not executed:
+        raise ValueError("the model runs no Linear or Conv2d layer; nothing to prune")
+    return executed[-1]
+
+
+def make_importance(method: Mapping[str, Any]) -> tp.importance.Importance:
+    """torch-pruning importance for a structured ``method`` config."""
+    kind = method.get("importance")
+    if kind == "group_magnitude":
+        return tp.importance.GroupMagnitudeImportance(
+            p=method.get("p", 2),
+            group_reduction=method.get("group_reduction", "mean"),
+            normalizer=method.get("normalizer", "max"),
+        )
+    if kind == "random":
+        return tp.importance.RandomImportance()
+    raise ValueError(
+        f"method {method.get('name', kind)!r} has no structured importance (importance={kind!r}); "
+        "structured pruning supports importance=group_magnitude|random"
+    )
+
+
+def build_pruner(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    method: Mapping[str, Any],
+    reg: float = 0.0,
+    iterative_steps: int = 200,
+    round_to: int | None = None,
+    unwrapped_parameters: Iterable[str] = (),
+    ignored_layers: Iterable[nn.Module] | None = None,
+) -> tp.pruner.GroupNormPruner:
+    """A global ``GroupNormPruner`` stepping the channel ratio linearly from 0 to 1 in ``iterative_steps``.
+
+    ``reg`` only matters for :meth:`regularize` (meta-training); stepping ignores it.
+    ``unwrapped_parameters`` names parameters (e.g. ``class_token``) pruned along their last dim (ViT).
+    """
+    if method.get("kind", "structured") != "structured":
+        raise ValueError(f"method {method.get('name')!r} is not a structured pruning method")
+    ignored = list(ignored_layers) if ignored_layers is not None else [classifier_module(model, example_inputs)]
+    params = dict(model.named_parameters())
+    unwrapped = []
+    for name in unwrapped_parameters:
+        if name not in params:
+            raise KeyError(f"unwrapped parameter {name!r} is not a parameter of the model")
+        unwrapped.append((params[name], params[name].dim() - 1))
+    pruner_kwargs = {}
+    if round_to is not None:
+        pruner_kwargs["round_to"] = round_to
+    if unwrapped:
+        pruner_kwargs["unwrapped_parameters"] = unwrapped
+    return tp.pruner.GroupNormPruner(
+        model,
+        example_inputs,
+        importance=make_importance(method),
+        reg=reg,
+        global_pruning=method.get("global_pruning", True),
+        pruning_ratio=1.0,
+        max_pruning_ratio=NO_LAYER_CAP,
+        iterative_steps=iterative_steps,
+        ignored_layers=ignored,
+        **pruner_kwargs,
+    )
+
+
+def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> float:
+    """MACs of one forward pass, by torch-pruning's counter (the paper's speed-up denominator)."""
+    macs, _params = tp.utils.count_ops_and_params(model, example_inputs)
+    return float(macs)
+
+
+def prune_to_speed_up(
+    model: nn.Module,
+    target: float,
+    method: Mapping[str, Any],
+    example_inputs: torch.Tensor,
+    iterative_steps: int = 200,
+    base_macs: float | None = None,
+    strict: bool = True,
+    progress: bool = False,
+    **pruner_options: Any,
+) -> float:
+    """Prune ``model`` in place until base MACs / pruned MACs >= ``target``; return the achieved speed-up.
+
+    ``base_macs`` is the reference the speed-up is measured against (default: the model as given), so a
+    model that was already init-pruned can be taken to a *total* speed-up by passing the unpruned MACs.
+    Stops at the first pruning step that reaches the target. If all steps cannot reach it, raises
+    :class:`SpeedUpNotReachedError` (``strict``) or logs a warning; the model is then as pruned as it gets.
+    """
+    if target < 1.0:
+        raise ValueError(f"target speed-up must be >= 1, got {target}")
+    was_training = model.training
+    model.eval()
+    base = count_macs(model, example_inputs) if base_macs is None else float(base_macs)
+    achieved = base / count_macs(model, example_inputs)
+    steps = 0
+    if achieved < target:
+        pruner = build_pruner(model, example_inputs, method, iterative_steps=iterative_steps, **pruner_options)
+        bar = _progress(iterative_steps, progress)
+        while achieved < target and steps < iterative_steps:
+            pruner.step()
+            steps += 1
+            achieved = base / count_macs(model, example_inputs)
+            bar.update(1)
+            bar.set_postfix(speed_up=f"{achieved:.3f}")
+        bar.close()
+    model.train(was_training)
+    log.info("pruned in %d steps: speed-up %.4fx (target %.4fx)", steps, achieved, target)
+    if achieved < target:
+        error = SpeedUpNotReachedError(target, achieved, steps)
+        if strict:
+            raise error
+        log.warning(str(error))
+    return achieved
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="pruning", disable=not enabled, leave=False)

@@ -1,0 +1,28 @@
+"""Run modes of the Hydra entry points (``run=MODE``).
+
+Entry scripts only call :func:`execute`; each run writes its outputs under the run directory and
+returns a JSON-serialisable summary. Importing this module registers every run mode.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from utils import experiment  # noqa: F401  (registers the `train` run)
+from utils.distributed import is_main_process
+from utils.run_registry import UnknownRunError, get_run, list_runs  # noqa: F401  (re-exported)
+
+
+def execute(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
+    """Run ``cfg.run`` with outputs under ``run_dir``; saves the resolved config next to them."""
+    if cfg.run == "help":
+        print("valid run modes: " + ", ".join(list_runs()))
+        return {}
+    run_fn = get_run(cfg.run)  # fail before any work on a typo
+    run_dir = Path(run_dir)
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return run_fn(cfg, run_dir)
