@@ -38,6 +38,8 @@ def task_data(task: DictConfig, seed: int, distributed: bool = False) -> tuple[D
         split_seed=ds.get("split_seed", 0),
         image_size=ds.get("image_size", None),
         synthetic=OmegaConf.to_container(ds.synthetic) if ds.get("synthetic") else None,
+        # per-dataset extras, e.g. {use_extra: true} for SVHN or {debian_dir: ...} for FashionMNIST
+        **(OmegaConf.to_container(ds.options) if ds.get("options") else {}),
     )
     loaders = build_loaders(
         splits,
