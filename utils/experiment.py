@@ -121,7 +121,7 @@ def train_run(cfg: DictConfig, run_dir: Path) -> dict:
     spec = model_spec(task.model, model, splits.num_classes)
     if not distributed.is_main_process():
         return {}
-    save_checkpoint(run_dir / "model.pt", model.state_dict(), spec, metrics=result.final)
+    save_checkpoint(run_dir / "model.pt", model.state_dict(), spec, metrics=result.final_metrics)
     summary = {
         "run": "train",
         "task": task.name,
@@ -132,7 +132,7 @@ def train_run(cfg: DictConfig, run_dir: Path) -> dict:
         "selection": result.selection,
         "protocol_note": result.protocol_note,
         "epochs": result.epochs,
-        "metrics": result.final,
+        "metrics": result.final_metrics,
         "seconds": round(time.time() - started, 1),
         "checkpoint": "model.pt",
     }

@@ -1,0 +1,173 @@
+"""Safe checkpoints: state dict + small architecture spec, written atomically, read weights-only.
+
+A checkpoint file holds one plain dict::
+
+    {"state_dict": {name: Tensor}, "spec": {"name", "num_classes", "widths", ...},
+     "format_version": 1, **extra}
+
+Only tensors and plain containers (dict, list, tuple, str, int, float, bool, None) are allowed, so
+``torch.load(..., weights_only=True)`` can read every checkpoint we write and refuses anything that
+would need arbitrary code to unpickle (a checkpoint from a stranger must not be able to run code).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+_RESERVED_KEYS = ("state_dict", "spec", "format_version")
+# Exact types: subclasses such as numpy.float64 (a float) pickle through numpy and would be refused.
+_SCALARS = (str, int, float, bool, type(None))
+_DICTS = (dict, OrderedDict)
+_SEQUENCES = (list, tuple)
+
+
+class CheckpointError(RuntimeError):
+    """A file exists but is not a checkpoint this code base can load safely."""
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Raise ``TypeError`` if ``value`` holds anything ``weights_only`` loading would refuse."""
+    if isinstance(value, torch.Tensor) or type(value) in _SCALARS:
+        return
+    if type(value).__module__.startswith("omegaconf"):
+        raise TypeError(
+            f"{where} is an OmegaConf container; convert it first with "
+            "OmegaConf.to_container(cfg, resolve=True)"
+        )
+    if type(value) in _DICTS:
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where} has a key of type {type(key).__name__}; use str or int keys")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    if type(value) in _SEQUENCES:
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]")
+        return
+    hint = " (save its state_dict() instead)" if isinstance(value, torch.nn.Module) else ""
+    raise TypeError(
+        f"{where} has type {type(value).__module__}.{type(value).__qualname__}, which a weights-only "
+        f"checkpoint cannot hold{hint}; allowed: tensors, dict, list, tuple, str, int, float, bool, "
+        "None (convert numpy values with .item() / .tolist())"
+    )
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
+                    spec: Mapping[str, Any], **extra: Any) -> Path:
+    """Write ``{"state_dict", "spec", "format_version", **extra}`` to ``path`` atomically.
+
+    The file is written to a temporary file in the same directory, fsync'ed, then moved over
+    ``path`` with ``os.replace``: readers see either the old file or the complete new one, never a
+    partial write. Parent directories are created. Returns the path.
+    """
+    path = Path(path)
+    for key in _RESERVED_KEYS:
+        if key in extra:
+            raise TypeError(f"save_checkpoint: extra key {key!r} is reserved; pick another name")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"save_checkpoint({path}): state_dict must be a mapping of tensors, got "
+            f"{type(state_dict).__name__}; pass model.state_dict(), not the model"
+        )
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"save_checkpoint({path}): spec must be a dict, got {type(spec).__name__}")
+    payload = {"state_dict": dict(state_dict), "spec": dict(spec), "format_version": FORMAT_VERSION}
+    payload.update(extra)
+    for key, value in payload.items():
+        _check_plain(value, f"checkpoint {path}: {key!r}")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        # Any failure (including KeyboardInterrupt) leaves the previous file untouched.
+        if os.path.exists(tmp_name):
+            os.remove(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    Raises ``FileNotFoundError`` if ``path`` does not exist and :class:`CheckpointError` if the file
+    cannot be read weights-only (a pickled module or custom class, a corrupted file) or lacks the
+    ``state_dict``/``spec`` entries.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # UnpicklingError, zip/EOF errors, ... all mean "not a safe checkpoint"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path} is not a valid checkpoint: torch.load(weights_only=True) failed "
+            f"({type(err).__name__}: {first_line}). This loader refuses to unpickle arbitrary objects "
+            "(pickled modules, custom classes), so a checkpoint cannot run code; re-save the weights "
+            "with utils.checkpoint.save_checkpoint(path, model.state_dict(), spec)"
+        ) from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "spec" not in checkpoint:
+        found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(
+            f"{path} is not a checkpoint written by save_checkpoint: expected a dict with 'state_dict' "
+            f"and 'spec', found {found}"
+        )
+    version = checkpoint.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format_version={version!r}; this code reads versions <= "
+            f"{FORMAT_VERSION}. Update the code base or re-save the checkpoint"
+        )
+    return checkpoint
+
+
+def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model stored in a checkpoint; returns ``(model in eval mode, checkpoint)``.
+
+    The architecture comes from ``spec["name"]`` and ``spec["num_classes"]``; widths are inferred
+    from the tensor shapes, so pruned checkpoints load too.
+    """
+    checkpoint = load_checkpoint(path, map_location=map_location)
+    spec = checkpoint["spec"]
+    missing = [key for key in ("name", "num_classes") if key not in spec]
+    if missing:
+        raise CheckpointError(f"{path}: spec lacks {missing}; cannot tell which architecture to rebuild")
+    # Imported here: generate_dataset.models pulls in every architecture, which plain
+    # checkpoint I/O does not need.
+    from generate_dataset.models import model_from_state_dict
+
+    model = model_from_state_dict(spec["name"], checkpoint["state_dict"], spec["num_classes"])
+    if isinstance(map_location, (str, torch.device)):
+        model = model.to(map_location)
+    model.eval()
+    return model, checkpoint

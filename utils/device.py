@@ -1,0 +1,34 @@
+"""Run-time device selection (never hard-code ``.cuda()``)."""
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """Turn a config value into a ``torch.device``.
+
+    ``"auto"`` (or ``None``) picks CUDA when present, else the CPU. ``"cpu"``, ``"cuda"`` and
+    ``"cuda:1"`` are taken literally; asking for CUDA on a machine without it raises a
+    ``RuntimeError`` that says how to fix the config instead of failing later inside a kernel.
+    """
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec.strip() if isinstance(spec, str) else spec)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device={spec!r} is not a valid device; use 'auto', 'cpu', 'cuda' or 'cuda:<index>'"
+        ) from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device={spec!r} was requested but CUDA is not available on this machine; "
+                "set device=auto or device=cpu"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise RuntimeError(
+                f"device={spec!r} was requested but only {count} CUDA device(s) exist; "
+                f"use an index below {count} or device=auto"
+            )
+    return device
