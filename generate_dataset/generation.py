@@ -1,0 +1,72 @@
+"""Produce data models (reference §3.3): train -> init-prune to the task's speed-up -> fine-tune -> store.
+
+One call of :func:`generate_shard` is one shard of the work: it writes only its own shard file, skips
+data models that a previous (possibly killed) run already published, and derives each model's seed from
+``(seed, shard index, position)`` so that a re-run reproduces the same models.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from data_loaders.store import ShardWriter
+from generate_dataset.models import model_spec
+from utils.experiment import recipe, setup, task_data, task_model
+from utils.pruning import prune_to_speed_up
+from utils.seed import derive_seed, seed_everything
+from utils.training import train
+
+log = logging.getLogger(__name__)
+
+
+def example_input(task: DictConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The batch-1 input used to trace models and count MACs (``task.input_size``)."""
+    return torch.ones(1, *task.input_size, device=device)
+
+
+def shard_identity(cfg: DictConfig) -> dict:
+    return {"task": cfg.task.name, "architecture": cfg.task.model, "num_classes": -1, "method": cfg.method.name}
+
+
+def generate_shard(cfg: DictConfig, run_dir: Path) -> dict:
+    """Generate ``cfg.num`` data models into ``cfg.store`` as shard ``cfg.index``."""
+    device = setup(cfg)
+    task = cfg.task
+    splits, loaders = task_data(task, cfg.seed)
+    identity = shard_identity(cfg) | {"num_classes": splits.num_classes}
+    writer = ShardWriter(cfg.store, cfg.index, identity)
+    done = writer.completed_positions()
+    if done:
+        log.info("%s already holds data models %s; resuming", writer.path, sorted(done))
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    produced = []
+    for position in tqdm(range(cfg.num), desc=f"data models (shard {cfg.index})"):
+        if position in done:
+            continue
+        seed = derive_seed(cfg.seed, cfg.index, position)
+        seed_everything(seed, deterministic=cfg.get("deterministic", False))
+        started = time.time()
+        model = task_model(task, splits).to(device)
+        result = train(model, loaders, recipe(task.train), device, run_dir=run_dir, desc=f"model{position}_train")
+        speed_up = 1.0
+        if not cfg.no_init_pruning:
+            model.eval()
+            speed_up = prune_to_speed_up(model, task.initial_speed_up, method, example_input(task, device),
+                                         iterative_steps=task.pruning.iterative_steps, progress=True)
+            result = train(model, loaders, recipe(task.finetune.after_init_pruning), device, run_dir=run_dir,
+                           desc=f"model{position}_finetune")
+        model.eval()
+        metrics = dict(result.final_metrics)
+        writer.append(position, model.state_dict(), model_spec(task.model, model, splits.num_classes),
+                      metrics, speed_up, seed, config)
+        produced.append(position)
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        log.info("data model %d of shard %d stored in %.0f s: speed-up %.4fx, %s",
+                 position, cfg.index, time.time() - started, speed_up, shown)
+    return {"shard": str(writer.path), "produced": produced, "skipped": sorted(done)}
