@@ -1,0 +1,72 @@
+"""Metanetwork construction, checkpoints and application to a network (shared by every run mode).
+
+A metanetwork checkpoint is a weights-only file (``utils.checkpoint``) whose ``spec`` records what is
+needed to rebuild it and to refuse it for the wrong task: the constructor knobs, the codec layout it
+was trained on (node/edge feature sizes and meanings), the task name and the epoch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from nn.graph import GraphCodec, GraphCodecError
+from nn.metanetwork import MetaNetwork
+from utils.checkpoint import load_checkpoint, save_checkpoint
+
+
+class LayoutMismatchError(ValueError):
+    """A metanetwork checkpoint trained on another graph layout than the current task's."""
+
+
+def build_metanetwork(codec: GraphCodec, options: Mapping[str, Any]) -> MetaNetwork:
+    """``MetaNetwork`` sized for ``codec``'s graphs with the constructor knobs of ``configs/metanetwork``."""
+    return MetaNetwork(node_dim=codec.node_dim, edge_dims=dict(codec.edge_dims), **dict(options))
+
+
+def save_metanetwork(path: str | Path, metanetwork: MetaNetwork, codec: GraphCodec, options: Mapping[str, Any],
+                     task: str, epoch: int, **extra: Any) -> Path:
+    """Save weights + (options, layout, task, epoch) atomically; ``extra`` e.g. optimizer state, losses."""
+    spec = {"kind": "metanetwork", "options": dict(options), "layout": codec.layout, "task": task, "epoch": int(epoch)}
+    return save_checkpoint(path, metanetwork.state_dict(), spec, **extra)
+
+
+def load_metanetwork(path: str | Path, codec: GraphCodec | None = None,
+                     map_location: str | torch.device = "cpu") -> tuple[MetaNetwork, dict]:
+    """Rebuild a saved metanetwork; with ``codec`` its layout must match the checkpoint's (clear error)."""
+    checkpoint = load_checkpoint(path, map_location=map_location)
+    spec = checkpoint["spec"]
+    if spec.get("kind") != "metanetwork":
+        raise ValueError(f"{path} is not a metanetwork checkpoint (spec kind {spec.get('kind')!r})")
+    layout = spec["layout"]
+    if codec is not None:
+        try:
+            codec.check_layout(layout)
+        except GraphCodecError as err:
+            raise LayoutMismatchError(
+                f"metanetwork checkpoint {path} (trained on task {spec.get('task')!r}, layout node_dim="
+                f"{layout['node_dim']}, edge_dims={layout['edge_dims']}) does not fit this model's graphs "
+                f"(node_dim={codec.node_dim}, edge_dims={dict(codec.edge_dims)}): {err}"
+            ) from None
+    metanetwork = MetaNetwork(node_dim=layout["node_dim"], edge_dims=dict(layout["edge_dims"]), **spec["options"])
+    metanetwork.load_state_dict(checkpoint["state_dict"])
+    return metanetwork.to(map_location).eval(), checkpoint
+
+
+@torch.no_grad()
+def apply_metanetwork(model: nn.Module, metanetwork: MetaNetwork, codec: GraphCodec | None = None) -> nn.Module:
+    """One metanetwork pass over ``model`` (in place): encode -> GNN -> decode -> load the new weights.
+
+    BatchNorm running statistics are kept (the codec never decodes them), as in the reference.
+    """
+    codec = codec or GraphCodec(model)
+    device = next(model.parameters()).device
+    metanetwork = metanetwork.to(device).eval()
+    new_params = codec.decode(metanetwork(codec.encode(model)))
+    missing = set(new_params) - set(model.state_dict())
+    if missing:
+        raise KeyError(f"decoded parameters {sorted(missing)} are not in the model")
+    model.load_state_dict(new_params, strict=False)
+    return model
