@@ -1,0 +1,86 @@
+"""``run=pipeline``: generate -> meta_train -> select -> pretrain_final -> pruning_final (with and without
+the metanetwork) -> report, in one command, every stage in its own sub-folder of the run dir.
+
+Stages connect by path (no copying files by hand): the store the generator writes is the one
+meta-training reads, the selection run names the checkpoint the final run loads. A stage whose
+``results.json`` already exists is skipped, so re-running the same command (same ``hydra.run.dir``)
+after a crash resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from utils.experiment import write_json
+from utils.run_registry import get_run, register_run
+
+log = logging.getLogger(__name__)
+
+
+def _stage_cfg(cfg: DictConfig, run: str, **updates) -> DictConfig:
+    """A copy of the pipeline's config for one stage, with ``updates`` (dotted keys) applied."""
+    stage = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(stage):
+        stage.run = run
+        for key, value in updates.items():
+            OmegaConf.update(stage, key, value, force_add=True)
+    return stage
+
+
+def _run_stage(name: str, run: str, cfg: DictConfig, stage_dir: Path, **updates) -> dict:
+    done = stage_dir / "results.json"
+    if done.exists():
+        log.info("pipeline: stage %s already finished in %s; skipping", name, stage_dir)
+        return json.loads(done.read_text())
+    log.info("pipeline: stage %s -> %s", name, stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    stage = _stage_cfg(cfg, run, **updates)
+    (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(stage))
+    summary = get_run(run)(stage, stage_dir)
+    if not done.exists():  # stages that write no results.json of their own get one, to mark completion
+        write_json(done, summary)
+    return summary
+
+
+def _generate(cfg: DictConfig, store: Path, stage_dir: Path) -> dict:
+    from generate_dataset.generation import generate_shard
+
+    done = stage_dir / "results.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    gen = _stage_cfg(cfg, "generate", num=cfg.pipeline.num_data_models, index=0, store=str(store),
+                     no_init_pruning=False)
+    summary = generate_shard(gen, stage_dir)  # resumes inside the shard after a crash
+    write_json(done, summary)
+    return summary
+
+
+@register_run("pipeline")
+def pipeline_run(cfg: DictConfig, run_dir: Path) -> dict:
+    """The whole method on one task; prints the result table and leaves the curve plot in ``run_dir``."""
+    store = run_dir / "store"
+    _generate(cfg, store, run_dir / "generate")
+    _run_stage("meta_train", "meta_train", cfg, run_dir / "meta_train", store=str(store))
+    _run_stage("select", "select", cfg, run_dir / "select", store=str(store),
+               **{"select.meta_train_dir": str(run_dir / "meta_train")})
+    for name in ("curves.png",):
+        if (run_dir / "select" / name).exists():
+            shutil.copyfile(run_dir / "select" / name, run_dir / name)
+    _run_stage("pretrain_final", "pretrain_final", cfg, run_dir / "pretrain")
+    model = str(run_dir / "pretrain" / "model.pt")
+    _run_stage("pruning_final (metanetwork)", "pruning_final", cfg, run_dir / "final" / "metanetwork",
+               **{"final.model": model, "final.metanetwork": str(run_dir / "select")})
+    _run_stage("pruning_final (baseline)", "pruning_final", cfg, run_dir / "final" / "baseline",
+               **{"final.model": model, "final.metanetwork": None})
+    report = _run_stage("report", "report", cfg, run_dir / "report", **{"report.dir": str(run_dir / "final")})
+    table = (run_dir / "report" / "report.md")
+    if table.exists():
+        print(table.read_text())
+    summary = {"run": "pipeline", "task": cfg.task.name, "run_dir": str(run_dir), "report": report}
+    write_json(run_dir / "results.json", summary)
+    return summary
