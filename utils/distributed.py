@@ -33,6 +33,12 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> torch.devic
     return torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
 
 
+def local_device(device: str = "auto") -> torch.device:
+    """This rank's device once the process group exists (its GPU, or the CPU under gloo)."""
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if use_cuda else torch.device("cpu")
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

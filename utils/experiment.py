@@ -75,7 +75,7 @@ def setup(cfg: DictConfig) -> torch.device:
     """Seed everything and pick the device for a run (this rank's GPU under torchrun)."""
     seed_everything(cfg.seed, deterministic=cfg.get("deterministic", False))
     if distributed.is_distributed():
-        device = distributed.init_distributed(device=cfg.get("device", "auto"))  # already joined: returns the device
+        device = distributed.local_device(cfg.get("device", "auto"))
     else:
         device = resolve_device(cfg.get("device", "auto"))
     log.info("device: %s, seed: %s", device, cfg.seed)
