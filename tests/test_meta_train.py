@@ -1,0 +1,341 @@
+"""Meta-training: exact one-backward gradient, the regulariser vs torch-pruning, CE/regulariser balance,
+exact resumption, NaN stop, and a run composed through Hydra on a tiny store."""
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_loaders.store import ShardWriter
+from generate_dataset.models import build_model, model_spec
+from utils import meta_train  # registers run=meta_train
+from utils.metanet_io import build_metanetwork, load_metanetwork
+from utils.regularizer import build_regularizer, group_gamma
+from utils.runs import execute
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+METHOD = {"name": "group_l2_norm_max_normalizer", "kind": "structured", "importance": "group_magnitude", "p": 2,
+          "group_reduction": "mean", "normalizer": "max", "global_pruning": True}
+WIDTHS = [8, 5, 8, 7, 16, 3, 32]  # resnet8, non-uniform as after pruning
+TINY_NET = {"num_layer": 2, "hiddim": 8, "node_res_ratio": 0.01, "edge_res_ratio": 0.01}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models: one thread avoids oversubscribing the shared CPU (and keeps results thread-count independent)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def data_model(seed, widths=WIDTHS, dtype=torch.float32, in_channels=1):
+    torch.manual_seed(seed)
+    model = build_model("resnet8", 10, widths=widths, in_channels=in_channels)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial BN so every group has distinct importances
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.normal_(m.bias, std=0.1)
+            torch.nn.init.uniform_(m.running_var, 0.5, 2.0)
+            torch.nn.init.normal_(m.running_mean, std=0.1)
+    return model.to(dtype).eval()
+
+
+class _Settings:
+    pruner_reg = 10.0
+
+
+def make_entry(model, dtype=torch.float32):
+    return meta_train.build_entry(0, model, torch.ones(1, 1, 8, 8, dtype=dtype), METHOD, _Settings, input_shape=(1, 8, 8))
+
+
+def tiny_metanetwork(entry, seed=1, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return build_metanetwork(entry.codec, TINY_NET).to(dtype)
+
+
+def grads_of(net):
+    return {k: p.grad.detach().clone() for k, p in net.named_parameters()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The gradient
+# ------------------------------------------------------------------------------------------------
+def test_one_backward_equals_per_batch_retain_graph_reference():
+    model = data_model(0, dtype=torch.float64)
+    entry = make_entry(model, torch.float64)
+    net = tiny_metanetwork(entry, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(5, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (5,), generator=g))
+               for _ in range(3)]
+
+    result = meta_train.meta_gradient(net, entry, batches, reference_batches=3, alpha=16.0)
+    fast = grads_of(net)
+
+    # the authors' way: a backward through the GNN per batch (retain_graph), then the regulariser's
+    net.zero_grad(set_to_none=True)
+    generated = entry.codec.decode(net(entry.codec.encode(model)))
+    ces = []
+    for x, y in batches:
+        loss = F.cross_entropy(torch.func.functional_call(model, (entry.buffers, generated), (x,)), y)
+        loss.backward(retain_graph=True)
+        ces.append(loss.item())
+    reg = entry.regularizer.gradient({k: v.detach() for k, v in generated.items()}, alpha=16.0)
+    keys = sorted(reg)
+    torch.cat([generated[k].flatten() for k in keys]).backward(torch.cat([reg[k].flatten() for k in keys]))
+    reference = grads_of(net)
+
+    assert result.batches == 3 and result.ce == pytest.approx(sum(ces) / 3, rel=1e-12)
+    assert result.reg > 0
+    for name, ref in reference.items():
+        assert ref.abs().max() > 0, name  # every parameter gets a gradient
+        torch.testing.assert_close(fast[name], ref, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_balance_is_independent_of_batches_per_step():
+    model = data_model(1, dtype=torch.float64)
+    entry = make_entry(model, torch.float64)
+    net = tiny_metanetwork(entry, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(8, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g))
+
+    def gradient(k, reference_batches):
+        net.zero_grad(set_to_none=True)
+        meta_train.meta_gradient(net, entry, [batch] * k, reference_batches=reference_batches, alpha=16.0)
+        return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    k2, k4 = gradient(2, 100), gradient(4, 100)
+    torch.testing.assert_close(k2, k4, rtol=1e-10, atol=1e-12)  # same CE/reg balance with 2 or 4 batches
+    # without the scaling (the authors' literal sum) the CE part doubles: the check above can fail
+    assert not torch.allclose(gradient(2, None), gradient(4, None), rtol=1e-6)
+    # with reference_batches == batches the scaled gradient is the plain sum, the paper's gradient
+    torch.testing.assert_close(gradient(4, 4), gradient(4, None), rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# The regulariser
+# ------------------------------------------------------------------------------------------------
+def torch_pruning_grads(regularizer, model, alpha, bias):
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    regularizer.pruner.regularize(model, alpha=alpha, bias=bias)
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = None
+    return grads
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_regularizer_equals_torch_pruning_regularize(bias):
+    model = data_model(2)
+    regularizer = build_regularizer(model, torch.ones(1, 1, 8, 8), METHOD, reg=10.0)
+    # "generated" weights: a perturbed copy, so the regulariser must read them, not the model's own
+    generated = {k: p.detach() * 1.5 + 0.01 for k, p in model.named_parameters()}
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    mine = regularizer.gradient(generated, alpha=16.0, bias=bias)
+    for k, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[k]), f"{k} was modified"
+    own = regularizer.gradient(before, alpha=16.0, bias=bias)
+    assert not torch.equal(own["conv1.weight"], mine["conv1.weight"])
+
+    # torch-pruning's regularize on a model holding the generated weights
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            p.copy_(generated[k])
+    expected = torch_pruning_grads(regularizer, model, 16.0, bias)
+    for k in expected:
+        assert torch.equal(mine.get(k, torch.zeros_like(expected[k])), expected[k]), k
+    # BN weights, conv weights and the classifier's input columns are pulled; BN biases only with bias=True
+    assert mine["layer1.0.bn1.weight"].abs().min() > 0 and mine["conv1.weight"].abs().max() > 0
+    assert mine["fc.weight"].abs().max() > 0 and "fc.bias" not in mine
+    assert ("layer1.0.bn1.bias" in mine) == bias
+    # value: (reg/2) sum gamma w^2 with gamma in [1, alpha]
+    value = regularizer.value(generated, mine).item()
+    plain = sum(0.5 * 10.0 * (mine[k] / 10.0 * generated[k]).sum().item() for k in mine)
+    assert value == pytest.approx(plain, rel=1e-5)
+
+
+def test_group_gamma():
+    torch.testing.assert_close(group_gamma(torch.tensor([1.0, 2.0, 3.0]), 16.0), torch.tensor([16.0, 4.0, 1.0]))
+    assert torch.equal(group_gamma(torch.tensor([0.7, 0.7, 0.7]), 16.0), torch.ones(3))
+    assert torch.equal(group_gamma(torch.tensor([0.5]), 16.0), torch.ones(1))
+    assert torch.equal(group_gamma(torch.tensor([float("nan"), float("nan")]), 16.0), torch.ones(2))
+
+
+def test_regularizer_is_finite_on_degenerate_groups():
+    # layer1.0.conv1 has ONE channel (a group of one), and layer2.0's inner channels all have equal norms
+    model = data_model(3, widths=[8, 1, 8, 7, 16, 3, 32])
+    with torch.no_grad():
+        model.layer2[0].conv1.weight.fill_(0.1)
+        model.layer2[0].bn1.weight.fill_(1.0)
+        model.layer2[0].conv2.weight.fill_(-0.2)
+    regularizer = build_regularizer(model, torch.ones(1, 1, 8, 8), METHOD, reg=10.0)
+    expected = torch_pruning_grads(regularizer, model, 16.0, False)
+    degenerate = ["layer1.0.conv1.weight", "layer1.0.bn1.weight", "layer1.0.conv2.weight",
+                  "layer2.0.conv1.weight", "layer2.0.bn1.weight", "layer2.0.conv2.weight"]
+    for k in degenerate:  # torch-pruning writes NaN there (and the authors drop those whole tensors)
+        assert torch.isnan(expected[k]).any(), k
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    mine = regularizer.gradient(params, alpha=16.0)
+    for k, g in mine.items():
+        assert torch.isfinite(g).all(), k
+    for k in expected:
+        if not torch.isnan(expected[k]).any():
+            assert torch.equal(mine.get(k, torch.zeros_like(expected[k])), expected[k]), k
+    # gamma = 1 in a degenerate group: the plain pull reg * w on its members that no other group touches
+    for k in ("layer1.0.bn1.weight", "layer2.0.bn1.weight"):
+        torch.testing.assert_close(mine[k], 10.0 * params[k])
+    # members shared with a regular group keep that group's part: layer1.0.conv1's input columns
+    assert mine["layer1.0.conv1.weight"].abs().min() > 0
+    assert mine["layer2.0.conv2.weight"].abs().min() > 0
+
+
+def test_unstructured_methods_use_the_sign_regularizer():
+    model = data_model(4)
+    regularizer = build_regularizer(model, torch.ones(1, 1, 8, 8), {"name": "unstructured_l1_norm",
+                                                                     "kind": "unstructured"}, reg=0.1)
+    params = {k: p.detach() * 2 for k, p in model.named_parameters()}
+    grads = regularizer.gradient(params, alpha=16.0)
+    assert sorted(grads) == sorted(k for k in params if k.endswith("weight") and params[k].dim() in (2, 4))
+    assert torch.equal(grads["fc.weight"], 0.1 * torch.sign(params["fc.weight"]))
+    expected = sum(0.1 * params[k].abs().sum().item() for k in grads)
+    assert regularizer.value(params, grads).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_settings_errors_name_the_config_key():
+    from omegaconf import OmegaConf
+
+    task = OmegaConf.create({"name": "t", "batch_size": 64, "meta_train": {
+        "epochs": 1, "lr": 1e-3, "weight_decay": 0.0, "milestones": "3,5", "gamma": 0.1, "pruner_reg": 10.0,
+        "alpha": 16.0, "bias": False, "train_split": 0.8}})
+    with pytest.raises(KeyError, match=r"configs/task/t\.yaml.*reference_batches"):
+        meta_train.MetaTrainSettings.from_task(task)
+    task.meta_train.reference_batches = 100
+    settings = meta_train.MetaTrainSettings.from_task(task)
+    assert settings.milestones == (3, 5) and settings.batch_size == 64 and settings.batches_per_step is None
+    task.meta_train.batches_per_step = 0
+    with pytest.raises(ValueError, match="batches_per_step"):
+        meta_train.MetaTrainSettings.from_task(task)
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs through Hydra on a tiny store
+# ------------------------------------------------------------------------------------------------
+def compose(overrides):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose("main", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store")
+    identity = {"task": "resnet20_on_digits", "architecture": "resnet8", "num_classes": 10,
+                "method": "group_l2_norm_max_normalizer"}
+    writer = ShardWriter(path, 0, identity)
+    for position, widths in enumerate([WIDTHS, [8, 6, 8, 4, 16, 5, 32], [8, 3, 8, 7, 16, 8, 32]]):
+        model = data_model(10 + position, widths=widths)
+        writer.append(position, model.state_dict(), model_spec("resnet8", model, 10), {"test_acc": 0.1}, 1.3,
+                      seed=position, config={})
+    return path
+
+
+def run_cfg(store, epochs=2, extra=()):
+    return compose([
+        "run=meta_train", "task=resnet20_on_digits", "task.model=resnet8", f"store={store}", "device=cpu",
+        f"task.meta_train.epochs={epochs}", "task.meta_train.batches_per_step=2", "task.meta_train.batch_size=32",
+        "task.meta_train.milestones=[1]", "task.meta_train.lr=0.01", "metanetwork.num_layer=2",
+        "metanetwork.hiddim=8", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def full_run(store_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full")
+    summary = execute(run_cfg(store_dir), run_dir)
+    return run_dir, summary
+
+
+def checkpoint(run_dir, epoch):
+    return torch.load(meta_train.checkpoint_path(run_dir, epoch), weights_only=True)
+
+
+def test_hydra_run_writes_checkpoints_metrics_and_results(full_run, store_dir):
+    run_dir, summary = full_run
+    assert [p.name for _, p in meta_train.list_checkpoints(run_dir)] == ["epoch_0001.pt", "epoch_0002.pt"]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results == json.loads(json.dumps(summary))
+    assert results["epochs"] == 2 and results["train_data_models"] == [0, 1] and results["val_data_models"] == [2]
+    assert results["checkpoints"] == ["checkpoints/epoch_0001.pt", "checkpoints/epoch_0002.pt"]
+    assert results["balance"]["reg_per_mean_ce"] == pytest.approx(0.1)
+    rows = list(csv.DictReader((run_dir / "meta_train_metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert list(rows[0]) == list(meta_train.CSV_COLUMNS)
+    assert float(rows[0]["lr"]) == pytest.approx(0.01) and float(rows[1]["lr"]) == pytest.approx(0.001)  # milestone 1
+    for r in rows:
+        assert math.isfinite(float(r["ce"])) and float(r["reg"]) > 0 and float(r["grad_norm"]) > 0
+    ck = checkpoint(run_dir, 2)
+    assert ck["spec"]["epoch"] == 2 and len(ck["steps"]) == 4  # 2 epochs x 2 training data models
+    assert {s[1] for s in ck["steps"]} == {0, 1}
+    # the metanetwork loads for a data model of other widths (one codec per data model)
+    from data_loaders.store import DataModelStore
+    from nn.graph import GraphCodec
+
+    other = DataModelStore(store_dir)[1].build_model()
+    net, _ = load_metanetwork(meta_train.checkpoint_path(run_dir, 2), GraphCodec(other, input_shape=(1, 8, 8)))
+    assert net.hiddim == 8 and len(net.convs) == 2
+    # the weights actually moved
+    first = checkpoint(run_dir, 1)["state_dict"]
+    assert any(not torch.equal(first[k], ck["state_dict"][k]) for k in first)
+
+
+def test_resume_after_a_kill_gives_identical_losses_and_weights(full_run, store_dir, tmp_path, monkeypatch):
+    run_dir, _ = full_run
+    original_save = meta_train.save_metanetwork
+
+    def save_then_die(path, *args, **kwargs):
+        result = original_save(path, *args, **kwargs)
+        raise KeyboardInterrupt("killed after the epoch-1 checkpoint")
+
+    monkeypatch.setattr(meta_train, "save_metanetwork", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        execute(run_cfg(store_dir), tmp_path)
+    monkeypatch.setattr(meta_train, "save_metanetwork", original_save)
+    assert [e for e, _ in meta_train.list_checkpoints(tmp_path)] == [1]
+
+    summary = execute(run_cfg(store_dir), tmp_path)
+    assert summary["resumed_from_epoch"] == 1 and summary["epochs"] == 2
+    resumed, uninterrupted = checkpoint(tmp_path, 2), checkpoint(run_dir, 2)
+    assert resumed["steps"] == uninterrupted["steps"]  # every step's CE, R and gradient norm, bit for bit
+    for k, v in uninterrupted["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][k], v), k
+    assert [r["ce"] for r in resumed["history"]] == [r["ce"] for r in uninterrupted["history"]]
+
+    # resuming needs the same settings
+    with pytest.raises(ValueError, match="pruner_reg"):
+        execute(run_cfg(store_dir, epochs=3, extra=["task.meta_train.pruner_reg=1.0"]), tmp_path)
+    with pytest.raises(FileExistsError, match="resume"):
+        execute(run_cfg(store_dir, extra=["meta_train.resume=false"]), tmp_path)
+
+
+def test_nan_loss_stops_with_floating_point_error_and_keeps_last_good_checkpoint(store_dir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = meta_train._cross_entropy
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        loss = real(logits, labels)
+        return loss * float("nan") if calls["n"] > 4 else loss  # epoch 1 = 2 data models x 2 batches
+
+    monkeypatch.setattr(meta_train, "_cross_entropy", poisoned)
+    with pytest.raises(FloatingPointError, match=r"epoch 2, data model shard_0000\.h5#[01]"):
+        execute(run_cfg(store_dir), tmp_path)
+    assert [e for e, _ in meta_train.list_checkpoints(tmp_path)] == [1]
+    net, ck = load_metanetwork(meta_train.checkpoint_path(tmp_path, 1))
+    assert all(torch.isfinite(p).all() for p in net.parameters()) and ck["spec"]["epoch"] == 1
+    rows = list(csv.DictReader((tmp_path / "meta_train_metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1]

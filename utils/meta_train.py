@@ -1,0 +1,578 @@
+"""Meta-training of the graph metanetwork (run mode ``meta_train``; reference §6, checkpoints as §9).
+
+One optimiser step per training data model, data models in a seeded random order every epoch::
+
+    graph   = codec.encode(data model)                          # fixed input, no gradient
+    θ'      = codec.decode(metanetwork(graph))                  # generated weights, graph to the GNN
+    leaves  = θ'.detach().requires_grad_()
+    for each of the step's n batches b (task training loader, BN in eval mode):
+        CE_b = cross_entropy(functional_call(model, leaves + BN buffers, x_b), y_b); CE_b.backward()
+    grad    = (ref_batches / n) * sum_b dCE_b/dθ'  +  dR/dθ'    # R: pruning regulariser (utils.regularizer)
+    torch.autograd.backward(θ', grad)                           # ONE backward through decoder + GNN
+    optimizer.step()                                            # AdamW; MultiStepLR stepped per epoch
+
+Why one backward: the authors call ``CE_b.backward(retain_graph=True)`` for every batch, so the GNN
+graph is traversed n times per step. The GNN output θ' does not depend on the batch, so by linearity
+backward(θ', sum_b dCE_b/dθ') gives the same metanetwork gradient with one traversal
+(``tests/test_meta_train.py`` checks equality on every metanetwork parameter in float64).
+
+The CE/regulariser balance (``task.meta_train``): the authors' gradient is ``sum_{b=1..100} dCE_b +
+dR`` with ``R = (pruner_reg / 2) sum_g sum_c gamma_c ||θ_{g,c}||^2``: 100 batches of 500 = the CIFAR
+training set, i.e. ``pruner_reg / 100 = 0.1`` regulariser per unit of *mean* CE. Here::
+
+    gradient = reference_batches * mean_b(dCE_b/dθ') + dR/dθ'
+
+``reference_batches`` (100 for CIFAR: the reference's batches per step) makes this exactly the paper's
+gradient when a step sees that many batches, and keeps the balance ``pruner_reg / reference_batches``
+per mean CE for any ``batches_per_step`` (null = one pass over the whole training loader, as the
+reference; fewer batches = a cheaper, noisier estimate of the same objective). ``reference_batches:
+null`` reproduces the authors' literal sum (balance then changes with the number of batches).
+
+Data: ``task.meta_train.batch_size`` images per batch (null = ``task.batch_size``; 500 for the CIFAR
+tasks, the reference's "big" loader) from the task's training split (augmented; the validation split is
+held out). A step takes the next ``batches_per_step`` batches of one stream that restarts (reshuffled)
+when exhausted and at every epoch start. The loader's order and its workers' seeds come from its own
+seeded generator (workers are not persistent), so that generator's state fixes every later batch.
+
+Outputs under the run dir: ``checkpoints/epoch_{k:04d}.pt`` every epoch (1-based, via
+``utils.metanet_io.save_metanetwork``, with optimizer + scheduler state, RNG states and the loss
+history, so a run resumes exactly), ``meta_train_metrics.csv`` (per epoch: lr, mean CE, mean
+regulariser value, mean metanetwork gradient norm, seconds) and ``results.json``.
+
+Resuming: with ``meta_train.resume=true`` (default) a run dir that already holds checkpoints continues
+after the newest one (pass ``hydra.run.dir=<that dir>``); the RNG states (torch, CUDA, python, numpy, the
+loader's generator) are restored, so on the CPU the following losses and weights are bit-identical to an
+uninterrupted run (CUDA scatter kernels are not bitwise deterministic). Raising ``task.meta_train.epochs``
+continues a finished run. A NaN/inf loss, regulariser or gradient raises ``FloatingPointError`` naming
+the epoch and data model before the optimiser step; the last checkpoint is the last good epoch.
+
+Per data model (keyed by store index, built once per run and cached): the model on the device (eval
+mode, its own weights), its ``GraphCodec`` (data models may differ in widths), BN buffers and the
+regulariser (the torch-pruning ``GroupNormPruner``, whose dependency-graph tracing is the expensive
+part). Building them never consumes the global RNG (``torch.random.fork_rng``), so a resumed run draws
+the same random numbers as an uninterrupted one. Memory: one copy of every training data model on the
+device.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import random
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from data_loaders.store import DataModelStore
+from generate_dataset.generation import example_input
+from nn.graph import GraphCodec, GraphCodecError
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.experiment import setup, task_data, write_json
+from utils.metanet_io import build_metanetwork, save_metanetwork
+from utils.regularizer import build_regularizer
+from utils.run_registry import register_run
+from utils.seed import derive_seed, seed_worker
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MetaTrainSettings",
+    "DataModelEntry",
+    "StepResult",
+    "meta_gradient",
+    "build_entry",
+    "meta_loader",
+    "grad_norm",
+    "run_meta_train",
+    "checkpoint_path",
+    "list_checkpoints",
+]
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_CSV = "meta_train_metrics.csv"
+CSV_COLUMNS = ("epoch", "lr", "ce", "reg", "grad_norm", "seconds")
+_CHECKPOINT_RE = re.compile(r"^epoch_(\d+)\.pt$")
+# task.meta_train values that a resumed run must share with the checkpoint (epochs may grow)
+_RESUME_KEYS = ("lr", "weight_decay", "milestones", "gamma", "pruner_reg", "alpha", "bias", "train_split",
+                "reference_batches", "batches_per_step", "batch_size")
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MetaTrainSettings:
+    """``task.meta_train`` (see configs/task/*.yaml) with defaults resolved."""
+
+    epochs: int
+    lr: float
+    weight_decay: float
+    milestones: tuple[int, ...]
+    gamma: float
+    pruner_reg: float
+    alpha: float
+    bias: bool
+    train_split: float
+    reference_batches: int | None
+    batches_per_step: int | None
+    batch_size: int
+
+    @classmethod
+    def from_task(cls, task: DictConfig) -> "MetaTrainSettings":
+        where = f"configs/task/{task.get('name', '<task>')}.yaml"
+        section = task.get("meta_train")
+        if section is None:
+            raise KeyError(f"{where} has no `task.meta_train` section; meta_train needs one")
+        required = ("epochs", "lr", "weight_decay", "milestones", "gamma", "pruner_reg", "alpha", "bias",
+                    "train_split", "reference_batches")
+        missing = [k for k in required if k not in section]
+        if missing:
+            raise KeyError(f"{where}: task.meta_train lacks {missing}; add them (see configs/task/resnet56_on_CIFAR10.yaml)")
+        optimizer = str(section.get("optimizer", "adamw")).lower()
+        if optimizer != "adamw":
+            raise ValueError(f"{where}: task.meta_train.optimizer={optimizer!r}; meta-training uses adamw (reference §6)")
+        milestones = section.milestones
+        if isinstance(milestones, str):  # the reference's "3,10" form
+            milestones = [int(x) for x in milestones.split(",") if x.strip()]
+        settings = cls(
+            epochs=int(section.epochs), lr=float(section.lr), weight_decay=float(section.weight_decay),
+            milestones=tuple(int(m) for m in milestones), gamma=float(section.gamma),
+            pruner_reg=float(section.pruner_reg), alpha=float(section.alpha), bias=bool(section.bias),
+            train_split=float(section.train_split),
+            reference_batches=None if section.reference_batches is None else int(section.reference_batches),
+            batches_per_step=None if section.get("batches_per_step") is None else int(section.batches_per_step),
+            batch_size=int(section.get("batch_size") or task.batch_size),
+        )
+        for key in ("epochs", "batch_size", "reference_batches", "batches_per_step"):
+            value = getattr(settings, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{where}: task.meta_train.{key}={value} must be >= 1 (or null where allowed)")
+        if settings.alpha < 1:
+            raise ValueError(f"{where}: task.meta_train.alpha={settings.alpha} must be >= 1 (gamma lies in [1, alpha])")
+        return settings
+
+    def resume_view(self) -> dict:
+        values = asdict(self)
+        values["milestones"] = list(self.milestones)
+        return {k: values[k] for k in _RESUME_KEYS}
+
+
+# ----------------------------------------------------------------------------------------------
+# One data model and one step
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DataModelEntry:
+    """Everything a step needs for one data model (cached per store index for the whole run)."""
+
+    index: int
+    name: str  # "shard_0000.h5#3", for messages
+    model: nn.Module  # on the device, eval mode, the data model's own weights (never modified)
+    codec: GraphCodec
+    regularizer: Any  # utils.regularizer.GroupL2Regularizer | SignRegularizer
+    buffers: dict[str, Tensor]
+
+
+@dataclass
+class StepResult:
+    """Scalars of one step: mean batch CE, regulariser value R, number of batches."""
+
+    ce: float
+    reg: float
+    batches: int
+
+
+def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+def build_entry(index: int, model: nn.Module, example: Tensor, method: Mapping[str, Any], settings: MetaTrainSettings,
+                input_shape: tuple[int, ...] | None = None, iterative_steps: int = 200, name: str = "") -> DataModelEntry:
+    """Codec + regulariser (torch-pruning dependency graph) for ``model`` (already on the device).
+
+    ``model`` is put in eval mode and its parameters stop requiring gradients (after the pruner's tracing,
+    which needs them): meta-training never updates a data model.
+    """
+    model.eval()
+    codec = GraphCodec(model, input_shape=input_shape)
+    regularizer = build_regularizer(model, example, method, reg=settings.pruner_reg, iterative_steps=iterative_steps)
+    model.requires_grad_(False)
+    return DataModelEntry(index=index, name=name or str(index), model=model, codec=codec, regularizer=regularizer,
+                          buffers=dict(model.named_buffers()))
+
+
+def meta_gradient(metanetwork: nn.Module, entry: DataModelEntry, batches: Iterable[tuple[Tensor, Tensor]],
+                  reference_batches: int | None, alpha: float, bias: bool = False,
+                  device: torch.device | str | None = None) -> StepResult:
+    """Accumulate the meta-training gradient of one data model into the metanetwork's ``.grad``.
+
+    ``batches``: (images [B, C, H, W], labels [B]) pairs, moved to ``device`` (default: the model's).
+    The metanetwork gradient equals the one of the authors' per-batch ``backward(retain_graph=True)``
+    followed by the regulariser backward, scaled as ``reference_batches * mean_b + regulariser`` (module
+    docstring; ``reference_batches=None``: the plain sum over batches). One backward through the GNN.
+    Does not zero existing gradients and does not step the optimiser.
+    """
+    model = entry.model
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    with torch.no_grad():
+        graph = entry.codec.encode(model)
+    generated = entry.codec.decode(metanetwork(graph))
+    leaves = {k: v.detach().requires_grad_(True) for k, v in generated.items()}
+
+    ce_sum = torch.zeros((), device=device, dtype=torch.float64)
+    n = 0
+    for images, labels in batches:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if images.is_floating_point():
+            images = images.to(next(iter(leaves.values())).dtype)
+        logits = torch.func.functional_call(model, (entry.buffers, leaves), (images,))
+        loss = _cross_entropy(logits, labels)
+        loss.backward()  # accumulates dCE_b/dθ' into the leaves; the GNN graph is not touched
+        ce_sum += loss.detach().to(torch.float64)
+        n += 1
+    if n == 0:
+        raise ValueError("meta_gradient: no training batch (is the training loader empty?)")
+    scale = 1.0 if reference_batches is None else float(reference_batches) / n
+
+    reg_grads = entry.regularizer.gradient(leaves, alpha=alpha, bias=bias)
+    reg_value = entry.regularizer.value(leaves, reg_grads)
+    outputs, grads = [], []
+    with torch.no_grad():
+        for key, out in generated.items():
+            leaf = leaves[key]
+            g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            if scale != 1.0:
+                g = g * scale
+            if key in reg_grads:
+                g = g + reg_grads[key]
+            outputs.append(out)
+            grads.append(g)
+    torch.autograd.backward(outputs, grads)
+    return StepResult(ce=float(ce_sum.item()) / n, reg=float(reg_value.item()), batches=n)
+
+
+def grad_norm(module: nn.Module) -> float:
+    """Global L2 norm of the parameters' gradients (NaN/inf propagate)."""
+    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64) for p in module.parameters()
+             if p.grad is not None]
+    if not norms:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack(norms)).item())
+
+
+def meta_loader(dataset: Any, batch_size: int, num_workers: int, seed: int) -> DataLoader:
+    """Shuffled loader of the training split for meta-training, its order from a seeded generator.
+
+    Workers are not persistent: every pass starts workers seeded from the generator, so the generator's
+    state (saved in each checkpoint) fixes all later batches and augmentations and a resumed run is exact.
+    """
+    generator = torch.Generator().manual_seed(derive_seed(seed, "meta_train_loader"))
+    return DataLoader(dataset, batch_size=int(batch_size), shuffle=True, generator=generator,
+                      num_workers=int(num_workers), worker_init_fn=seed_worker, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False)
+
+
+class _BatchStream:
+    """Successive batches of a loader; a new pass (reshuffled) starts when one ends or on ``restart``."""
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+        self._it: Iterator | None = None
+
+    def restart(self) -> None:
+        self._it = None
+
+    def take(self, count: int) -> Iterator:
+        for _ in range(count):
+            if self._it is None:
+                self._it = iter(self.loader)
+            try:
+                yield next(self._it)
+            except StopIteration:
+                self._it = iter(self.loader)
+                try:
+                    yield next(self._it)
+                except StopIteration:
+                    raise ValueError("the meta-training loader yields no batch (empty training split)") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, RNG states, metrics
+# ----------------------------------------------------------------------------------------------
+def checkpoint_path(run_dir: str | Path, epoch: int) -> Path:
+    """``<run_dir>/checkpoints/epoch_{epoch:04d}.pt`` (1-based epochs)."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"epoch_{int(epoch):04d}.pt"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of the meta_train checkpoints in ``run_dir``, by epoch."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT_RE.match(p.name))]
+    return sorted(found)
+
+
+def _rng_state(generator: torch.Generator | None) -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None,
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [str(np_state[0]), [int(v) for v in np_state[1]], int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "loader": generator.get_state() if generator is not None else None,
+    }
+    return state
+
+
+def _restore_rng(state: Mapping[str, Any], generator: torch.Generator | None) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        if len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        else:
+            log.warning("checkpoint has CUDA RNG states for %d devices, this machine has %d: not restored",
+                        len(state["cuda"]), torch.cuda.device_count())
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    if generator is not None and state.get("loader") is not None:
+        generator.set_state(state["loader"].cpu())
+
+
+def _scheduler_state(scheduler: torch.optim.lr_scheduler.MultiStepLR) -> dict:
+    state = dict(scheduler.state_dict())
+    state["milestones"] = {int(k): int(v) for k, v in state["milestones"].items()}  # Counter -> plain dict
+    return state
+
+
+def _load_scheduler_state(scheduler: torch.optim.lr_scheduler.MultiStepLR, state: Mapping[str, Any]) -> None:
+    state = dict(state)
+    state["milestones"] = Counter({int(k): int(v) for k, v in state["milestones"].items()})
+    scheduler.load_state_dict(state)
+
+
+def _write_metrics(path: Path, history: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in history:
+        writer.writerow(row)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def _epoch_order(indices: list[int], seed: int, epoch: int) -> list[int]:
+    """The data models' order in ``epoch``: a permutation from a seed derived from (seed, epoch)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, "meta_train_order", epoch))
+    return [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+class _EntryCache:
+    """Store index -> :class:`DataModelEntry`, built on first use without touching the global RNG."""
+
+    def __init__(self, store: DataModelStore, device: torch.device, task: DictConfig, method: Mapping[str, Any],
+                 settings: MetaTrainSettings):
+        self.store, self.device, self.task, self.method, self.settings = store, device, task, method, settings
+        self.entries: dict[int, DataModelEntry] = {}
+        self.layout: dict | None = None
+
+    def __call__(self, index: int) -> DataModelEntry:
+        entry = self.entries.get(index)
+        if entry is not None:
+            return entry
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # model building initialises weights randomly
+            record = self.store[index]
+            name = f"{record.shard}#{record.position}"
+            model = record.build_model().to(self.device)
+            entry = build_entry(index, model, example_input(self.task, self.device), self.method, self.settings,
+                                input_shape=tuple(self.task.input_size),
+                                iterative_steps=int(self.task.get("pruning", {}).get("iterative_steps", 200)),
+                                name=name)
+        if self.layout is None:
+            self.layout = entry.codec.layout
+        else:
+            try:
+                entry.codec.check_layout(self.layout)
+            except GraphCodecError as err:
+                raise GraphCodecError(f"data model {name} of store {self.store.path} has another graph layout than "
+                                      f"the first training data model: {err}") from None
+        self.entries[index] = entry
+        return entry
+
+
+def _newest_checkpoint(run_dir: Path) -> tuple[int, Path, dict] | None:
+    for epoch, path in reversed(list_checkpoints(run_dir)):
+        try:
+            return epoch, path, load_checkpoint(path, map_location="cpu")
+        except CheckpointError as err:
+            log.warning("skipping unreadable checkpoint %s: %s", path, err)
+    return None
+
+
+@register_run("meta_train")
+def run_meta_train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Meta-train the metanetwork on the store's training data models (module docstring)."""
+    started = time.time()
+    run_dir = Path(run_dir)
+    device = setup(cfg)
+    task = cfg.task
+    settings = MetaTrainSettings.from_task(task)
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    options = OmegaConf.to_container(cfg.metanetwork, resolve=True)
+    resume = bool(cfg.get("meta_train", {}).get("resume", True))
+
+    store = DataModelStore(cfg.store, expect={"task": task.name, "architecture": task.model})
+    train_idx, val_idx = store.split(settings.train_split)
+    if not train_idx:
+        raise ValueError(f"store {store.path} has no training data model for train_split={settings.train_split}")
+    splits, _ = task_data(task, cfg.seed)
+    loader = meta_loader(splits.train, settings.batch_size, int(task.dataset.get("num_workers", 0)), cfg.seed)
+    generator = loader.generator
+    batches_per_step = settings.batches_per_step or len(loader)
+    scale_note = ("plain sum over batches (reference_batches=null)" if settings.reference_batches is None else
+                  f"{settings.reference_batches} x mean batch CE")
+    log.info("meta_train: %d training data models (store %s), %d held out; %d batches of %d per step "
+             "(%d per pass); gradient = %s + regulariser (pruner_reg=%g, alpha=%g)", len(train_idx), store.path,
+             len(val_idx), batches_per_step, settings.batch_size, len(loader), scale_note, settings.pruner_reg,
+             settings.alpha)
+
+    entries = _EntryCache(store, device, task, method, settings)
+    first = entries(train_idx[0])
+    metanetwork = build_metanetwork(first.codec, options).to(device)
+    optimizer = torch.optim.AdamW(metanetwork.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(settings.milestones),
+                                                     gamma=settings.gamma)
+    meta = {"task": str(task.name), "store": str(store.path), "train_indices": list(train_idx),
+            "settings": settings.resume_view(), "options": options, "seed": int(cfg.seed)}
+
+    history: list[dict] = []
+    steps: list[list] = []
+    start_epoch = 0
+    found = list_checkpoints(run_dir)
+    if found and not resume:
+        raise FileExistsError(f"{run_dir / CHECKPOINT_DIR} already holds meta_train checkpoints and "
+                              "meta_train.resume=false; use a fresh hydra.run.dir or meta_train.resume=true")
+    newest = _newest_checkpoint(run_dir) if found else None
+    if newest is not None:
+        start_epoch, path, checkpoint = newest
+        _check_resumable(path, checkpoint, meta)
+        first.codec.check_layout(checkpoint["spec"]["layout"])
+        metanetwork.load_state_dict(checkpoint["state_dict"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        _load_scheduler_state(scheduler, checkpoint["scheduler"])
+        history = list(checkpoint["history"])
+        steps = [list(s) for s in checkpoint["steps"]]
+        _restore_rng(checkpoint["rng"], generator)
+        log.info("resuming from %s (epoch %d of %d)", path, start_epoch, settings.epochs)
+
+    metrics_path = run_dir / METRICS_CSV
+    stream = _BatchStream(loader)
+    for epoch in tqdm(range(start_epoch + 1, settings.epochs + 1), desc="meta_train epochs",
+                      initial=start_epoch, total=settings.epochs):
+        epoch_started = time.time()
+        lr = float(optimizer.param_groups[0]["lr"])
+        stream.restart()
+        records = []
+        bar = tqdm(_epoch_order(train_idx, cfg.seed, epoch), desc=f"epoch {epoch} data models", leave=False)
+        for index in bar:
+            entry = entries(index)
+            metanetwork.train()
+            optimizer.zero_grad(set_to_none=True)
+            result = meta_gradient(metanetwork, entry, stream.take(batches_per_step), settings.reference_batches,
+                                   settings.alpha, settings.bias, device)
+            norm = grad_norm(metanetwork)
+            bad = [what for what, v in (("cross-entropy", result.ce), ("regulariser", result.reg),
+                                        ("metanetwork gradient norm", norm)) if not math.isfinite(v)]
+            if bad:
+                last = list_checkpoints(run_dir)
+                raise FloatingPointError(
+                    f"meta_train: non-finite {', '.join(bad)} (CE={result.ce}, R={result.reg}, |grad|={norm}) at "
+                    f"epoch {epoch}, data model {entry.name} (store index {index}, store {store.path}); the "
+                    f"metanetwork was not updated by this step. Last good checkpoint: "
+                    f"{last[-1][1] if last else 'none (failed in the first epoch)'}. Lower task.meta_train.lr "
+                    "or check that data model."
+                )
+            optimizer.step()
+            records.append((result.ce, result.reg, norm))
+            steps.append([epoch, int(index), result.ce, result.reg, norm])
+            bar.set_postfix(ce=f"{result.ce:.4f}", reg=f"{result.reg:.4g}")
+        scheduler.step()
+        row = {"epoch": epoch, "lr": lr,
+               "ce": float(np.mean([r[0] for r in records])), "reg": float(np.mean([r[1] for r in records])),
+               "grad_norm": float(np.mean([r[2] for r in records])),
+               "seconds": round(time.time() - epoch_started, 3)}
+        history.append(row)
+        save_metanetwork(checkpoint_path(run_dir, epoch), metanetwork, first.codec, options, str(task.name), epoch,
+                         optimizer=optimizer.state_dict(), scheduler=_scheduler_state(scheduler), history=history,
+                         steps=steps, rng=_rng_state(generator), meta=meta)
+        _write_metrics(metrics_path, history)
+        log.info("meta_train epoch %d/%d: lr %.3g, CE %.4f, R %.4g, |grad| %.4g, %.1f s", epoch, settings.epochs,
+                 lr, row["ce"], row["reg"], row["grad_norm"], row["seconds"])
+
+    if not metrics_path.exists() and history:
+        _write_metrics(metrics_path, history)
+    checkpoints = [str(p.relative_to(run_dir)) for _e, p in list_checkpoints(run_dir)]
+    summary = {
+        "run": "meta_train",
+        "task": str(task.name),
+        "store": str(store.path),
+        "seed": int(cfg.seed),
+        "device": str(device),
+        "train_data_models": list(train_idx),
+        "val_data_models": list(val_idx),
+        "epochs": len(history),
+        "resumed_from_epoch": start_epoch or None,
+        "balance": {"reference_batches": settings.reference_batches, "batches_per_step": batches_per_step,
+                    "batch_size": settings.batch_size, "pruner_reg": settings.pruner_reg, "alpha": settings.alpha,
+                    "reg_per_mean_ce": (settings.pruner_reg / settings.reference_batches
+                                        if settings.reference_batches else None)},
+        "final": history[-1] if history else None,
+        "history": history,
+        "checkpoints": checkpoints,
+        "last_checkpoint": checkpoints[-1] if checkpoints else None,
+        "metrics_csv": METRICS_CSV,
+        "seconds": round(time.time() - started, 1),
+    }
+    write_json(run_dir / "results.json", summary)
+    log.info("meta_train done: %d epochs, results in %s", len(history), run_dir / "results.json")
+    return summary
+
+
+def _check_resumable(path: Path, checkpoint: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    """Refuse to continue a checkpoint made with other data, settings or metanetwork knobs."""
+    saved = checkpoint.get("meta")
+    required = ("optimizer", "scheduler", "history", "steps", "rng", "meta")
+    missing = [k for k in required if k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} is not a resumable meta_train checkpoint (lacks {missing}); use a fresh "
+                              "hydra.run.dir")
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {meta[k]!r}" for k in ("task", "store", "train_indices",
+                                                                               "options", "seed")
+             if saved.get(k) != meta[k]]
+    diffs += [f"task.meta_train.{k}: checkpoint {saved['settings'].get(k)!r}, now {v!r}"
+              for k, v in meta["settings"].items() if saved["settings"].get(k) != v]
+    if diffs:
+        raise ValueError(f"cannot resume from {path}: the run was started with other settings ({'; '.join(diffs)}). "
+                         "Use a fresh hydra.run.dir, or restore the original settings (only task.meta_train.epochs "
+                         "may change)")
