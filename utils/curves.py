@@ -1,0 +1,208 @@
+"""Accuracy-vs-speed-up curves: progressive pruning without fine-tuning, their scores and plots (reference §8).
+
+A *curve* is a list of points ``(speed_up, acc)`` with ``speed_up`` non-decreasing. The first point is
+the model as given (speed-up ``base_speed_up``, i.e. what the data model already has relative to the
+unpruned architecture, e.g. 1.32 after init pruning); every further point is one global pruning step of
+torch-pruning's ``GroupNormPruner`` (``iterative_steps`` equal steps of the channel ratio), evaluated
+as is, WITHOUT fine-tuning, exactly as the authors' ``get_acc_speed_up_list`` does.
+
+Reading a curve (used by both scores):
+    the accuracy at speed-up ``t`` is that of the LEAST pruned point reaching ``t``, i.e. of the first
+    point with ``speed_up >= t`` (what ``utils.pruning.prune_to_speed_up`` would hand back for target
+    ``t``). For ``t`` below the first point it is the first point's accuracy (no pruning needed).
+    Beyond the last point (the curve stopped before ``t``, e.g. its pruning steps ran out) it is the
+    LAST point's accuracy: the curve is extended flat at its last value.
+
+Scores:
+    :func:`accuracy_at` reads one value that way. :func:`area_under_curve` is the mean accuracy over
+    ``[x_first, max_speed_up]`` (the integral divided by the interval's length, so a curve that
+    keeps accuracy 0.9 everywhere scores 0.9), either with the step function above (``kind="step"``,
+    the default: exact for "what accuracy do I get when pruning to t") or with straight lines between
+    points (``kind="trapezoid"``), both extended flat beyond the last point.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from utils.pruning import build_pruner, count_macs
+from utils.training import evaluate
+
+log = logging.getLogger(__name__)
+
+Point = tuple[float, float]
+AUC_KINDS = ("step", "trapezoid")
+
+
+def accuracy_speed_up_curve(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device | str,
+    method: Mapping[str, Any],
+    example_inputs: torch.Tensor,
+    max_speed_up: float,
+    base_speed_up: float = 1.0,
+    iterative_steps: int = 200,
+    max_batches: int | None = None,
+    progress: bool = True,
+    desc: str = "pruning curve",
+) -> list[Point]:
+    """Prune a COPY of ``model`` step by step (no fine-tuning) and record ``(speed_up, acc)`` after each step.
+
+    ``loader`` yields ``(images [B, C, H, W], labels [B])``; callers pass the VALIDATION split.
+    ``example_inputs`` ``[1, C, H, W]`` traces the dependency graph and counts MACs. ``speed_up`` is
+    ``base_speed_up * MACs(model) / MACs(pruned copy)``; pruning stops at the first step whose speed-up
+    reaches ``max_speed_up`` or after ``iterative_steps`` steps. ``max_batches`` caps the evaluation
+    batches per point. ``model`` itself is left untouched. Returns the points, first one unpruned.
+    """
+    if base_speed_up <= 0 or max_speed_up <= 0:
+        raise ValueError(f"speed-ups must be > 0, got base_speed_up={base_speed_up}, max_speed_up={max_speed_up}")
+    device = torch.device(device)
+    pruned = copy.deepcopy(model).to(device).eval()  # eval: tracing must not touch BatchNorm running stats
+    example_inputs = example_inputs.to(device)
+    base_macs = count_macs(pruned, example_inputs)
+
+    def measure() -> Point:
+        speed_up = base_speed_up * base_macs / count_macs(pruned, example_inputs)
+        acc = evaluate(pruned, loader, device, max_batches=max_batches)["acc"]
+        return float(speed_up), float(acc)
+
+    points = [measure()]
+    if points[0][0] >= max_speed_up:
+        return points
+    pruner = build_pruner(pruned, example_inputs, method, iterative_steps=iterative_steps)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=iterative_steps, desc=desc, disable=not progress, leave=False)
+    try:
+        for _step in range(iterative_steps):
+            pruner.step()
+            points.append(measure())
+            bar.update(1)
+            bar.set_postfix(speed_up=f"{points[-1][0]:.3f}", acc=f"{points[-1][1]:.4f}")
+            if points[-1][0] >= max_speed_up:
+                break
+    finally:
+        bar.close()
+    if points[-1][0] < max_speed_up:
+        log.warning("%s: stopped at speed-up %.4fx after %d pruning steps (max_speed_up %.4fx not reached)",
+                    desc, points[-1][0], len(points) - 1, max_speed_up)
+    return points
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores
+# ----------------------------------------------------------------------------------------------
+def _checked(points: Sequence[Sequence[float]]) -> list[Point]:
+    if len(points) == 0:
+        raise ValueError("empty accuracy/speed-up curve")
+    curve = [(float(x), float(a)) for x, a in points]
+    for (x0, _), (x1, _) in zip(curve, curve[1:]):
+        if x1 < x0:
+            raise ValueError(f"curve speed-ups must be non-decreasing, got {x0} then {x1}")
+    return curve
+
+
+def accuracy_at(points: Sequence[Sequence[float]], target: float) -> float:
+    """Accuracy of the first point with ``speed_up >= target`` (the last point's if none reaches it)."""
+    curve = _checked(points)
+    for x, acc in curve:
+        if x >= target:
+            return acc
+    return curve[-1][1]
+
+
+def area_under_curve(points: Sequence[Sequence[float]], max_speed_up: float, kind: str = "step") -> float:
+    """Mean accuracy over speed-ups ``[x_first, max_speed_up]`` (area / interval length, in [0, 1]).
+
+    ``kind="step"``: on ``(x_{i-1}, x_i]`` the accuracy is ``acc_i`` (see the module docstring);
+    ``kind="trapezoid"``: linear between points. Both extend the curve flat at its last accuracy up
+    to ``max_speed_up``; points beyond ``max_speed_up`` are cut off there. If ``max_speed_up`` is not
+    above the first point's speed-up the interval is empty and the first point's accuracy is returned.
+    """
+    if kind not in AUC_KINDS:
+        raise ValueError(f"unknown area kind {kind!r}; valid: {', '.join(AUC_KINDS)}")
+    curve = _checked(points)
+    lo = curve[0][0]
+    if max_speed_up <= lo:
+        return curve[0][1]
+    area = 0.0
+    for (x0, a0), (x1, a1) in zip(curve, curve[1:]):
+        if x0 >= max_speed_up:
+            break
+        right = min(x1, max_speed_up)
+        if right <= x0:
+            continue  # zero-width segment (two points at the same speed-up)
+        if kind == "step":
+            area += (right - x0) * a1
+        else:  # value of the straight line at the cut
+            a_right = a0 + (a1 - a0) * (right - x0) / (x1 - x0)
+            area += (right - x0) * (a0 + a_right) / 2.0
+    x_last, a_last = curve[-1]
+    if x_last < max_speed_up:
+        area += (max_speed_up - x_last) * a_last
+    return area / (max_speed_up - lo)
+
+
+def mean_curve(curves: Sequence[Sequence[Sequence[float]]], max_speed_up: float | None = None) -> list[Point]:
+    """Pointwise mean of several curves on the union of their speed-ups (read with :func:`accuracy_at`).
+
+    With one curve this returns its points unchanged (up to duplicates of the same speed-up, of which the
+    first is kept); ``max_speed_up`` drops grid points past the first one reaching it.
+    """
+    checked = [_checked(c) for c in curves]
+    if not checked:
+        raise ValueError("mean_curve needs at least one curve")
+    grid = sorted({x for c in checked for x, _ in c})
+    if max_speed_up is not None:
+        reached = [x for x in grid if x >= max_speed_up]
+        grid = [x for x in grid if x < max_speed_up] + reached[:1]
+    return [(x, sum(accuracy_at(c, x) for c in checked) / len(checked)) for x in grid]
+
+
+# ----------------------------------------------------------------------------------------------
+# Plot
+# ----------------------------------------------------------------------------------------------
+def plot_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: str | Path, max_speed_up: float,
+                ylim: Sequence[float] | None = None, title: str = "") -> Path:
+    """One line with markers per label (accuracy over MACs speed-up), saved as a PNG at ``path``.
+
+    Axes follow the reference: x from 1 to ``max_speed_up``, y in ``ylim`` (automatic when None).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless; a no-op if already selected
+    import matplotlib.pyplot as plt
+
+    if not curves:
+        raise ValueError("plot_curves: no curve to plot")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 6))
+    try:
+        for label, points in curves.items():
+            curve = _checked(points)
+            ax.plot([x for x, _ in curve], [a for _, a in curve], marker="o", markersize=3, linewidth=1.2,
+                    label=str(label))
+        ax.set_xlim(1.0, max(max_speed_up, 1.0) * 1.02)
+        if ylim is not None:
+            low, high = (float(v) for v in ylim)
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"plot_curves: ylim must be [low, high] with low < high, got {list(ylim)}")
+            ax.set_ylim(low, high)
+        ax.set_xlabel("speed-up (MACs of the unpruned architecture / MACs)")
+        ax.set_ylabel("accuracy (no fine-tuning after pruning)")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+        fig.tight_layout()
+        fig.savefig(path, dpi=150)
+    finally:
+        plt.close(fig)
+    return path
