@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from utils import experiment, meta_train, selection  # noqa: F401  (importing registers their run modes)
+from utils import experiment, final_runs, meta_train, pipeline, report, selection  # noqa: F401  (importing registers their run modes)
 from utils.distributed import is_main_process
 from utils.run_registry import UnknownRunError, get_run, list_runs  # noqa: F401  (re-exported)
 

@@ -1,0 +1,245 @@
+"""Final runs (pretrain_final, pruning_final, analyse) end to end on tiny digits models, and the experiment configs."""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from utils import final_runs  # noqa: F401  (registers the run modes)
+from generate_dataset.models import build_model, model_from_state_dict, model_spec
+from nn.graph import GraphCodec
+from utils.checkpoint import load_model, save_checkpoint
+from utils.experiment import task_data
+from utils.final_runs import (FinalRunConfigError, UnreachableTargetError, metanetwork_setting, resolve_metanetwork,
+                              run_pruning_final)
+from utils.metanet_io import LayoutMismatchError, build_metanetwork, save_metanetwork
+from utils.pruning import SpeedUpNotReachedError, count_macs
+from utils.runs import execute
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+STAGES = ("after_init_pruning", "after_metanetwork", "after_pruning")
+# 40 pruning steps of 2.5 % instead of 200 of 0.5 %: same code path, a few steps per pruning
+TINY = (["task=resnet20_on_digits", "task.model=resnet8", "device=cpu", "task.train.epochs=1",
+         "+task.train.max_batches_per_epoch=2", "task.pruning.iterative_steps=40"]
+        + [f"task.finetune.{s}.epochs=1" for s in STAGES]
+        + [f"+task.finetune.{s}.max_batches_per_epoch=2" for s in STAGES])
+MN_OPTIONS = {"num_layer": 2, "hiddim": 8, "node_res_ratio": 0.5, "edge_res_ratio": 0.5}
+
+
+def compose_cfg(overrides=(), tiny=True, hydra_cfg=False):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("main", overrides=(TINY if tiny else []) + list(overrides), return_hydra_config=hydra_cfg)
+
+
+def save_tiny_metanetwork(path, architecture="resnet8", task="resnet20_on_digits"):
+    torch.manual_seed(0)
+    codec = GraphCodec(build_model(architecture, 10, in_channels=1), input_shape=(1, 8, 8))
+    net = build_metanetwork(codec, MN_OPTIONS)
+    return save_metanetwork(path, net, codec, MN_OPTIONS, task=task, epoch=3)
+
+
+def csv_files(run_dir):
+    return sorted(p.name for p in Path(run_dir).glob("*_metrics.csv"))
+
+
+@pytest.fixture(scope="module")
+def metanetwork_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("final_mn")
+    mn = save_tiny_metanetwork(root / "metanetwork.pt")
+    cfg = compose_cfg(["run=pruning_final", f"final.metanetwork={mn}", "seed=8"])
+    summary, model = run_pruning_final(cfg, root / "run")
+    return cfg, root / "run", summary, model, mn
+
+
+def test_pruning_final_with_metanetwork_results(metanetwork_run):
+    cfg, run_dir, summary, _model, mn = metanetwork_run
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results == json.loads(json.dumps(summary))
+    assert results["run"] == "pruning_final" and results["seed"] == 8 and results["task"] == "resnet20_on_digits"
+    assert results["metanetwork"] == str(Path(mn).resolve()) and results["metanetwork_epoch"] == 3
+    assert results["protocol"] == "validation" and results["selection"] == "val"
+    assert "validation" in results["protocol_note"]
+    assert results["finetune_epochs"] == {"after_init_pruning": 1, "after_metanetwork": 1, "after_pruning": 1}
+    # speed-up and params are TOTAL, relative to the unpruned architecture (not the init-pruned model)
+    unpruned = build_model("resnet8", 10, in_channels=1)
+    unpruned_macs = count_macs(unpruned, torch.ones(1, 1, 8, 8))
+    assert results["macs"]["unpruned"] == unpruned_macs
+    assert results["params"]["unpruned"] == sum(p.numel() for p in unpruned.parameters())
+    assert results["speed_up"] >= cfg.final.target_speed_up == 2.0
+    assert results["speed_up"] == pytest.approx(unpruned_macs / results["macs"]["pruned"])
+    assert results["pruned_flops_percent"] == pytest.approx(100 * (1 - 1 / results["speed_up"]))
+    stages = {s["stage"]: s for s in results["stages"]}
+    assert cfg.task.initial_speed_up <= stages["init_pruned"]["speed_up"] < results["speed_up"]
+    assert results["params"]["unpruned"] > stages["init_pruned"]["params"] > results["params"]["pruned"]
+    # the metanetwork really changed the weights (res ratio 0.5 moves the outputs)
+    assert stages["metanetwork"]["test_loss"] != stages["after_init_pruning_finetune"]["test_loss"]
+    for key in ("base_acc", "pruned_acc", "base_val_acc", "pruned_val_acc"):
+        assert 0.0 <= results[key] <= 1.0
+    assert results["pruned_acc"] == results["pruned"]["test_acc"] == stages["final"]["test_acc"]
+    assert csv_files(run_dir) == [f"finetune_{s}_metrics.csv" for s in STAGES] + ["pretrain_metrics.csv"]
+
+
+def test_pruned_model_reloads_with_identical_outputs(metanetwork_run):
+    cfg, run_dir, summary, model, _mn = metanetwork_run
+    loaded, checkpoint = load_model(run_dir / "pruned_model.pt")
+    assert checkpoint["spec"] == summary["model"] and checkpoint["spec"]["widths"] != build_model(
+        "resnet8", 10, in_channels=1).widths
+    rebuilt = model_from_state_dict("resnet8", checkpoint["state_dict"], 10)
+    x = torch.randn(16, 1, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(loaded(x), expected) and torch.equal(rebuilt(x), expected)
+    _splits, loaders = task_data(cfg.task, cfg.seed)
+    from utils.training import evaluate
+
+    assert evaluate(loaded, loaders.test, "cpu")["acc"] == summary["pruned_acc"]
+
+
+def test_baseline_without_metanetwork_under_paper_protocol(tmp_path):
+    # a pretrain_final model shared by the final run
+    pre_cfg = compose_cfg(["run=pretrain_final"])
+    pre = execute(pre_cfg, tmp_path / "pretrain")
+    assert pre["run"] == "pretrain_final"
+    assert json.loads((tmp_path / "pretrain" / "results.json").read_text())["run"] == "pretrain_final"
+    model_path = tmp_path / "pretrain" / "model.pt"
+    cfg = compose_cfg(["run=pruning_final", "protocol=paper", f"final.model={model_path}",
+                       "final.target_speed_up=1.6"])
+    results = execute(cfg, tmp_path / "run")
+    assert results["metanetwork"] is None and results["source_model"] == str(model_path.resolve())
+    assert results["protocol"] == "paper" and results["selection"] == "test"
+    assert "paper protocol" in results["protocol_note"] and "TEST" in results["protocol_note"]
+    # the reference skips the after-metanetwork fine-tune without a metanetwork
+    assert results["finetune_epochs"]["after_metanetwork"] == 0
+    assert "metanetwork" not in {s["stage"] for s in results["stages"]}
+    assert not (tmp_path / "run" / "pretrain_metrics.csv").exists()  # started from final.model, trained nothing
+    assert results["speed_up"] >= 1.6
+    # base accuracy is that of the given (unpruned) model
+    loaded, _ = load_model(model_path)
+    _splits, loaders = task_data(cfg.task, cfg.seed)
+    from utils.training import evaluate
+
+    assert results["base_acc"] == evaluate(loaded, loaders.test, "cpu")["acc"]
+
+
+def test_finetune_without_metanetwork_option(tmp_path):
+    cfg = compose_cfg(["run=pruning_final", "final.finetune_without_metanetwork=true",
+                       "task.finetune.after_init_pruning.epochs=0", "task.train.epochs=0"])
+    results = execute(cfg, tmp_path)
+    assert results["finetune_epochs"] == {"after_init_pruning": 0, "after_metanetwork": 1, "after_pruning": 1}
+
+
+def test_metanetwork_of_another_architecture_is_refused_before_training(tmp_path):
+    mn = save_tiny_metanetwork(tmp_path / "vgg_mn.pt", architecture="vgg19", task="VGG19_on_CIFAR100")
+    cfg = compose_cfg(["run=pruning_final", f"final.metanetwork={mn}"])
+    with pytest.raises(LayoutMismatchError) as info:
+        execute(cfg, tmp_path / "run")
+    message = str(info.value)
+    assert "node_dim=5" in message and "node_dim=8" in message and str(mn) in message
+    assert csv_files(tmp_path / "run") == []  # refused before any training
+
+
+def test_unreachable_speed_up_fails_before_training_with_best_reached(tmp_path):
+    cfg = compose_cfg(["run=pruning_final", "final.target_speed_up=1000"])
+    with pytest.raises(UnreachableTargetError) as info:
+        execute(cfg, tmp_path)
+    err = info.value
+    assert isinstance(err, SpeedUpNotReachedError) and 1.0 < err.achieved < 1000
+    assert f"{err.achieved:.4f}x" in str(err) and "final.target_speed_up=1000" in str(err)
+    assert csv_files(tmp_path) == [] and not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["final.target_speed_up=1.1"], "below task.initial_speed_up"),
+    (["method=unstructured_l1_norm"], "run=unstructured_pruning_final"),
+])
+def test_bad_settings_are_clear_errors(tmp_path, overrides, match):
+    with pytest.raises(FinalRunConfigError, match=match):
+        execute(compose_cfg(["run=pruning_final", *overrides]), tmp_path)
+
+
+def test_model_of_another_task_is_refused(tmp_path):
+    other = build_model("resnet20", 10, in_channels=1)
+    path = save_checkpoint(tmp_path / "m.pt", other.state_dict(), model_spec("resnet20", other, 10))
+    with pytest.raises(FinalRunConfigError, match="resnet20"):
+        execute(compose_cfg(["run=pruning_final", f"final.model={path}"]), tmp_path / "run")
+
+
+def test_metanetwork_setting_resolves_select_dirs(tmp_path):
+    mn = save_tiny_metanetwork(tmp_path / "select" / "checkpoints" / "epoch_3.pt")
+    (tmp_path / "select" / "selection.json").write_text(json.dumps({"chosen": "checkpoints/epoch_3.pt"}))
+    assert resolve_metanetwork(tmp_path / "select") == mn.resolve()
+    assert resolve_metanetwork(mn) == mn.resolve() and resolve_metanetwork(None) is None
+    with pytest.raises(FileNotFoundError, match="selection.json"):
+        resolve_metanetwork(tmp_path)  # a folder that is no select run dir
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        resolve_metanetwork(tmp_path / "missing.pt")
+
+
+def test_analyse_writes_statistics_for_model_and_metanetwork_version(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet8", 10, in_channels=1)
+    path = save_checkpoint(tmp_path / "model.pt", model.state_dict(), model_spec("resnet8", model, 10))
+    mn = save_tiny_metanetwork(tmp_path / "mn.pt")
+    cfg = compose_cfg(["run=analyse", f"final.model={path}", f"final.metanetwork={mn}"])
+    summary = execute(cfg, tmp_path / "run")
+    run_dir = tmp_path / "run"
+    assert (run_dir / "layer_statistics.png").stat().st_size > 0
+    rows = list(csv.DictReader((run_dir / "layer_statistics.csv").open()))
+    convs = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    for label in ("model", "model + metanetwork"):
+        mine = [r for r in rows if r["model"] == label]
+        assert len(mine) == convs + bns
+        assert {r["kind"] for r in mine} == {"conv", "linear", "bn"}
+    first = next(r for r in rows if r["model"] == "model" and r["kind"] == "conv")
+    assert float(first["weight_l2"]) == pytest.approx(float(model.conv1.weight.detach().norm()), rel=1e-6)
+    changed = [r for r in rows if r["model"] == "model + metanetwork" and r["kind"] == "conv"]
+    assert any(float(c["weight_l2"]) != float(o["weight_l2"]) for c, o in
+               zip(changed, [r for r in rows if r["model"] == "model" and r["kind"] == "conv"]))
+    assert set(summary["models"]) == {"model", "model + metanetwork"}
+    assert 0.0 <= summary["models"]["model"]["test_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = compose_cfg([f"experiment={experiment}"], tiny=False, hydra_cfg=True)
+    assert cfg.name == experiment
+    assert cfg.run in ("pruning_final", "unstructured_pruning_final")
+    assert str(cfg.hydra.sweeper.params.seed) == "7,8,9"
+    cfg = compose_cfg([f"experiment={experiment}"], tiny=False)
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves (??? stays a marker)
+    # the metanetwork must be given: forgetting it is one clear error, null is the baseline
+    with pytest.raises(FileNotFoundError, match="final.metanetwork=<required.*or null for the baseline"):
+        metanetwork_setting(cfg)
+    assert metanetwork_setting(compose_cfg([f"experiment={experiment}", "final.metanetwork=null"], tiny=False)) is None
+    if cfg.run == "pruning_final":
+        assert cfg.method.kind == "structured"
+        assert cfg.final.target_speed_up > cfg.task.initial_speed_up
+    else:
+        assert cfg.method.kind == "unstructured" and 0 < cfg.final.amount < 1
+
+
+def test_paper_rows_have_the_paper_targets():
+    targets = {e: compose_cfg([f"experiment={e}"], tiny=False) for e in
+               ("resnet56_cifar10_2.3x", "resnet56_cifar10_2.9x", "resnet56_cifar10_3.0x", "vgg19_cifar100_8.95x")}
+    assert {e: (c.task.name, c.final.target_speed_up) for e, c in targets.items()} == {
+        "resnet56_cifar10_2.3x": ("resnet56_on_CIFAR10", 2.3), "resnet56_cifar10_2.9x": ("resnet56_on_CIFAR10", 2.9),
+        "resnet56_cifar10_3.0x": ("resnet56_on_CIFAR10", 3.0), "vgg19_cifar100_8.95x": ("VGG19_on_CIFAR100", 8.95)}
+    # a CLI group override wins over the experiment's defaults (N:M instead of L1)
+    assert compose_cfg(["experiment=resnet56_cifar10_unstructured_0.8", "method=nm_sparsity"],
+                       tiny=False).method.name == "nm_sparsity"
+
+
+def test_effective_rank_bounds():
+    from utils.analyse import effective_rank
+
+    assert effective_rank(torch.eye(4)) == pytest.approx(4.0)
+    assert effective_rank(torch.outer(torch.arange(1.0, 4.0), torch.ones(5))) == pytest.approx(1.0)
+    assert effective_rank(torch.zeros(3, 3)) == 0.0
+    with pytest.raises(FinalRunConfigError, match="final.model"):
+        final_runs.analyse_run(compose_cfg(["run=analyse"]), Path("/nonexistent-run-dir"))
