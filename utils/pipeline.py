@@ -62,7 +62,8 @@ def _generate(cfg: DictConfig, store: Path, stage_dir: Path) -> dict:
 
 @register_run("pipeline")
 def pipeline_run(cfg: DictConfig, run_dir: Path) -> dict:
-    """The whole method on one task; prints the result table and leaves the curve plot in ``run_dir``."""
+    """The whole method on one task; the report stage prints the result table, the curve plot of the
+    selection stage is copied to ``run_dir/curves.png``."""
     store = run_dir / "store"
     _generate(cfg, store, run_dir / "generate")
     _run_stage("meta_train", "meta_train", cfg, run_dir / "meta_train", store=str(store))
@@ -78,9 +79,6 @@ def pipeline_run(cfg: DictConfig, run_dir: Path) -> dict:
     _run_stage("pruning_final (baseline)", "pruning_final", cfg, run_dir / "final" / "baseline",
                **{"final.model": model, "final.metanetwork": None})
     report = _run_stage("report", "report", cfg, run_dir / "report", **{"report.dir": str(run_dir / "final")})
-    table = (run_dir / "report" / "report.md")
-    if table.exists():
-        print(table.read_text())
     summary = {"run": "pipeline", "task": cfg.task.name, "run_dir": str(run_dir), "report": report}
     write_json(run_dir / "results.json", summary)
     return summary

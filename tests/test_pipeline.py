@@ -1,0 +1,58 @@
+"""`python main/main.py` (the whole pipeline on the offline default task), shortened, end to end on CPU."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# Same stages and code paths as the default command, with fewer epochs so CI stays fast.
+SHORT = [
+    "pipeline.num_data_models=3", "task.train.epochs=3", "task.finetune.after_init_pruning.epochs=1",
+    "task.finetune.after_metanetwork.epochs=1", "task.finetune.after_pruning.epochs=2",
+    "task.meta_train.epochs=2", "select.checkpoints=all",
+]
+
+
+@pytest.mark.slow
+def test_default_pipeline_end_to_end_and_resume(tmp_path):
+    run_dir = tmp_path / "pipeline"
+    cmd = [sys.executable, str(REPO / "main" / "main.py"), *SHORT, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+    # the result table is printed and saved, the curve plot is saved
+    assert "| Method | Base | Pruned |" in proc.stdout
+    assert (run_dir / "report" / "report.md").exists() and (run_dir / "curves.png").stat().st_size > 0
+    # stages connect by path: the final run used the checkpoint that selection chose
+    selection = json.loads((run_dir / "select" / "selection.json").read_text())
+    assert selection["split"] == "val"
+    with_meta = json.loads((run_dir / "final" / "metanetwork" / "results.json").read_text())
+    baseline = json.loads((run_dir / "final" / "baseline" / "results.json").read_text())
+    assert Path(with_meta["metanetwork"]).resolve() == Path(selection["chosen"]).resolve()
+    assert baseline["metanetwork"] is None
+    for result in (with_meta, baseline):
+        assert result["speed_up"] >= result["target_speed_up"] == 2.0
+        assert result["protocol"] == "validation"
+
+    # the saved pruned model reloads and computes exactly what the run measured
+    from data_loaders.image_datasets import build_datasets, build_loaders
+    from utils.checkpoint import load_model
+    from utils.training import evaluate
+
+    model, checkpoint = load_model(run_dir / "final" / "metanetwork" / "pruned_model.pt")
+    assert checkpoint["spec"]["widths"] != [16] * 7 + [32] * 6 + [64] * 6  # actually pruned
+    splits = build_datasets("digits", root=str(tmp_path), val_size=0.15, split_seed=0)
+    loaders = build_loaders(splits, batch_size=64, eval_batch_size=500)
+    metrics = evaluate(model, loaders.test, torch.device("cpu"))
+    assert metrics["acc"] == pytest.approx(with_meta["pruned"]["test_acc"], abs=1e-12)
+    assert metrics["loss"] == pytest.approx(with_meta["pruned"]["test_loss"], rel=1e-5)
+
+    # re-running the same command resumes: every stage is found finished and skipped
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("already finished") >= 5
