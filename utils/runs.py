@@ -11,8 +11,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from utils import experiment, final_runs, meta_train, pipeline, report, selection  # noqa: F401  (importing registers their run modes)
-from utils.distributed import is_main_process
+from utils.distributed import is_distributed, is_main_process
 from utils.run_registry import UnknownRunError, get_run, list_runs  # noqa: F401  (re-exported)
+
+
+# Run modes that work under torchrun (DDP training, rank-0 outputs); the others are single-process.
+DDP_RUNS = frozenset({"train", "pretrain_final"})
 
 
 def execute(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
@@ -21,6 +25,11 @@ def execute(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         print("valid run modes: " + ", ".join(list_runs()))
         return {}
     run_fn = get_run(cfg.run)  # fail before any work on a typo
+    if is_distributed() and cfg.run not in DDP_RUNS:
+        raise RuntimeError(
+            f"run={cfg.run} runs in a single process; launch it with python, not torchrun "
+            f"(runs that support torchrun/DDP: {', '.join(sorted(DDP_RUNS))})"
+        )
     run_dir = Path(run_dir)
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
