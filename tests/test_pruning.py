@@ -106,3 +106,22 @@ def test_bad_method_and_target_are_clear_errors():
         prune_to_speed_up(make_net(), 2.0, {"name": "unstructured_l1_norm", "kind": "unstructured"}, EXAMPLE)
     with pytest.raises(ValueError, match=">= 1"):
         prune_to_speed_up(make_net(), 0.5, METHOD, EXAMPLE)
+
+
+def test_vit_prunes_to_a_speed_up_and_stays_runnable_and_rebuildable():
+    from generate_dataset.models import build_model, model_from_state_dict
+    from utils.pruning import architecture_options
+
+    torch.manual_seed(0)
+    vit = build_model("vit_tiny", 10).eval()
+    example = torch.ones(1, 3, 32, 32)
+    options = architecture_options(vit)
+    assert options["round_to"] == 2 and "class_token" in options["unwrapped_parameters"]
+    assert architecture_options(make_net()) == {}
+    achieved = prune_to_speed_up(vit, 1.5, METHOD, example, iterative_steps=20)
+    assert achieved >= 1.5
+    x = torch.randn(2, 3, 32, 32)
+    out = vit(x)  # hidden_dim kept in sync with the pruned embedding
+    assert vit.hidden_dim == vit.conv_proj.out_channels and vit.hidden_dim % 2 == 0
+    rebuilt = model_from_state_dict("vit_tiny", vit.state_dict(), 10)
+    assert torch.equal(rebuilt(x), out)

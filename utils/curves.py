@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from utils.pruning import build_pruner, count_macs
+from utils.pruning import build_pruner, count_macs, pruner_step
 from utils.training import evaluate
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def accuracy_speed_up_curve(
     bar = tqdm(total=iterative_steps, desc=desc, disable=not progress, leave=False)
     try:
         for _step in range(iterative_steps):
-            pruner.step()
+            pruner_step(pruner, pruned)
             points.append(measure())
             bar.update(1)
             bar.set_postfix(speed_up=f"{points[-1][0]:.3f}", acc=f"{points[-1][1]:.4f}")

@@ -69,6 +69,33 @@ def make_importance(method: Mapping[str, Any]) -> tp.importance.Importance:
     )
 
 
+def _is_vit(model: nn.Module) -> bool:
+    """A torchvision-style VisionTransformer: its embedding width is tied to two bare parameters."""
+    params = dict(model.named_parameters())
+    return "class_token" in params and "encoder.pos_embedding" in params and hasattr(model, "hidden_dim")
+
+
+def architecture_options(model: nn.Module) -> dict[str, Any]:
+    """torch-pruning options an architecture needs (reference §2.4): for a ViT, prune the embedding through
+    ``class_token``/``pos_embedding`` and keep whole heads (``round_to = num_heads``); nothing otherwise."""
+    if not _is_vit(model):
+        return {}
+    heads = next(m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention))
+    return {"round_to": heads, "unwrapped_parameters": ["class_token", "encoder.pos_embedding"]}
+
+
+def sync_after_pruning(model: nn.Module) -> None:
+    """Update attributes that mirror pruned shapes (a ViT's ``hidden_dim`` reshapes its patch embedding)."""
+    if _is_vit(model):
+        model.hidden_dim = model.conv_proj.out_channels
+
+
+def pruner_step(pruner: tp.pruner.BasePruner, model: nn.Module) -> None:
+    """One pruning step that leaves the model runnable."""
+    pruner.step()
+    sync_after_pruning(model)
+
+
 def build_pruner(
     model: nn.Module,
     example_inputs: torch.Tensor,
@@ -76,14 +103,19 @@ def build_pruner(
     reg: float = 0.0,
     iterative_steps: int = 200,
     round_to: int | None = None,
-    unwrapped_parameters: Iterable[str] = (),
+    unwrapped_parameters: Iterable[str] | None = None,
     ignored_layers: Iterable[nn.Module] | None = None,
 ) -> tp.pruner.GroupNormPruner:
     """A global ``GroupNormPruner`` stepping the channel ratio linearly from 0 to 1 in ``iterative_steps``.
 
     ``reg`` only matters for :meth:`regularize` (meta-training); stepping ignores it.
-    ``unwrapped_parameters`` names parameters (e.g. ``class_token``) pruned along their last dim (ViT).
+    ``unwrapped_parameters`` names parameters (e.g. ``class_token``) pruned along their last dim; with
+    ``round_to`` it defaults to what the architecture needs (:func:`architecture_options`). Step it with
+    :func:`pruner_step` so attributes that mirror shapes stay in sync.
     """
+    defaults = architecture_options(model)
+    round_to = defaults.get("round_to") if round_to is None else round_to
+    unwrapped_parameters = defaults.get("unwrapped_parameters", ()) if unwrapped_parameters is None else unwrapped_parameters
     if method.get("kind", "structured") != "structured":
         raise ValueError(f"method {method.get('name')!r} is not a structured pruning method")
     ignored = list(ignored_layers) if ignored_layers is not None else [classifier_module(model, example_inputs)]
@@ -147,7 +179,7 @@ def prune_to_speed_up(
         pruner = build_pruner(model, example_inputs, method, iterative_steps=iterative_steps, **pruner_options)
         bar = _progress(iterative_steps, progress)
         while achieved < target and steps < iterative_steps:
-            pruner.step()
+            pruner_step(pruner, model)
             steps += 1
             achieved = base / count_macs(model, example_inputs)
             bar.update(1)
