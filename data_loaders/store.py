@@ -18,6 +18,7 @@ shard. A SIGKILL at any moment leaves either the old shard or the new one, never
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -235,14 +236,18 @@ class DataModelStore(Sequence[DataModelRecord]):
     def split(self, train_fraction: float = 0.8) -> tuple[list[int], list[int]]:
         """Deterministic split: the first ``train_fraction`` of the data models meta-train, the rest validate.
 
-        At least one data model lands in each part when the store holds two or more.
+        The validation part has ``ceil((1 - train_fraction) * n)`` data models, as the reference's
+        ``train_test_split(test_size=1 - train_fraction)``; at least one data model lands in each part when
+        the store holds two or more.
         """
         if not 0.0 < train_fraction <= 1.0:
             raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
         n = len(self)
-        n_train = int(round(n * train_fraction))
+        n_train = n - math.ceil(round((1.0 - train_fraction) * n, 9))
         if n >= 2:
             n_train = min(max(n_train, 1), n - 1) if train_fraction < 1.0 else n
+        else:  # a single data model can only meta-train
+            n_train = n
         return list(range(n_train)), list(range(n_train, n))
 
     def models_and_graphs(self, indices: Sequence[int] | None = None, device: str | torch.device = "cpu",

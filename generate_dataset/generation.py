@@ -51,6 +51,8 @@ def generate_shard(cfg: DictConfig, run_dir: Path) -> dict:
             continue
         seed = derive_seed(cfg.seed, cfg.index, position)
         seed_everything(seed, deterministic=cfg.get("deterministic", False))
+        # loaders seeded per data model too, so a resumed shard reproduces the models of an uninterrupted one
+        splits, loaders = task_data(task, seed)
         started = time.time()
         model = task_model(task, splits).to(device)
         result = train(model, loaders, recipe(task.train), device, run_dir=run_dir, desc=f"model{position}_train")

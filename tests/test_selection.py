@@ -350,3 +350,13 @@ def test_chosen_checkpoint_errors(tmp_path):
     (tmp_path / "selection.json").write_text(json.dumps({"chosen": str(tmp_path / "gone.pt")}))
     with pytest.raises(FileNotFoundError, match="no longer exists"):
         chosen_checkpoint(tmp_path)
+
+
+def test_unstructured_method_is_refused_before_any_work(env, tmp_path):
+    cfg = make_cfg(env)
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.method = {"name": "unstructured_l1_norm", "kind": "unstructured", "importance": "l1"}
+    with pytest.raises(SelectionError, match="unstructured_l1_norm is unstructured"):
+        execute(cfg, tmp_path / "r")

@@ -205,3 +205,9 @@ def test_models_and_graphs_yields_ready_pairs_in_seeded_order(tmp_path):
         assert torch.equal(graph.x, expected.x) and torch.equal(graph.edge_index, expected.edge_index)
         x = torch.randn(2, 3, 16, 16)
         assert torch.equal(model(x), models[1](x))
+
+
+def test_split_matches_the_reference_ceil_rule(tmp_path):
+    add_models(tmp_path, 0, range(12))
+    # the reference's train_test_split(test_size=0.2) puts ceil(0.2 * 12) = 3 models in validation
+    assert DataModelStore(tmp_path).split(0.8) == (list(range(9)), [9, 10, 11])

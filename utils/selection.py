@@ -369,6 +369,12 @@ def _plan(cfg: DictConfig, run_dir: Path, meta_train_dir: Any) -> tuple[_Context
     from utils.metanet_io import load_metanetwork
 
     section = _select_section(cfg)
+    if cfg.method.get("kind", "structured") != "structured":
+        raise SelectionError(
+            f"run=select/visualize scores checkpoints by structured pruning curves, but method={cfg.method.name} is "
+            f"{cfg.method.kind}; select the checkpoint of an unstructured metanetwork by hand (pass a checkpoint "
+            f"file as final.metanetwork) or run select with a structured method"
+        )
     max_speed_up = float(section.max_speed_up)
     available = list_checkpoints(meta_train_dir)
     checkpoints = parse_checkpoints(section.get("checkpoints", "all"), available,
@@ -383,7 +389,7 @@ def _plan(cfg: DictConfig, run_dir: Path, meta_train_dir: Any) -> tuple[_Context
 
     # Refuse a checkpoint of another layout before any (long) computation; the error names the checkpoint.
     first = records[val_indices[0]].build_model()
-    codec = GraphCodec(first)
+    codec = GraphCodec(first, input_shape=tuple(cfg.task.input_size))
     hashes = {}
     for epoch, path in checkpoints:
         _net, checkpoint = load_metanetwork(path, codec)
@@ -448,7 +454,7 @@ def _compute(job: CurveJob, ctx: _Context) -> dict:
     model = record.build_model().to(device)
     finetune_info = None
     if job.checkpoint is not None:
-        codec = GraphCodec(model)
+        codec = GraphCodec(model, input_shape=tuple(cfg.task.input_size))
         net, _ = load_metanetwork(job.checkpoint, codec, map_location=device)
         apply_metanetwork(model, net, codec)
         del net
