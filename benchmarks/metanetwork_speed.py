@@ -221,7 +221,8 @@ def main() -> None:
                 res[impl]["save"] = save
             diff_out = diff_grad = None
             if with_ref:
-                a, b = torch.load(res["ours"]["save"]), torch.load(res["ref"]["save"])
+                a = torch.load(res["ours"]["save"], weights_only=True)
+                b = torch.load(res["ref"]["save"], weights_only=True)
                 diff_out = max((a["out"][k] - b["out"][k]).abs().max().item() for k in a["out"])
                 diff_grad = max(((a["grad"][k] - b["grad"][k]).abs().max() / b["grad"][k].abs().max().clamp(min=1e-30)
                                  ).item() for k in a["grad"])

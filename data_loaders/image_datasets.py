@@ -33,7 +33,6 @@ import inspect
 import logging
 import math
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -42,6 +41,8 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
+
+from utils.seed import make_generator, seed_worker
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +237,12 @@ def _small_image_transforms(native: int, image_size: Optional[int], mean, std, f
 # --------------------------------------------------------------------------------------------------
 # Helpers for missing data
 # --------------------------------------------------------------------------------------------------
-def _missing(directory: Path, names: Sequence[str]) -> list[str]:
-    return [n for n in names if not (directory / n).is_file()]
+def _require_files(what: str, directory: Path, names: Sequence[str], how: str) -> None:
+    """Raise one :class:`DataNotFoundError` naming the folder, the expected files and how to get them."""
+    missing = [n for n in names if not (directory / n).is_file()]
+    if missing:
+        raise DataNotFoundError(f"{what} data not found: expected {directory} with files "
+                                f"{', '.join(names)} (missing: {', '.join(missing)}). {how}")
 
 
 def _torchvision_call(make: Callable[[], Dataset], what: str, where: Path, how: str, download: bool) -> Dataset:
@@ -258,10 +263,7 @@ def _build_cifar(cls, name: str, mean, std, root: PathLike, download: bool, imag
     how = (f"Pass dataset.download=true to fetch {cls.url}, or extract {cls.filename} into {Path(root)} "
            f"(it creates {cls.base_folder}/).")
     if not download:
-        missing = _missing(directory, names)
-        if missing:
-            raise DataNotFoundError(f"{name} data not found: expected {directory} with files "
-                                    f"{', '.join(names)} (missing: {', '.join(missing)}). {how}")
+        _require_files(name, directory, names, how)
     train = _torchvision_call(lambda: cls(str(root), train=True, download=download), name, directory, how, download)
     test = _torchvision_call(lambda: cls(str(root), train=False, download=False), name, directory, how, download)
     train_tf, test_tf = _small_image_transforms(32, image_size, mean, std, flip=True, padding=4, from_pil=True)
@@ -296,10 +298,7 @@ def _svhn(root: PathLike, download: bool, image_size: Optional[int], use_extra: 
     how = (f"Pass dataset.download=true, or download {', '.join(names)} from "
            f"http://ufldl.stanford.edu/housenumbers/ into {directory}.")
     if not download:
-        missing = _missing(directory, names)
-        if missing:
-            raise DataNotFoundError(f"SVHN data not found: expected {', '.join(names)} in {directory} "
-                                    f"(missing: {', '.join(missing)}). {how}")
+        _require_files("SVHN", directory, names, how)
 
     def load(split: str) -> Dataset:
         return _torchvision_call(lambda: SVHN(str(root), split=split, download=download), "SVHN", directory,
@@ -584,14 +583,6 @@ def build_datasets(name: str, root: PathLike, download: bool = False, val_size: 
                       in_channels=source.in_channels, image_size=source.image_size, name=canonical)
 
 
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seed ``random`` and numpy from the worker's torch seed
-    (torch derives it from the loader's generator, so a seeded loader gives reproducible workers)."""
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
 def build_loaders(splits: DataSplits, batch_size: int, eval_batch_size: int, num_workers: int = 0,
                   seed: Optional[int] = None, distributed: bool = False) -> DataLoaders:
     """DataLoaders for ``splits``: shuffled train, unshuffled val/test.
@@ -608,7 +599,7 @@ def build_loaders(splits: DataSplits, batch_size: int, eval_batch_size: int, num
                            "(launch with torchrun and call torch.distributed.init_process_group)")
     common = dict(num_workers=int(num_workers), pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker,
                   persistent_workers=int(num_workers) > 0)
-    generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+    generator = None if seed is None else make_generator(seed)
 
     def make(dataset: Optional[Dataset], batch: int, train: bool) -> Optional[DataLoader]:
         if dataset is None:

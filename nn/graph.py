@@ -722,7 +722,6 @@ def _layout(model: tnn.Module, b: gh.Builder, identity_edges: str | None, edge_l
     encoded = set(shapes)
     param_keys = [k for k, _ in model.named_parameters()]
     unencoded = [k for k in param_keys if k not in encoded]
-    node_slot_names = {"node_features": columns}
     layout = {
         "version": LAYOUT_VERSION,
         "family": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -731,7 +730,7 @@ def _layout(model: tnn.Module, b: gh.Builder, identity_edges: str | None, edge_l
         "edge_layout": edge_layout,
         "identity_edges": identity_edges,
         "legacy_fc_permutation": bool(legacy_fc),
-        **node_slot_names,
+        "node_features": columns,
     }
     return _Plan(
         num_nodes=num_nodes,

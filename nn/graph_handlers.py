@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -528,17 +528,14 @@ def _batchnorm(b: Builder, op: Op) -> Chan:
     if chan.dim != 1:
         raise GraphCodecError(f"{op.describe()}: expects channels in dimension 1")
     b.check_width(op, chan, m.num_features, "num_features")
-    keys = {}
-    if m.weight is not None:
-        keys["weight"] = f"{op.name}.weight"
-    if m.bias is not None:
-        keys["bias"] = f"{op.name}.bias"
-    if m.running_mean is not None:
-        keys["running_mean"] = f"{op.name}.running_mean"
-    if m.running_var is not None:
-        keys["running_var"] = f"{op.name}.running_var"
+    keys = _present_keys(op, ("weight", "bias", "running_mean", "running_var"))
     b.add_node_param(NodeParam(chan.layer, "bn", keys, module=op.name), op)
     return chan
+
+
+def _present_keys(op: Op, names: Sequence[str]) -> dict[str, str]:
+    """State-dict keys of the tensors a normalisation module actually has (affine/stats are optional)."""
+    return {n: f"{op.name}.{n}" for n in names if getattr(op.module, n) is not None}
 
 
 @register_module_handler(tnn.LayerNorm)
@@ -548,11 +545,7 @@ def _layernorm(b: Builder, op: Op) -> Chan:
     if len(m.normalized_shape) != 1 or chan.dim != val.dim() - 1:
         raise GraphCodecError(f"{op.describe()}: only a LayerNorm over the channel (last) dimension is supported")
     b.check_width(op, chan, m.normalized_shape[0], "normalized_shape")
-    keys = {}
-    if m.weight is not None:
-        keys["weight"] = f"{op.name}.weight"
-    if m.bias is not None:
-        keys["bias"] = f"{op.name}.bias"
+    keys = _present_keys(op, ("weight", "bias"))
     b.add_node_param(NodeParam(chan.layer, "ln", keys, module=op.name), op)
     return chan
 

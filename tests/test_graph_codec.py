@@ -21,6 +21,7 @@ from generate_dataset.models import build_model
 from nn.graph import GraphCodec, GraphCodecError, UnsupportedModuleError
 
 from nn.metanetwork import MetaNetwork
+from utils.pruning import architecture_options, classifier_module, pruner_step
 
 torch.set_num_threads(1)
 
@@ -61,13 +62,6 @@ def _make(name: str, seed: int = 0) -> tnn.Module:
     return _randomise(build_model(name, classes, widths=widths), seed).eval()
 
 
-def _classifier(model: tnn.Module) -> tnn.Module:
-    for attr in ("fc", "classifier"):
-        if hasattr(model, attr):
-            return getattr(model, attr)
-    return model.heads.head
-
-
 def _prune(model: tnn.Module, seed: int, steps: int = 2) -> tnn.Module:
     """torch-pruning GroupNormPruner, global group-L2 magnitude, classifier ignored by identity.
 
@@ -77,20 +71,20 @@ def _prune(model: tnn.Module, seed: int, steps: int = 2) -> tnn.Module:
     torch.manual_seed(seed)
     example = torch.randn(2, 3, 32, 32)
     extra = {}
-    if hasattr(model, "encoder"):  # torchvision ViT: heads and unwrapped class token / position embedding
+    options = architecture_options(model)  # a ViT: whole heads, embedding pruned through its bare parameters
+    if options:
+        params = dict(model.named_parameters())
         extra = dict(
             num_heads={m: m.num_heads for m in model.modules() if isinstance(m, tnn.MultiheadAttention)},
-            unwrapped_parameters=[(model.class_token, 2), (model.encoder.pos_embedding, 2)],
-            round_to=2,
+            unwrapped_parameters=[(params[name], 2) for name in options["unwrapped_parameters"]],
+            round_to=options["round_to"],
         )
     pruner = tp.pruner.GroupNormPruner(
         model, example, importance=tp.importance.GroupMagnitudeImportance(p=2), global_pruning=True,
-        pruning_ratio=0.6, iterative_steps=3, ignored_layers=[_classifier(model)], **extra,
+        pruning_ratio=0.6, iterative_steps=3, ignored_layers=[classifier_module(model, example)], **extra,
     )
     for _ in range(steps):
-        pruner.step()
-    if hasattr(model, "encoder"):
-        model.hidden_dim = model.conv_proj.out_channels
+        pruner_step(pruner, model)
     return model.eval()
 
 

@@ -1,4 +1,4 @@
-"""Run-time device selection (never hard-code ``.cuda()``)."""
+"""Run-time device selection: the device comes from the config (`device=auto|cpu|cuda|cuda:N`), never from the code."""
 from __future__ import annotations
 
 import torch

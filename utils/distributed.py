@@ -20,23 +20,25 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> torch.devic
     Without torchrun it returns the single-process device and initialises nothing, so the same script
     runs on a laptop. ``backend=auto`` is NCCL when CUDA is used, else gloo.
     """
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if not launched_by_torchrun():
-        return torch.device("cuda" if use_cuda else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    chosen = ("nccl" if use_cuda else "gloo") if backend == "auto" else backend
+        return torch.device("cuda" if _uses_cuda(device) else "cpu")
+    local = local_device(device)
+    if local.type == "cuda":
+        torch.cuda.set_device(local)
+    chosen = ("nccl" if local.type == "cuda" else "gloo") if backend == "auto" else backend
     if not dist.is_initialized():
         dist.init_process_group(backend=chosen)
-    log.info("rank %d/%d on %s (%s)", rank(), world_size(), f"cuda:{local_rank}" if use_cuda else "cpu", chosen)
-    return torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    log.info("rank %d/%d on %s (%s)", rank(), world_size(), local, chosen)
+    return local
+
+
+def _uses_cuda(device: str) -> bool:
+    return torch.cuda.is_available() and device in ("auto", "cuda")
 
 
 def local_device(device: str = "auto") -> torch.device:
-    """This rank's device once the process group exists (its GPU, or the CPU under gloo)."""
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if use_cuda else torch.device("cpu")
+    """This rank's device under torchrun: its GPU (``LOCAL_RANK``), or the CPU under gloo."""
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if _uses_cuda(device) else torch.device("cpu")
 
 
 def is_distributed() -> bool:

@@ -60,13 +60,12 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from utils import curves as curves_lib
+from utils import meta_train
 from utils.experiment import recipe, setup, write_json
 from utils.run_registry import register_run
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 CACHE_FILE = "curves.json"
 SELECTION_FILE = "selection.json"
 CACHE_VERSION = 1
@@ -90,13 +89,8 @@ def list_checkpoints(meta_train_dir: str | Path) -> dict[int, Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"select.meta_train_dir={meta_train_dir}: no such folder; pass the run dir of a "
                                 "run=meta_train (it holds checkpoints/epoch_XXXX.pt)")
-    folder = root / CHECKPOINT_DIR
-    found = {}
-    if folder.is_dir():
-        for path in folder.iterdir():
-            match = CHECKPOINT_FILE.match(path.name)
-            if match and path.is_file():
-                found[int(match.group(1))] = path.resolve()
+    folder = root / meta_train.CHECKPOINT_DIR
+    found = {epoch: path.resolve() for epoch, path in meta_train.list_checkpoints(root) if path.is_file()}
     if not found:
         raise FileNotFoundError(f"no metanetwork checkpoints (epoch_XXXX.pt) in {folder}; is {root} the run dir of "
                                 "a run=meta_train that finished at least one epoch?")
@@ -378,7 +372,7 @@ def _plan(cfg: DictConfig, run_dir: Path, meta_train_dir: Any) -> tuple[_Context
     max_speed_up = float(section.max_speed_up)
     available = list_checkpoints(meta_train_dir)
     checkpoints = parse_checkpoints(section.get("checkpoints", "all"), available,
-                                    where=str(Path(str(meta_train_dir)) / CHECKPOINT_DIR))
+                                    where=str(Path(str(meta_train_dir)) / meta_train.CHECKPOINT_DIR))
     store, val_indices = _validation_models(cfg)
     records = {index: store[index] for index in val_indices}
     finetune = _finetune_recipe(cfg)

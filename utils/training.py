@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from utils.distributed import is_distributed, is_main_process
+
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -195,10 +197,6 @@ class TrainResult:
     final_metrics: dict[str, float]
     epochs: int
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready copy (for results.json)."""
-        return dataclasses.asdict(self)
-
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks
@@ -231,16 +229,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
     return sched.SequentialLR(optimizer, schedulers=[warmup, main], milestones=[cfg.warmup_epochs])
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _is_main_process() -> bool:
-    return not _distributed() or dist.get_rank() == 0
-
-
 def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
@@ -270,7 +260,7 @@ def _num_batches(loader: Iterable, max_batches: int | None) -> int | None:
 
 
 def _progress(loader: Iterable, desc: str, max_batches: int | None) -> tqdm:
-    disable = not (_is_main_process() and sys.stderr.isatty())
+    disable = not (is_main_process() and sys.stderr.isatty())
     return tqdm(_limited(loader, max_batches), desc=desc, total=_num_batches(loader, max_batches),
                 leave=False, dynamic_ncols=True, disable=disable)
 
@@ -521,7 +511,7 @@ def train(model: nn.Module, loaders: Any, cfg: TrainConfig | Mapping[str, Any], 
                         amp=amp, channels_last=channels_last, desc=desc,
                         mixer=_BatchMixer(cfg.mixup_alpha, cfg.cutmix_alpha))
     csv_log = (_MetricsCSV(Path(run_dir) / f"{desc}_metrics.csv")
-               if run_dir is not None and _is_main_process() else None)
+               if run_dir is not None and is_main_process() else None)
 
     history: list[dict[str, float]] = []
     selected_epoch, best_score, best_state = 0, -math.inf, None

@@ -43,10 +43,6 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-def _masks_from_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: module.weight.detach() != 0 for name, module in prunable_layers(model)}
-
-
 def global_l1_prune(model: nn.Module, amount: float) -> dict[str, torch.Tensor]:
     """Zero the ``round(amount * N)`` smallest-|w| weights over all N Conv/Linear weights; returns the masks.
 
