@@ -407,7 +407,9 @@ def _fashion_mnist(root: PathLike, download: bool, image_size: Optional[int],
                    debian_dir: Optional[PathLike] = DEBIAN_FASHION_MNIST_DIR) -> _Source:
     """FashionMNIST from ``root/FashionMNIST/raw/`` (torchvision layout) or, failing that, ``debian_dir``.
 
-    train: RandomCrop(28, pad 2) + HFlip; normalised with mean 0.2860, std 0.3530. In memory.
+    train: RandomCrop(28, pad 2) + HFlip; normalised with mean 0.2860, std 0.3530. In memory. With
+    ``image_size`` (e.g. 14 for CPU benchmarks) the images are resized once at load time (antialiased), then
+    augmented the same way at that size (padding scaled).
     """
     raw_dir = Path(root) / "FashionMNIST" / "raw"
     directories = [raw_dir] + ([Path(debian_dir)] if debian_dir else [])
@@ -435,9 +437,26 @@ def _fashion_mnist(root: PathLike, download: bool, image_size: Optional[int],
                              f"{files[f'{split}_images']}, labels {tuple(labels.shape)} from {files[f'{split}_labels']}")
         return TensorImageDataset(images.unsqueeze(1), labels)  # [N, 1, 28, 28] uint8
 
-    train_tf, test_tf = _small_image_transforms(28, image_size, FASHION_MNIST_MEAN, FASHION_MNIST_STD, flip=True,
-                                                padding=2, from_pil=False)
-    return _Source(load("train"), load("test"), train_tf, test_tf, 10, 1, image_size or 28)
+    train, test = load("train"), load("test")
+    native = 28
+    if image_size is not None and image_size != native:
+        # In memory: resize every image once (area average) instead of per sample and per epoch, then
+        # augment at the new size like CIFAR (random crop with proportional padding + flip).
+        train, test = (resize_in_memory(d, image_size) for d in (train, test))
+        native = image_size
+    train_tf, test_tf = _small_image_transforms(native, None, FASHION_MNIST_MEAN, FASHION_MNIST_STD, flip=True,
+                                                padding=max(1, round(2 * native / 28)), from_pil=False)
+    return _Source(train, test, train_tf, test_tf, 10, 1, native)
+
+
+def resize_in_memory(dataset: "TensorImageDataset", size: int) -> "TensorImageDataset":
+    """The dataset with every image resized to ``size`` x ``size`` once (antialiased bilinear, uint8 kept)."""
+    images = dataset.images
+    resized = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
+                                              antialias=True, align_corners=False)
+    if images.dtype == torch.uint8:
+        resized = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return TensorImageDataset(resized, dataset.labels)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -526,6 +545,19 @@ def _num_val(val_size: Union[int, float], n_train: int, name: str) -> int:
     return n_val
 
 
+def _subset(indices: Optional[torch.Tensor], train_size: Optional[int], seed: int, name: str):
+    """A seeded subset of ``train_size`` of ``indices`` (sorted), or ``indices`` itself when None."""
+    if train_size is None:
+        return indices
+    if isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1:
+        raise ValueError(f"train_size must be a positive image count or null, got {train_size!r}")
+    if train_size > len(indices):
+        raise ValueError(f"train_size={train_size} exceeds the {len(indices)} {name} training images left after the "
+                         "validation split")
+    order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(int(seed) + 1))
+    return indices[order[:train_size]].sort().values
+
+
 def split_indices(n: int, n_val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded disjoint split of ``range(n)`` into sorted ``(train_idx [n - n_val], val_idx [n_val])``."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
@@ -534,7 +566,7 @@ def split_indices(n: int, n_val: int, seed: int) -> tuple[torch.Tensor, torch.Te
 
 def build_datasets(name: str, root: PathLike, download: bool = False, val_size: Union[int, float] = 0.1,
                    split_seed: int = 0, image_size: Optional[int] = None, synthetic: Optional[dict] = None,
-                   **options: Any) -> DataSplits:
+                   train_size: Optional[int] = None, **options: Any) -> DataSplits:
     """Build the train / val / test datasets of ``name`` (see :func:`list_datasets`).
 
     Args:
@@ -548,6 +580,8 @@ def build_datasets(name: str, root: PathLike, download: bool = False, val_size: 
             datasets a different size uses the Resize(s*256/224) + crop(s) recipe.
         synthetic: options of the ``synthetic`` dataset (num_classes, in_channels, image_size,
             train_size, test_size, noise, seed); ignored for other datasets.
+        train_size: keep only this many training images (a seeded subset, from ``split_seed``, of what is
+            left after the validation split; None keeps all). For CPU-sized benchmarks; val/test unchanged.
         **options: dataset-specific options, e.g. ``use_extra`` (SVHN), ``debian_dir`` (FashionMNIST).
 
     Raises:
@@ -573,10 +607,14 @@ def build_datasets(name: str, root: PathLike, download: bool = False, val_size: 
 
     n_val = _num_val(val_size, len(source.train), canonical)
     if n_val == 0:
-        train, val = TransformedSubset(source.train, None, source.train_transform), None
+        indices = None if train_size is None else torch.arange(len(source.train))
+        train = TransformedSubset(source.train, _subset(indices, train_size, split_seed, canonical),
+                                  source.train_transform)
+        val = None
     else:
         train_idx, val_idx = split_indices(len(source.train), n_val, split_seed)
-        train = TransformedSubset(source.train, train_idx, source.train_transform)
+        train = TransformedSubset(source.train, _subset(train_idx, train_size, split_seed, canonical),
+                                  source.train_transform)
         val = TransformedSubset(source.train, val_idx, source.eval_transform)
     test = TransformedSubset(source.test, None, source.eval_transform)
     return DataSplits(train=train, val=val, test=test, num_classes=source.num_classes,

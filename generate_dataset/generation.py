@@ -1,8 +1,10 @@
 """Produce data models (reference §3.3): train -> init-prune to the task's speed-up -> fine-tune -> store.
 
-One call of :func:`generate_shard` is one shard of the work: it writes only its own shard file, skips
+One call of :func:`generate_shard` is one shard of the work: it writes only its own shard, skips
 data models that a previous (possibly killed) run already published, and derives each model's seed from
-``(seed, shard index, position)`` so that a re-run reproduces the same models.
+``(seed, shard index, position)`` so that a re-run reproduces the same models. The shard is locked for
+the whole call (a second generator of the same shard is refused before training). A model that could not
+be stored (disk full, ...) is saved in the run dir and stored without retraining by the next run there.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from data_loaders.store import ShardWriter
+from data_loaders.store import ShardWriter, StoreError, load_rescued, rescue_path
 from generate_dataset.models import model_spec
 from utils.experiment import recipe, setup, task_data, task_model
 from utils.pruning import prune_to_speed_up
@@ -39,7 +41,15 @@ def generate_shard(cfg: DictConfig, run_dir: Path) -> dict:
     task = cfg.task
     splits, loaders = task_data(task, cfg.seed)
     identity = shard_identity(cfg) | {"num_classes": splits.num_classes}
-    writer = ShardWriter(cfg.store, cfg.index, identity)
+    writer = ShardWriter(cfg.store, cfg.index, identity)  # locks the shard until the end of this call
+    try:
+        return _fill_shard(cfg, run_dir, writer, device, splits)
+    finally:
+        writer.close()
+
+
+def _fill_shard(cfg: DictConfig, run_dir: Path, writer: ShardWriter, device: torch.device, splits) -> dict:
+    task = cfg.task
     done = writer.completed_positions()
     if done:
         log.info("%s already holds data models %s; resuming", writer.path, sorted(done))
@@ -50,6 +60,11 @@ def generate_shard(cfg: DictConfig, run_dir: Path) -> dict:
         if position in done:
             continue
         seed = derive_seed(cfg.seed, cfg.index, position)
+        rescued = rescue_path(run_dir, cfg.index, position)
+        if rescued.exists():  # trained by an earlier run in this run dir, which could not store it
+            _store_rescued(writer, rescued, position, seed, run_dir)
+            produced.append(position)
+            continue
         seed_everything(seed, deterministic=cfg.get("deterministic", False))
         # loaders seeded per data model too, so a resumed shard reproduces the models of an uninterrupted one
         splits, loaders = task_data(task, seed)
@@ -66,9 +81,25 @@ def generate_shard(cfg: DictConfig, run_dir: Path) -> dict:
         model.eval()
         metrics = dict(result.final_metrics)
         writer.append(position, model.state_dict(), model_spec(task.model, model, splits.num_classes),
-                      metrics, speed_up, seed, config)
+                      metrics, speed_up, seed, config, rescue_dir=run_dir)  # saved in run_dir if it fails
         produced.append(position)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
         log.info("data model %d of shard %d stored in %.0f s: speed-up %.4fx, %s",
                  position, cfg.index, time.time() - started, speed_up, shown)
     return {"shard": str(writer.path), "produced": produced, "skipped": sorted(done)}
+
+
+def _store_rescued(writer: ShardWriter, path: Path, position: int, seed: int, run_dir: Path) -> None:
+    """Store a data model that an earlier run trained but could not store, then delete its rescue file."""
+    saved = load_rescued(path)
+    found = {"identity": saved.get("identity"), "position": saved.get("position"), "seed": saved.get("seed")}
+    expected = {"identity": writer.identity, "position": position, "seed": seed}
+    if found != expected:
+        differ = ", ".join(f"{k}: file has {found[k]!r}, this run {expected[k]!r}" for k in found
+                           if found[k] != expected[k])
+        raise StoreError(f"rescued data model {path} was trained with other settings ({differ}); delete it to "
+                         f"retrain that data model, or re-run with the settings it was trained with")
+    writer.append(position, saved["state_dict"], saved["spec"], saved["metrics"], saved["speed_up"], saved["seed"],
+                  saved["config"], rescue_dir=run_dir)
+    path.unlink()
+    log.info("data model %d of shard %d stored from %s, without retraining", position, writer.index, path)

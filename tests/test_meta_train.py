@@ -1,5 +1,5 @@
 """Meta-training: exact one-backward gradient, the regulariser vs torch-pruning, CE/regulariser balance,
-exact resumption, NaN stop, and a run composed through Hydra on a tiny store."""
+exact resumption, NaN stop, the per-epoch diagnostics, and a run composed through Hydra on a tiny store."""
 import csv
 import json
 import math
@@ -13,7 +13,7 @@ from data_loaders.store import ShardWriter
 from generate_dataset.models import build_model, model_spec
 from utils import meta_train  # registers run=meta_train
 from utils.metanet_io import build_metanetwork, load_metanetwork
-from utils.regularizer import build_regularizer, group_gamma
+from utils.regularizer import build_regularizer, group_gamma, relative_change, small_share
 from utils.runs import execute
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -205,6 +205,102 @@ def test_unstructured_methods_use_the_sign_regularizer():
     assert regularizer.value(params, grads).item() == pytest.approx(expected, rel=1e-5)
 
 
+# ------------------------------------------------------------------------------------------------
+# Diagnostics
+# ------------------------------------------------------------------------------------------------
+# the 3 x 3 channels of layer2.0's output group: out-rows, BN weights and the next layers' in-columns
+LAYER2_OUT_ROWS = ("layer2.0.conv2.weight", "layer2.0.downsample.0.weight")
+LAYER2_OUT_BN = ("layer2.0.bn2.weight", "layer2.0.downsample.1.weight")
+LAYER2_IN_COLUMNS = ("layer3.0.conv1.weight", "layer3.0.downsample.0.weight")
+
+
+def test_channel_norms_are_the_unnormalised_importance_and_zeroed_channels_are_small():
+    model = data_model(5)
+    regularizer = build_regularizer(model, torch.ones(1, 1, 8, 8), METHOD, reg=10.0)
+    own = {k: p.detach().clone() for k, p in model.named_parameters()}
+    per_group = regularizer.channel_norms(own, per_group=True)
+    # squared, max-normalised: torch-pruning's group importance of the paper's method (mean, max-normaliser)
+    for group, norms in zip(regularizer.pruner._groups, per_group):
+        imp = regularizer.pruner.estimate_importance(group)
+        torch.testing.assert_close((norms ** 2 / (norms ** 2).max()).float(), imp, rtol=1e-5, atol=1e-7)
+    sizes = sorted(len(n) for n in per_group)
+    assert sizes == [3, 5, 7, 8, 16, 32]  # every channel of WIDTHS' groups once (the classifier is no root)
+    total = sum(sizes)
+    # a direct computation for one channel of the 16-channel group (all its members' slices)
+    c = 4
+    direct = math.sqrt(sum(own[k][c].pow(2).sum().item() for k in LAYER2_OUT_ROWS + LAYER2_OUT_BN)
+                       + sum(own[k][:, c].pow(2).sum().item() for k in LAYER2_IN_COLUMNS))
+    (norms16,) = [n for n in per_group if len(n) == 16]
+    assert norms16[c].item() == pytest.approx(direct, rel=1e-6)
+    assert small_share(regularizer.channel_norms(own)) == 0.0  # a random network has no tiny group
+
+    zeroed = {k: v.clone() for k, v in own.items()}
+    channels = [1, 7, 12]
+    for k in LAYER2_OUT_ROWS + LAYER2_OUT_BN:
+        zeroed[k][channels] = 0
+    for k in LAYER2_IN_COLUMNS:
+        zeroed[k][:, channels] = 0
+    assert small_share(regularizer.channel_norms(zeroed)) == pytest.approx(3 / total)
+    # only the out-rows zeroed: the BN weights and in-columns keep those channels' group norms large
+    partly = {k: own[k].clone() for k in LAYER2_OUT_ROWS}
+    for k in LAYER2_OUT_ROWS:
+        partly[k][channels] = 0
+    assert small_share(regularizer.channel_norms(partly)) == 0.0
+    # the model's own weights are read when none are given, and were never changed
+    assert torch.equal(regularizer.channel_norms({}), regularizer.channel_norms(own))
+    for k, p in model.named_parameters():
+        assert torch.equal(p.detach(), own[k]), k
+
+
+def test_small_share_and_relative_change_edge_cases():
+    assert small_share(torch.tensor([1.0, 0.01, 0.0101, 0.0])) == pytest.approx(0.5)  # <= 1 % of the global max
+    assert small_share(torch.zeros(4)) == 1.0 and small_share(torch.zeros(0)) == 0.0
+    old = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([[4.0]])}
+    new = {"a": torch.tensor([3.0, 1.0]), "b": torch.tensor([[4.0]])}
+    assert relative_change(new, old) == pytest.approx(1 / 5)  # one global norm, not a mean over tensors
+    assert relative_change(old, old) == 0.0
+
+
+def test_unstructured_channel_norms_are_weight_magnitudes():
+    model = data_model(6)
+    regularizer = build_regularizer(model, torch.ones(1, 1, 8, 8), {"name": "unstructured_l1_norm",
+                                                                     "kind": "unstructured"}, reg=0.1)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    params["conv1.weight"][:2] = 0  # 18 weights
+    norms = regularizer.channel_norms(params)
+    weights = [k for k in params if k.endswith("weight") and params[k].dim() in (2, 4)]
+    assert norms.numel() == sum(params[k].numel() for k in weights)
+    expected = sum(int((params[k].abs() <= 0.01 * norms.max()).sum()) for k in weights) / norms.numel()
+    assert small_share(norms) == pytest.approx(expected) and expected >= 18 / norms.numel()
+
+
+def test_step_diagnostics_are_those_of_the_generated_weights():
+    model = data_model(7)
+    entry = make_entry(model)
+    batch = [(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)))]
+    own = {k: p.detach().clone() for k, p in model.named_parameters()}
+    input_share = small_share(entry.regularizer.channel_norms(own))
+
+    # residual ratios 0: the generated weights are the data model's, whatever the decoders output
+    torch.manual_seed(0)
+    still = build_metanetwork(entry.codec, {**TINY_NET, "node_res_ratio": 0.0, "edge_res_ratio": 0.0})
+    result = meta_train.meta_gradient(still, entry, batch, reference_batches=1, alpha=16.0)
+    assert result.weight_change == 0.0
+    assert result.small_group_share == result.small_group_share_input == input_share
+
+    net = tiny_metanetwork(entry)
+    result = meta_train.meta_gradient(net, entry, batch, reference_batches=1, alpha=16.0)
+    with torch.no_grad():
+        generated = entry.codec.decode(net(entry.codec.encode(model)))
+    diff = math.sqrt(sum((generated[k].double() - own[k].double()).pow(2).sum().item() for k in generated))
+    base = math.sqrt(sum(own[k].double().pow(2).sum().item() for k in generated))
+    assert result.weight_change == pytest.approx(diff / base, rel=1e-6) and result.weight_change > 0
+    assert result.small_group_share == small_share(entry.regularizer.channel_norms(generated))
+    assert result.small_group_share_input == input_share
+    plain = meta_train.meta_gradient(net, entry, batch, reference_batches=1, alpha=16.0, diagnostics=False)
+    assert math.isnan(plain.weight_change) and plain.ce == result.ce and plain.reg == result.reg
+
+
 def test_settings_errors_name_the_config_key():
     from omegaconf import OmegaConf
 
@@ -278,6 +374,11 @@ def test_hydra_run_writes_checkpoints_metrics_and_results(full_run, store_dir):
     assert float(rows[0]["lr"]) == pytest.approx(0.01) and float(rows[1]["lr"]) == pytest.approx(0.001)  # milestone 1
     for r in rows:
         assert math.isfinite(float(r["ce"])) and float(r["reg"]) > 0 and float(r["grad_norm"]) > 0
+        for key in meta_train.DIAGNOSTIC_COLUMNS:
+            assert math.isfinite(float(r[key])), key
+        assert 0.0 <= float(r["small_group_share"]) <= 1.0 and float(r["weight_change"]) > 0
+    assert (run_dir / meta_train.DIAGNOSTICS_PNG).stat().st_size > 0
+    assert results["diagnostics_png"] == meta_train.DIAGNOSTICS_PNG
     ck = checkpoint(run_dir, 2)
     assert ck["spec"]["epoch"] == 2 and len(ck["steps"]) == 4  # 2 epochs x 2 training data models
     assert {s[1] for s in ck["steps"]} == {0, 1}
@@ -306,6 +407,12 @@ def test_resume_after_a_kill_gives_identical_losses_and_weights(full_run, store_
         execute(run_cfg(store_dir), tmp_path)
     monkeypatch.setattr(meta_train, "save_metanetwork", original_save)
     assert [e for e, _ in meta_train.list_checkpoints(tmp_path)] == [1]
+    # as if written before the diagnostics existed: history rows without their columns, no plot yet
+    path = meta_train.checkpoint_path(tmp_path, 1)
+    old = torch.load(path, weights_only=True)
+    old["history"] = [{k: v for k, v in row.items() if k not in meta_train.DIAGNOSTIC_COLUMNS}
+                      for row in old["history"]]
+    torch.save(old, path)
 
     summary = execute(run_cfg(store_dir), tmp_path)
     assert summary["resumed_from_epoch"] == 1 and summary["epochs"] == 2
@@ -314,6 +421,11 @@ def test_resume_after_a_kill_gives_identical_losses_and_weights(full_run, store_
     for k, v in uninterrupted["state_dict"].items():
         assert torch.equal(resumed["state_dict"][k], v), k
     assert [r["ce"] for r in resumed["history"]] == [r["ce"] for r in uninterrupted["history"]]
+    rows = list(csv.DictReader((tmp_path / "meta_train_metrics.csv").open()))
+    assert [r["small_group_share"] for r in rows][0] == ""  # the old row's cells are left blank
+    for key in meta_train.DIAGNOSTIC_COLUMNS:
+        assert float(rows[1][key]) == uninterrupted["history"][1][key], key
+    assert (tmp_path / meta_train.DIAGNOSTICS_PNG).exists()
 
     # resuming needs the same settings
     with pytest.raises(ValueError, match="pruner_reg"):
@@ -332,7 +444,7 @@ def test_nan_loss_stops_with_floating_point_error_and_keeps_last_good_checkpoint
         return loss * float("nan") if calls["n"] > 4 else loss  # epoch 1 = 2 data models x 2 batches
 
     monkeypatch.setattr(meta_train, "_cross_entropy", poisoned)
-    with pytest.raises(FloatingPointError, match=r"epoch 2, data model shard_0000\.h5#[01]"):
+    with pytest.raises(FloatingPointError, match=r"epoch 2, data model shard_0000(\.h5)?#[01]"):
         execute(run_cfg(store_dir), tmp_path)
     assert [e for e, _ in meta_train.list_checkpoints(tmp_path)] == [1]
     net, ck = load_metanetwork(meta_train.checkpoint_path(tmp_path, 1))

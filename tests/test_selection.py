@@ -2,10 +2,12 @@
 
 A tiny setting: ResNet-8 on the 8x8 digits, a two-model store (the second is the validation data model,
 trained briefly) and fake meta_train dirs with two metanetworks: epoch 1 destroys the network (huge
-residual ratio), epoch 2 is the identity (ratio 0). Selection must prefer epoch 2.
+residual ratio), epoch 2 is the identity (ratio 0). Selection must prefer epoch 2. The checkpoints record the
+store and train indices ([0]) as run=meta_train does, so the held-out check passes.
 """
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -58,11 +60,11 @@ class RaisingDataset(torch.utils.data.Dataset):
         raise AssertionError("the test split was read during selection")
 
 
-def _save_metanet(path, codec, ratio, seed, epoch):
+def _save_metanet(path, codec, ratio, seed, epoch, **extra):
     torch.manual_seed(seed)
     options = {"num_layer": 2, "hiddim": 8, "node_res_ratio": ratio, "edge_res_ratio": ratio}
     net = build_metanetwork(codec, options)
-    save_metanetwork(path, net, codec, options, task=TASK, epoch=epoch)
+    save_metanetwork(path, net, codec, options, task=TASK, epoch=epoch, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +88,9 @@ def env(tmp_path_factory):
 
     codec = GraphCodec(model)
     meta = root / "meta"
-    _save_metanet(meta / "checkpoints" / "epoch_0001.pt", codec, ratio=50.0, seed=0, epoch=1)  # destroys
-    _save_metanet(meta / "checkpoints" / "epoch_0002.pt", codec, ratio=0.0, seed=1, epoch=2)  # identity
+    held_out = {"meta": {"task": TASK, "store": str(root / "store"), "train_indices": [0]}}  # as meta_train writes
+    _save_metanet(meta / "checkpoints" / "epoch_0001.pt", codec, 50.0, 0, 1, **held_out)  # destroys the network
+    _save_metanet(meta / "checkpoints" / "epoch_0002.pt", codec, 0.0, 1, 2, **held_out)  # the identity
     return {"root": root, "store": root / "store", "meta": meta, "model": model, "loaders": loaders,
             "splits": splits, "codec": codec, "val_acc": evaluate(model, loaders.val, "cpu")["acc"]}
 
@@ -105,13 +108,21 @@ def select_dir(env):
         loaders.test = torch.utils.data.DataLoader(RaisingDataset())
         return splits, loaders
 
+    class Collect(logging.Handler):
+        def emit(self, record):
+            env["select_warnings"].append(record.getMessage())
+
     run_dir = env["root"] / "select_run"
+    env["select_warnings"] = []
+    handler = Collect(level=logging.WARNING)
+    logging.getLogger(selection.__name__).addHandler(handler)
     mp = pytest.MonkeyPatch()
     mp.setattr(experiment, "task_data", task_data_without_test)
     try:
         execute(make_cfg(env), run_dir)
     finally:
         mp.undo()
+        logging.getLogger(selection.__name__).removeHandler(handler)
     return run_dir
 
 
@@ -123,13 +134,19 @@ def test_select_prefers_the_identity_over_the_destructive_metanetwork(env, selec
     assert chosen["epoch"] == 2 and chosen["split"] == "val" and chosen["score_kind"] == "auc"
     assert Path(chosen["chosen"]).is_absolute()
     assert chosen_checkpoint(select_dir) == (env["meta"] / "checkpoints" / "epoch_0002.pt").resolve()
-    assert [r["epoch"] for r in chosen["ranking"]] == [2, 1]
+    assert [r["epoch"] for r in chosen["ranking"]] == [2, 1]  # origin and control are references, not ranked
     good, bad = chosen["ranking"][0]["score"], chosen["ranking"][1]["score"]
     assert good > bad + 0.2, (good, bad)
+    assert chosen["control_score"] is not None and chosen["origin_score"] is not None
+    assert chosen["gain_over_control"] == pytest.approx(chosen["score"] - chosen["control_score"])
     ranking = json.loads((select_dir / "ranking.json").read_text())
     assert [r["epoch"] for r in ranking["ranking"]] == [2, 1]
+    assert ranking["control_score"] == chosen["control_score"]
+    assert ranking["gain_over_control"] == chosen["gain_over_control"]
     results = json.loads((select_dir / "results.json").read_text())
-    assert results["epoch"] == 2 and results["curves_computed"] == 3 and results["curves_reused"] == 0
+    assert results["epoch"] == 2 and results["curves_computed"] == 4 and results["curves_reused"] == 0
+    assert results["control_score"] == chosen["control_score"]
+    assert results["gain_over_control"] == chosen["gain_over_control"]
     assert results["validation_models"] == [1]  # the data model meta-training did not see
     assert (select_dir / "curves.png").stat().st_size > 1000
 
@@ -137,7 +154,7 @@ def test_select_prefers_the_identity_over_the_destructive_metanetwork(env, selec
 def test_select_curves_start_at_the_data_model_and_reach_max_speed_up(env, select_dir):
     cache = json.loads((select_dir / "curves.json").read_text())
     entries = {e["label"]: e for e in cache["entries"]}
-    assert set(entries) == {"origin", "epoch_1", "epoch_2"}
+    assert set(entries) == {"origin", "control", "epoch_1", "epoch_2"}
     origin = entries["origin"]
     assert origin["finetune"] is None  # the untouched data model, as the reference plots it
     # first point: the stored data model's own speed-up and its validation accuracy, unpruned
@@ -148,6 +165,56 @@ def test_select_curves_start_at_the_data_model_and_reach_max_speed_up(env, selec
         assert all(b >= a for a, b in zip(xs, xs[1:]))
         assert xs[-1] >= 3.0 > xs[-2]  # task.visualize.max_speed_up, stops at the first step reaching it
     assert entries["epoch_2"]["finetune"]["epochs"] == 1  # select.finetune_epochs shortened the recipe
+
+
+def test_control_is_the_checkpoints_finetune_without_a_metanetwork(env, select_dir):
+    entries = {e["label"]: e for e in json.loads((select_dir / "curves.json").read_text())["entries"]}
+    control, identity = entries["control"], entries["epoch_2"]
+    assert control["checkpoint"] is None and control["epoch"] is None
+    assert control["settings"]["checkpoint"] is None and control["settings"]["curve"] == "control"
+    # the same recipe as the checkpoints (unlike origin), and the cache tells it from origin
+    assert control["settings"]["finetune"] == identity["settings"]["finetune"] is not None
+    assert control["finetune"]["epochs"] == 1
+    assert control["settings"] != entries["origin"]["settings"]
+    # epoch 2's metanetwork is the identity: the same fine-tune (recipe, seed, loaders) gives the same curve
+    def flat(points):
+        return [value for point in points for value in point]
+
+    assert flat(control["points"]) == pytest.approx(flat(identity["points"]))
+    assert control["points"] != entries["origin"]["points"]  # it was fine-tuned, origin was not
+    # so the best checkpoint (the identity) does not beat the control: run=select says so
+    selected = json.loads((select_dir / "selection.json").read_text())
+    assert selected["gain_over_control"] == pytest.approx(0.0)
+    assert any("does not beat the control" in message for message in env["select_warnings"])
+    assert not any("records no meta_train" in message for message in env["select_warnings"])  # meta checked
+
+
+def test_control_runs_the_finetune_but_never_the_metanetwork(env, tmp_path, monkeypatch):
+    import utils.metanet_io
+    import utils.training
+
+    applied, trained = [], []
+    real_apply, real_train = utils.metanet_io.apply_metanetwork, utils.training.train
+
+    def counting_apply(model, net, codec=None):
+        applied.append(float(net.node_res_ratio))
+        return real_apply(model, net, codec)
+
+    def counting_train(*args, **kwargs):
+        trained.append(kwargs.get("desc"))
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(utils.metanet_io, "apply_metanetwork", counting_apply)
+    monkeypatch.setattr(utils.training, "train", counting_train)
+    quick = {"checkpoints": "[1]", "finetune_epochs": 0, "max_speed_up": 1.5, "cache": None}
+    result = execute(make_cfg(env, run="visualize", **quick), tmp_path / "a")
+    assert set(result["scores"]) == {"origin", "control", "epoch_1"} and result["curves_computed"] == 3
+    assert applied == [50.0]  # only the checkpoint's curve applied a metanetwork
+    assert sorted(trained) == ["control_model1", "epoch_1_model1"]  # origin is not fine-tuned
+    # select.control=false: no control curve; the cached curves are reused
+    result = execute(make_cfg(env, run="visualize", **(quick | {"cache": tmp_path / "a", "control": "false"})),
+                     tmp_path / "b")
+    assert set(result["scores"]) == {"origin", "epoch_1"} and result["curves_computed"] == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,14 +234,14 @@ def test_visualize_replots_from_the_select_cache_without_recomputing(env, select
     _forbid_computation(monkeypatch)
     # only the select run dir: the meta_train dir is read from its curves.json
     result = execute(make_cfg(env, run="visualize", cache=str(select_dir), meta_train_dir=None), tmp_path / "vis")
-    assert result["curves_computed"] == 0 and result["curves_reused"] == 3
+    assert result["curves_computed"] == 0 and result["curves_reused"] == 4
     assert (tmp_path / "vis" / "curves.png").stat().st_size > 1000
     selected = json.loads((select_dir / "selection.json").read_text())
     assert result["scores"]["epoch_2"] == pytest.approx(selected["score"])
     # a smaller max_speed_up is covered too (the cached curves are cut at the first point reaching it)
     cut = execute(make_cfg(env, run="visualize", cache=str(select_dir), max_speed_up=2.0,
                            checkpoints="[2]"), tmp_path / "vis2")
-    assert cut["curves_computed"] == 0 and set(cut["scores"]) == {"origin", "epoch_2"}
+    assert cut["curves_computed"] == 0 and set(cut["scores"]) == {"origin", "control", "epoch_2"}
     saved = json.loads((tmp_path / "vis2" / "curves.json").read_text())["entries"]
     full = next(e["points"] for e in saved if e["label"] == "epoch_2")
     assert full[-1][0] >= 3.0  # the cache keeps the longest curve, not the cut
@@ -194,15 +261,16 @@ def test_visualize_recomputes_only_what_changed(env, select_dir, tmp_path, monke
         return real(*args, **kwargs)
 
     monkeypatch.setattr(curves, "accuracy_speed_up_curve", counting)
-    # no fine-tune: both checkpoint curves are stale, the origin curve (never fine-tuned) is not
+    # no fine-tune: both checkpoint curves and the control are stale, the origin curve (never fine-tuned) is not
     result = execute(make_cfg(env, run="visualize", cache=str(select_dir), finetune_epochs=0), tmp_path / "a")
-    assert result["curves_computed"] == 2 and result["curves_reused"] == 1
-    assert sorted(calls) == ["epoch_1 model 1", "epoch_2 model 1"]
+    assert result["curves_computed"] == 3 and result["curves_reused"] == 1
+    assert sorted(calls) == ["control model 1", "epoch_1 model 1", "epoch_2 model 1"]
 
     # the same checkpoints copied elsewhere stay valid (content hashes), an overwritten one does not
     moved = tmp_path / "moved_meta"
     shutil.copytree(env["meta"], moved)
-    _save_metanet(moved / "checkpoints" / "epoch_0001.pt", env["codec"], ratio=50.0, seed=7, epoch=1)
+    _save_metanet(moved / "checkpoints" / "epoch_0001.pt", env["codec"], ratio=50.0, seed=7, epoch=1,
+                  meta={"store": str(env["store"]), "train_indices": [0]})
     calls.clear()
     result = execute(make_cfg(env, run="visualize", cache=str(select_dir), meta_train_dir=str(moved)),
                      tmp_path / "b")
@@ -291,6 +359,37 @@ def test_mean_curve_and_plot(tmp_path):
         plot_curves({"a": CURVE}, tmp_path / "bad.png", 3.0, ylim=[1.0, 0.0])
 
 
+def _plotted_lines(monkeypatch, *args, **kwargs):
+    """Call plot_curves and return ``{label: Line2D}`` of the figure it drew (caught before it is closed)."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
+    plot_curves(*args, **kwargs)
+    return {line.get_label(): line for line in figures[-1].axes[0].get_lines()}
+
+
+def test_plot_gives_every_curve_its_own_colour(tmp_path, monkeypatch):
+    from matplotlib.colors import to_rgba
+
+    # 12 curves: more than matplotlib's 10-colour default cycle
+    data = {"origin": CURVE, "control": CURVE} | {f"epoch_{k}": CURVE for k in range(1, 11)}
+    lines = _plotted_lines(monkeypatch, data, tmp_path / "many.png", 3.0)
+    assert list(lines) == list(data)
+    colours = [to_rgba(line.get_color()) for line in lines.values()]
+    assert len(set(colours)) == 12, colours
+    assert lines["origin"].get_linestyle() == "--" and to_rgba(lines["origin"].get_color()) == to_rgba("0.5")
+    assert to_rgba(lines["control"].get_color()) == to_rgba("black")
+    assert lines["control"].get_linewidth() > max(lines[f"epoch_{k}"].get_linewidth() for k in range(1, 11))
+    # explicit styles (what run=select passes for its "label (auc ...)" legend entries) override the defaults
+    styles = curves.curve_styles(["origin", "epoch_1", "epoch_2"])
+    lines = _plotted_lines(monkeypatch, {"ref": CURVE, "a": CURVE, "b": CURVE}, tmp_path / "styled.png", 3.0,
+                           styles={"ref": styles["origin"], "a": styles["epoch_1"], "b": styles["epoch_2"]})
+    assert lines["ref"].get_linestyle() == "--"
+    assert to_rgba(lines["a"].get_color()) == to_rgba(styles["epoch_1"]["color"]) != to_rgba(lines["b"].get_color())
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoint lists and clear errors
 # ----------------------------------------------------------------------------------------------
@@ -342,6 +441,43 @@ def test_checkpoint_of_another_layout_names_the_checkpoint(env, tmp_path):
     _save_metanet(path, GraphCodec(vgg), ratio=0.0, seed=0, epoch=1)
     with pytest.raises(LayoutMismatchError, match=rf"{re.escape(str(path))}.*node_dim=5.*node_dim=8"):
         execute(make_cfg(env, meta_train_dir=str(tmp_path / "meta")), tmp_path / "run")
+
+
+def _checkpoint_meta_dir(env, tmp_path, **meta):
+    path = tmp_path / "meta" / "checkpoints" / "epoch_0001.pt"
+    _save_metanet(path, env["codec"], ratio=0.0, seed=0, epoch=1, meta=meta)
+    return tmp_path / "meta"
+
+
+def test_select_refuses_data_models_the_checkpoint_was_meta_trained_on(env, tmp_path):
+    store = env["store"].resolve()
+    # another store: its validation split says nothing about what the checkpoint saw; both stores named
+    other = _checkpoint_meta_dir(env, tmp_path / "a", store=str(tmp_path / "other_store"), train_indices=[0])
+    named = rf"{re.escape(str((tmp_path / 'other_store').resolve()))}.*store={re.escape(str(store))}"
+    with pytest.raises(SelectionError, match=named):
+        execute(make_cfg(env, meta_train_dir=str(other)), tmp_path / "r1")
+    # the same store, but the validation data model 1 was among the training data models
+    overlap = _checkpoint_meta_dir(env, tmp_path / "b", store=str(env["store"]), train_indices=[0, 1])
+    with pytest.raises(SelectionError, match=r"validation data models \[1\] .* meta-trained on"):
+        execute(make_cfg(env, meta_train_dir=str(overlap)), tmp_path / "r2")
+
+
+def test_held_out_check_warns_without_a_record_and_for_visualize(env, caplog):
+    from data_loaders.store import DataModelStore
+
+    store = DataModelStore(env["store"])
+    path = Path("epoch_0001.pt")
+    with caplog.at_level(logging.WARNING):
+        assert selection.check_held_out(path, {"spec": {}}, store, [1])  # an old checkpoint: warn, go on
+    assert "records no meta_train store/train_indices" in caplog.text
+    # a relative spelling of the same store is the same store
+    relative = Path(os.path.relpath(env["store"]))
+    assert selection.check_held_out(path, {"meta": {"store": str(relative), "train_indices": [0]}}, store, [1])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert not selection.check_held_out(path, {"meta": {"store": str(env["store"]), "train_indices": [1]}},
+                                            store, [1], strict=False)
+    assert "run=select refuses" in caplog.text
 
 
 def test_chosen_checkpoint_errors(tmp_path):

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from utils.pruning import build_pruner, count_macs, pruner_step
 from utils.training import evaluate
@@ -60,6 +61,8 @@ def accuracy_speed_up_curve(
     ``base_speed_up * MACs(model) / MACs(pruned copy)``; pruning stops at the first step whose speed-up
     reaches ``max_speed_up`` or after ``iterative_steps`` steps. ``max_batches`` caps the evaluation
     batches per point. ``model`` itself is left untouched. Returns the points, first one unpruned.
+    ``progress``: a bar on a terminal only (tqdm's ``disable=None``); when output goes to a file there is no
+    bar (callers log one line per curve; a DEBUG line summarises it here).
     """
     if base_speed_up <= 0 or max_speed_up <= 0:
         raise ValueError(f"speed-ups must be > 0, got base_speed_up={base_speed_up}, max_speed_up={max_speed_up}")
@@ -77,9 +80,9 @@ def accuracy_speed_up_curve(
     if points[0][0] >= max_speed_up:
         return points
     pruner = build_pruner(pruned, example_inputs, method, iterative_steps=iterative_steps)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=iterative_steps, desc=desc, disable=not progress, leave=False)
+    # disable=None: tqdm shows the bar only when its stream is a terminal (not in SLURM/nohup/CI logs)
+    bar = tqdm(total=iterative_steps, desc=desc, disable=None if progress else True, leave=False)
+    shown = not bar.disable
     try:
         for _step in range(iterative_steps):
             pruner_step(pruner, pruned)
@@ -90,6 +93,9 @@ def accuracy_speed_up_curve(
                 break
     finally:
         bar.close()
+    if progress and not shown:
+        log.debug("%s: %d pruning step(s), speed-up %.3fx, accuracy %.4f -> %.4f", desc, len(points) - 1,
+                  points[-1][0], points[0][1], points[-1][1])
     if points[-1][0] < max_speed_up:
         log.warning("%s: stopped at speed-up %.4fx after %d pruning steps (max_speed_up %.4fx not reached)",
                     desc, points[-1][0], len(points) - 1, max_speed_up)
@@ -169,11 +175,49 @@ def mean_curve(curves: Sequence[Sequence[Sequence[float]]], max_speed_up: float 
 # ----------------------------------------------------------------------------------------------
 # Plot
 # ----------------------------------------------------------------------------------------------
+# Reference lines, recognised by their label: the untouched data model and the fine-tuned-without-metanetwork
+# control. Every other curve gets its own colour sampled from CURVE_COLORMAP, in the order given.
+REFERENCE_STYLES = {
+    "origin": {"color": "0.5", "linestyle": "--", "linewidth": 1.6, "marker": None},
+    "control": {"color": "black", "linestyle": "-", "linewidth": 2.6, "marker": None},
+}
+CURVE_COLORMAP = "turbo"
+_COLORMAP_RANGE = (0.08, 0.95)  # turbo's darkest end is near black (the control's colour)
+
+
+def curve_styles(labels: Sequence[str], colormap: str = CURVE_COLORMAP) -> dict[str, dict]:
+    """Matplotlib line keywords per label: ``origin`` grey dashed, ``control`` black and thicker, the others
+    (in the given order, e.g. by epoch) evenly spaced colours of ``colormap``, so no two curves share a colour
+    (unlike matplotlib's default cycle, which repeats after 10)."""
+    import matplotlib
+    from matplotlib.colors import to_hex
+
+    sparse = [label for label in labels if label.startswith("sparse_reg_")]
+    others = [label for label in labels if label not in REFERENCE_STYLES and label not in sparse]
+    # sparse-learning references: dotted, shades of red (strongest regulariser darkest)
+    reds = matplotlib.colormaps["Reds"]
+    sparse_styles = {label: {"color": to_hex(reds(0.45 + 0.5 * i / max(1, len(sparse) - 1))), "linestyle": ":",
+                             "linewidth": 2.0} for i, label in enumerate(sparse)}
+    cmap = matplotlib.colormaps[colormap]
+    low, high = _COLORMAP_RANGE
+    if len(others) == 1:
+        positions = [low]
+    else:
+        positions = [low + (high - low) * i / (len(others) - 1) for i in range(len(others))]
+    colors = {label: to_hex(cmap(pos)) for label, pos in zip(others, positions)}
+    return {label: dict(REFERENCE_STYLES[label]) if label in REFERENCE_STYLES else
+            sparse_styles.get(label) or {"color": colors[label]} for label in labels}
+
+
 def plot_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: str | Path, max_speed_up: float,
-                ylim: Sequence[float] | None = None, title: str = "") -> Path:
+                ylim: Sequence[float] | None = None, title: str = "",
+                styles: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     """One line with markers per label (accuracy over MACs speed-up), saved as a PNG at ``path``.
 
     Axes follow the reference: x from 1 to ``max_speed_up``, y in ``ylim`` (automatic when None).
+    ``styles``: matplotlib line keywords per label (e.g. ``color``, ``linestyle``, ``linewidth``, ``marker``)
+    overriding the defaults of :func:`curve_styles`, which are used for labels ``styles`` does not name (labels
+    ``origin`` / ``control`` get the reference styles; every other curve a distinct colour).
     """
     import matplotlib
 
@@ -184,12 +228,16 @@ def plot_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: str | Pat
         raise ValueError("plot_curves: no curve to plot")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    labels = [str(label) for label in curves]
+    styles = {str(k): dict(v) for k, v in (styles or {}).items()}
+    defaults = curve_styles([label for label in labels if label not in styles])
     fig, ax = plt.subplots(figsize=(8, 6))
     try:
-        for label, points in curves.items():
+        for label, points in zip(labels, curves.values()):
             curve = _checked(points)
-            ax.plot([x for x, _ in curve], [a for _, a in curve], marker="o", markersize=3, linewidth=1.2,
-                    label=str(label))
+            style = {"marker": "o", "markersize": 3, "linewidth": 1.2} | defaults.get(label, {}) | \
+                styles.get(label, {})
+            ax.plot([x for x, _ in curve], [a for _, a in curve], label=label, **style)
         ax.set_xlim(1.0, max(max_speed_up, 1.0) * 1.02)
         if ylim is not None:
             low, high = (float(v) for v in ylim)
@@ -200,7 +248,7 @@ def plot_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: str | Pat
         ax.set_ylabel("accuracy (no fine-tuning after pruning)")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="best", fontsize="small")
+        ax.legend(loc="best", fontsize="small", ncol=2 if len(labels) > 12 else 1)
         fig.tight_layout()
         fig.savefig(path, dpi=150)
     finally:

@@ -37,6 +37,7 @@ def task_data(task: DictConfig, seed: int, distributed: bool = False) -> tuple[D
         val_size=ds.get("val_size", 0.1),
         split_seed=ds.get("split_seed", 0),
         image_size=ds.get("image_size", None),
+        train_size=ds.get("train_size", None),
         synthetic=OmegaConf.to_container(ds.synthetic) if ds.get("synthetic") else None,
         # per-dataset extras, e.g. {use_extra: true} for SVHN or {debian_dir: ...} for FashionMNIST
         **(OmegaConf.to_container(ds.options) if ds.get("options") else {}),

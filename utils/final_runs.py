@@ -40,15 +40,18 @@ task's architecture is refused, also before training (``LayoutMismatchError`` na
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from termcolor import colored
 from torch import nn
 
 from data_loaders.image_datasets import DataLoaders, DataSplits
@@ -62,11 +65,13 @@ from utils.experiment import recipe, setup, task_data, task_model, train_run, wr
 from utils.metanet_io import apply_metanetwork, load_metanetwork
 from utils.pruning import SpeedUpNotReachedError, count_macs, prune_to_speed_up
 from utils.run_registry import register_run
+from utils.sparse_learning import SparseLearning
 from utils.training import TrainResult, evaluate, train
 
 log = logging.getLogger(__name__)
 
 PRUNED_CHECKPOINT = "pruned_model.pt"
+INIT_PRUNED_CHECKPOINT = "init_pruned_model.pt"
 
 
 class UnreachableTargetError(SpeedUpNotReachedError):
@@ -260,9 +265,11 @@ def _finish(ctx: _Context, model: nn.Module, summary: dict, started: float) -> d
     log.info("results written to %s", ctx.run_dir / "results.json")
     headline = (f"speed-up {summary['speed_up']:.3f}x" if "speed_up" in summary
                 else f"sparsity {summary['sparsity']:.3f}")
-    print(f"[{ctx.task.name}] {summary['run']} ({'metanetwork' if summary['metanetwork'] else 'no metanetwork'}): "
-          f"base {100 * summary['base_acc']:.2f}% -> pruned {100 * summary['pruned_acc']:.2f}% test acc, {headline} "
-          f"({summary['selection']} selection)")
+    path = summary.get("pre_pruning") or ("metanetwork" if summary["metanetwork"] else "no metanetwork")
+    print(colored(f"[{ctx.task.name}] {summary['run']} ({path}, {summary['method']}): ", "cyan")
+          + colored(f"base {100 * summary['base_acc']:.2f}% -> pruned {100 * summary['pruned_acc']:.2f}% test acc",
+                    "green", attrs=["bold"])
+          + f", {headline} ({summary['selection']} selection)")
     return summary
 
 
@@ -283,31 +290,58 @@ def pretrain_final_run(cfg: DictConfig, run_dir: Path) -> dict:
     summary = train_run(cfg, run_dir)
     if summary:  # {} on non-zero ranks under torchrun
         summary["run"] = "pretrain_final"
+        model_file = "model.pt"
+        if cfg.final.get("init_prune", False):
+            summary["init_pruned"] = _init_prune_saved(cfg, Path(run_dir))
+            model_file = INIT_PRUNED_CHECKPOINT
         write_json(Path(run_dir) / "results.json", summary)
-        log.info("use it in final runs with final.model=%s", Path(run_dir).resolve() / "model.pt")
+        log.info("use it in final runs with final.model=%s", Path(run_dir).resolve() / model_file)
     return summary
+
+
+def _init_prune_saved(cfg: DictConfig, run_dir: Path) -> dict:
+    """``model.pt`` -> init prune to ``task.initial_speed_up`` -> after_init_pruning fine-tune -> saved as
+    ``init_pruned_model.pt``: one start shared by every final run of a seed (methods then differ only in what
+    they do after it; ``pruning_final`` skips its own init pruning for a model already at that speed-up)."""
+    ctx = _context(cfg, run_dir)
+    initial = float(ctx.task.initial_speed_up)
+    if not math.isfinite(initial) or initial < 1.0:
+        raise FinalRunConfigError(f"task.initial_speed_up={initial} must be finite and >= 1")
+    model, _ = load_model(run_dir / "model.pt", map_location=ctx.device)
+    base_macs = count_macs(model, ctx.example)
+    model.eval()
+    achieved = prune_to_speed_up(model, initial, ctx.method, ctx.example,
+                                 iterative_steps=ctx.task.pruning.iterative_steps, base_macs=base_macs, progress=True)
+    result = _finetune(model, ctx, "after_init_pruning")
+    model.eval()
+    metrics = evaluate_splits(model, ctx.loaders, ctx.device)
+    save_checkpoint(run_dir / INIT_PRUNED_CHECKPOINT, model.state_dict(),
+                    model_spec(ctx.task.model, model, ctx.splits.num_classes), metrics=metrics)
+    return {"checkpoint": INIT_PRUNED_CHECKPOINT, "speed_up": achieved, "finetune_epochs": result.epochs,
+            "metrics": metrics}
 
 
 # ----------------------------------------------------------------------------------------------
 # pruning_final
 # ----------------------------------------------------------------------------------------------
-def _check_structured(ctx: _Context) -> tuple[float, float]:
+def _check_structured(ctx: _Context, targets: list[float]) -> float:
     cfg, task = ctx.cfg, ctx.task
     if ctx.method.get("kind", "structured") != "structured":
         raise FinalRunConfigError(
             f"run=pruning_final prunes channels but method={ctx.method.get('name')} is {ctx.method.get('kind')}; "
             "use a structured method (e.g. method=group_l2_norm_max_normalizer) or run=unstructured_pruning_final"
         )
-    target, initial = float(cfg.final.target_speed_up), float(task.initial_speed_up)
-    if target < 1.0 or initial < 1.0:
-        raise FinalRunConfigError(f"speed-ups must be >= 1: final.target_speed_up={target}, "
-                                  f"task.initial_speed_up={initial}")
-    if target < initial:
-        raise FinalRunConfigError(
-            f"final.target_speed_up={target} is below task.initial_speed_up={initial}; both are total speed-ups "
-            "relative to the unpruned architecture, so the target must be at least the init-pruning speed-up"
-        )
-    return target, initial
+    initial = float(task.initial_speed_up)
+    for target in targets:
+        if not (math.isfinite(target) and math.isfinite(initial)) or target < 1.0 or initial < 1.0:
+            raise FinalRunConfigError(f"speed-ups must be finite and >= 1: final.target_speed_up={target}, "
+                                      f"task.initial_speed_up={initial}")
+        if target < initial:
+            raise FinalRunConfigError(
+                f"final.target_speed_up={target} is below task.initial_speed_up={initial}; both are total speed-ups "
+                "relative to the unpruned architecture, so the target must be at least the init-pruning speed-up"
+            )
+    return initial
 
 
 def _check_reachable(template: nn.Module, target: float, base_macs: float, ctx: _Context) -> None:
@@ -320,77 +354,165 @@ def _check_reachable(template: nn.Module, target: float, base_macs: float, ctx: 
         raise UnreachableTargetError(target, err.achieved, err.steps, ctx.task.model, ctx.method.get("name")) from None
 
 
+PRE_PRUNING = ("metanetwork", "sparse_learning", "finetune", "none")
+
+
+def pre_pruning_kind(cfg: DictConfig, mn_path: Path | None) -> str:
+    """What happens between the init-pruning fine-tune and the final pruning (``results.json`` ``pre_pruning``):
+
+    ``metanetwork`` (apply it, then the after_metanetwork fine-tune), ``sparse_learning`` (DepGraph: the
+    after_metanetwork recipe with torch-pruning's group-norm regulariser, ``final.sparse_learning``),
+    ``finetune`` (the after_metanetwork fine-tune alone: the equal-budget control,
+    ``final.finetune_without_metanetwork=true``) or ``none`` (straight to pruning, the reference's baseline).
+    """
+    sparse = bool(cfg.final.get("sparse_learning", {}).get("enabled", False))
+    if mn_path is not None and sparse:
+        raise FinalRunConfigError("final.metanetwork and final.sparse_learning.enabled=true exclude each other: "
+                                  "sparse learning is the baseline that replaces the metanetwork")
+    if mn_path is not None:
+        return "metanetwork"
+    if sparse:
+        return "sparse_learning"
+    return "finetune" if cfg.final.get("finetune_without_metanetwork", False) else "none"
+
+
+def final_targets(cfg: DictConfig) -> list[float]:
+    """``final.target_speed_up`` as a list (one number, or a list of targets pruned from the same model)."""
+    value = cfg.final.target_speed_up
+    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if not values:
+        raise FinalRunConfigError("final.target_speed_up is an empty list; give a speed-up or a list of them")
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise FinalRunConfigError(f"final.target_speed_up={value!r}: expected a number or a list of numbers") from None
+
+
+def target_dir(run_dir: Path, target: float) -> Path:
+    """Sub-folder of a multi-target run that holds one target's ``results.json`` and pruned model."""
+    return Path(run_dir) / f"target_{target:g}x"
+
+
+def _pre_pruning(model: nn.Module, kind: str, mn_path: Path | None, stages: list, ctx: _Context,
+                 base_macs: float) -> tuple[TrainResult | None, dict | None]:
+    """The stage between init pruning and final pruning (see :func:`pre_pruning_kind`)."""
+    if kind == "metanetwork":
+        _apply_metanetwork(model, mn_path, ctx)
+        _stage(stages, "metanetwork", model, ctx, base_macs)
+    if kind == "none":
+        return None, None
+    sparse = None
+    hook = None
+    if kind == "sparse_learning":
+        section = ctx.cfg.final.sparse_learning
+        hook = SparseLearning(model, ctx.example, ctx.method, reg=float(section.reg), alpha=float(section.alpha),
+                              iterative_steps=ctx.task.pruning.iterative_steps)
+        sparse = hook.describe()
+        log.info("sparse learning (DepGraph): %s for task.finetune.after_metanetwork's %d epochs", sparse,
+                 ctx.recipe("after_metanetwork").epochs)
+    result = train(model, ctx.loaders, ctx.recipe("after_metanetwork"), ctx.device, run_dir=ctx.run_dir,
+                   desc=f"finetune_after_metanetwork" if kind != "sparse_learning" else "sparse_learning",
+                   after_backward=hook)
+    _stage(stages, "after_sparse_learning" if kind == "sparse_learning" else "after_metanetwork_finetune", model,
+           ctx, base_macs)
+    return result, sparse
+
+
 def run_pruning_final(cfg: DictConfig, run_dir: Path) -> tuple[dict, nn.Module]:
-    """The structured final run; returns ``(results.json content, pruned model)`` (see module docstring)."""
+    """The structured final run; returns ``(results.json content, pruned model)`` (see module docstring).
+
+    With a list of targets, everything up to the final pruning runs once and each target is pruned from a
+    copy of that model into :func:`target_dir` (its own ``results.json`` and pruned model); the returned
+    pair is the last target's, and ``run_dir/results.json`` lists them all.
+    """
     started = time.time()
     mn_path = metanetwork_setting(cfg)  # every check before any training, the cheap ones first
+    kind = pre_pruning_kind(cfg, mn_path)
     ctx = _context(cfg, run_dir)
-    target, initial = _check_structured(ctx)
+    targets = final_targets(cfg)
+    initial = _check_structured(ctx, targets)
     given = _given_model(ctx)
     steps = ctx.task.pruning.iterative_steps
     template = task_model(ctx.task, ctx.splits).to(ctx.device)  # the unpruned architecture: MACs/params reference
     base_macs, base_params = count_macs(template, ctx.example), num_params(template)
     mn_info = _check_metanetwork(mn_path, template, ctx)
-    _check_reachable(template, target, base_macs, ctx)
+    for target in targets:
+        _check_reachable(copy.deepcopy(template), target, base_macs, ctx)
     del template
 
     model, source = _start_model(ctx, given)
     stages: list[dict] = []
     base = _stage(stages, "start", model, ctx, base_macs)
-    if base["speed_up"] > 1.0 + 1e-9:
-        log.warning("final.model is already pruned (%.4fx vs the unpruned %s); speed-ups stay relative to the "
-                    "unpruned architecture", base["speed_up"], ctx.task.model)
+    ft_init = None
+    if base["speed_up"] >= initial - 1e-9 and initial > 1.0:
+        log.info("final.model is already pruned to %.4fx >= task.initial_speed_up=%.4fx: it is taken as the "
+                 "init-pruned, fine-tuned start (no init pruning, no after_init_pruning fine-tune here)",
+                 base["speed_up"], initial)
+    else:
+        if base["speed_up"] > 1.0 + 1e-9:
+            log.warning("final.model is already pruned (%.4fx vs the unpruned %s); speed-ups stay relative to the "
+                        "unpruned architecture", base["speed_up"], ctx.task.model)
+        log.info("init pruning to %.4fx (total)", initial)
+        model.eval()
+        prune_to_speed_up(model, initial, ctx.method, ctx.example, iterative_steps=steps, base_macs=base_macs,
+                          progress=True)
+        _stage(stages, "init_pruned", model, ctx, base_macs)
+        ft_init = _finetune(model, ctx, "after_init_pruning")
+        _stage(stages, "after_init_pruning_finetune", model, ctx, base_macs)
 
-    log.info("init pruning to %.4fx (total)", initial)
-    model.eval()
-    prune_to_speed_up(model, initial, ctx.method, ctx.example, iterative_steps=steps, base_macs=base_macs,
-                      progress=True)
-    _stage(stages, "init_pruned", model, ctx, base_macs)
-    ft_init = _finetune(model, ctx, "after_init_pruning")
-    _stage(stages, "after_init_pruning_finetune", model, ctx, base_macs)
+    ft_mn, sparse = _pre_pruning(model, kind, mn_path, stages, ctx, base_macs)
+    prepared = stages[-1]
+    multi = len(targets) > 1
+    outputs = []
+    for target in targets:
+        target_ctx = dataclasses.replace(ctx, run_dir=target_dir(ctx.run_dir, target)) if multi else ctx
+        target_ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        pruned = copy.deepcopy(model) if multi else model
+        target_stages = list(stages)
+        log.info("pruning to %.4fx (total)", target)
+        pruned.eval()
+        prune_to_speed_up(pruned, target, ctx.method, ctx.example, iterative_steps=steps, base_macs=base_macs,
+                          strict=True, progress=True)
+        _stage(target_stages, "pruned", pruned, target_ctx, base_macs)
+        ft_prune = _finetune(pruned, target_ctx, "after_pruning")
+        final = _stage(target_stages, "final", pruned, target_ctx, base_macs)
+        pruned.eval()
 
-    ft_mn = None
-    if mn_path is not None:
-        _apply_metanetwork(model, mn_path, ctx)
-        _stage(stages, "metanetwork", model, ctx, base_macs)
-    if mn_path is not None or cfg.final.get("finetune_without_metanetwork", False):
-        ft_mn = _finetune(model, ctx, "after_metanetwork")
-        _stage(stages, "after_metanetwork_finetune", model, ctx, base_macs)
-
-    log.info("pruning to %.4fx (total)", target)
-    model.eval()
-    prune_to_speed_up(model, target, ctx.method, ctx.example, iterative_steps=steps, base_macs=base_macs,
-                      strict=True, progress=True)
-    _stage(stages, "pruned", model, ctx, base_macs)
-    ft_prune = _finetune(model, ctx, "after_pruning")
-    final = _stage(stages, "final", model, ctx, base_macs)
-    model.eval()
-
-    pruned_macs = count_macs(model, ctx.example)
-    summary = _common_summary(ctx, "pruning_final", source, mn_info)
-    summary.update({
-        "target_speed_up": target,
-        "initial_speed_up": initial,
-        "speed_up": base_macs / pruned_macs,
-        "pruned_flops_percent": 100.0 * (1.0 - pruned_macs / base_macs),
-        "macs": {"unpruned": base_macs, "pruned": pruned_macs},
-        # params of the UNPRUNED architecture (not of the init-pruned model, reference defect §11.16)
-        "params": {"unpruned": base_params, "start": base["params"], "pruned": num_params(model)},
-        "params_left_percent": 100.0 * num_params(model) / base_params,
-        "base_acc": base["test_acc"], "base_val_acc": base.get("val_acc"),
-        "pruned_acc": final["test_acc"], "pruned_val_acc": final.get("val_acc"),
-        "base": {k: v for k, v in base.items() if k.endswith(("_acc", "_loss"))},
-        "pruned": {k: v for k, v in final.items() if k.endswith(("_acc", "_loss"))},
-        "selection": ft_prune.selection, "selected_epoch": ft_prune.selected_epoch,
-        "protocol_note": ft_prune.protocol_note,
-        "finetune_epochs": {"after_init_pruning": ft_init.epochs,
-                            "after_metanetwork": ft_mn.epochs if ft_mn else 0,
-                            "after_pruning": ft_prune.epochs},
-        "finetune": {"after_init_pruning": _finetune_record(ft_init), "after_metanetwork": _finetune_record(ft_mn),
-                     "after_pruning": _finetune_record(ft_prune)},
-        "stages": stages,
-    })
-    return _finish(ctx, model, summary, started), model
+        pruned_macs = count_macs(pruned, ctx.example)
+        summary = _common_summary(ctx, "pruning_final", source, mn_info)
+        summary.update({
+            "pre_pruning": kind,
+            "sparse_learning": sparse,
+            "target_speed_up": target,
+            "initial_speed_up": initial,
+            "speed_up": base_macs / pruned_macs,
+            "pruned_flops_percent": 100.0 * (1.0 - pruned_macs / base_macs),
+            "macs": {"unpruned": base_macs, "pruned": pruned_macs},
+            # params of the UNPRUNED architecture (not of the init-pruned model, reference defect §11.16)
+            "params": {"unpruned": base_params, "start": base["params"], "pruned": num_params(pruned)},
+            "params_left_percent": 100.0 * num_params(pruned) / base_params,
+            "base_acc": base["test_acc"], "base_val_acc": base.get("val_acc"),
+            "pre_pruning_acc": prepared["test_acc"], "pre_pruning_val_acc": prepared.get("val_acc"),
+            "pruned_acc": final["test_acc"], "pruned_val_acc": final.get("val_acc"),
+            "base": {k: v for k, v in base.items() if k.endswith(("_acc", "_loss"))},
+            "pruned": {k: v for k, v in final.items() if k.endswith(("_acc", "_loss"))},
+            "selection": ft_prune.selection, "selected_epoch": ft_prune.selected_epoch,
+            "protocol_note": ft_prune.protocol_note,
+            "finetune_epochs": {"after_init_pruning": ft_init.epochs if ft_init else 0,
+                                "after_metanetwork": ft_mn.epochs if ft_mn else 0,
+                                "after_pruning": ft_prune.epochs},
+            "finetune": {"after_init_pruning": _finetune_record(ft_init), "after_metanetwork": _finetune_record(ft_mn),
+                         "after_pruning": _finetune_record(ft_prune)},
+            "stages": target_stages,
+        })
+        outputs.append((_finish(target_ctx, pruned, summary, started), pruned))
+    if multi:
+        write_json(ctx.run_dir / "results.json", {
+            "run": "pruning_final_targets", "task": ctx.task.name, "pre_pruning": kind,
+            "targets": {f"{t:g}": str(target_dir(ctx.run_dir, t).relative_to(ctx.run_dir)) for t in targets},
+            "pruned_acc": {f"{t:g}": out[0]["pruned_acc"] for t, out in zip(targets, outputs)},
+            "seconds": round(time.time() - started, 1)})
+    return outputs[-1]
 
 
 @register_run("pruning_final")

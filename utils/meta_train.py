@@ -37,7 +37,21 @@ seeded generator (workers are not persistent), so that generator's state fixes e
 Outputs under the run dir: ``checkpoints/epoch_{k:04d}.pt`` every epoch (1-based, via
 ``utils.metanet_io.save_metanetwork``, with optimizer + scheduler state, RNG states and the loss
 history, so a run resumes exactly), ``meta_train_metrics.csv`` (per epoch: lr, mean CE, mean
-regulariser value, mean metanetwork gradient norm, seconds) and ``results.json``.
+regulariser value, the diagnostics below, mean metanetwork gradient norm, seconds),
+``meta_train_diagnostics.png`` (rewritten every epoch) and ``results.json``.
+
+Diagnostics (per step from the step's generated weights, no extra metanetwork forward; the epoch's row is
+the mean over its training data models; see ``utils.regularizer``, "Diagnostics"):
+
+* ``small_group_share``: share of the channels of all the pruner's dependency groups whose group norm
+  ``sqrt(sum over the group's members of ||slice_c||^2)`` (un-normalised, biases excluded) is at most
+  1 % of the largest such norm in the whole network (global, as the pruner ranks). Unstructured methods:
+  share of Conv/Linear weight entries with ``|w|`` at most 1 % of the largest ``|w|``.
+* ``small_group_share_input``: the same on the data model's own weights (the metanetwork's input).
+* ``weight_change``: ``||θ' - θ||_2 / ||θ||_2`` over all the tensors the codec generates together.
+
+They only read weights: losses, gradients and resumption are unchanged. Rows of an older checkpoint
+without these columns resume, with the cells left blank.
 
 Resuming: with ``meta_train.resume=true`` (default) a run dir that already holds checkpoints continues
 after the newest one (pass ``hydra.run.dir=<that dir>``); the RNG states (torch, CUDA, python, numpy, the
@@ -64,7 +78,7 @@ import random
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -82,7 +96,7 @@ from nn.graph import GraphCodec, GraphCodecError
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.experiment import setup, task_data, write_json
 from utils.metanet_io import build_metanetwork, save_metanetwork
-from utils.regularizer import build_regularizer
+from utils.regularizer import build_regularizer, relative_change, small_share
 from utils.run_registry import register_run
 from utils.seed import derive_seed, seed_worker
 
@@ -97,13 +111,17 @@ __all__ = [
     "meta_loader",
     "grad_norm",
     "run_meta_train",
+    "plot_diagnostics",
     "checkpoint_path",
     "list_checkpoints",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_CSV = "meta_train_metrics.csv"
-CSV_COLUMNS = ("epoch", "lr", "ce", "reg", "grad_norm", "seconds")
+DIAGNOSTICS_PNG = "meta_train_diagnostics.png"
+DIAGNOSTIC_COLUMNS = ("small_group_share", "small_group_share_input", "weight_change")
+SMALL_FRACTION = 0.01  # a channel group is "small" at <= 1 % of the network's largest group norm
+CSV_COLUMNS = ("epoch", "lr", "ce", "reg", *DIAGNOSTIC_COLUMNS, "grad_norm", "seconds")
 _CHECKPOINT_RE = re.compile(r"^epoch_(\d+)\.pt$")
 # task.meta_train values that a resumed run must share with the checkpoint (epochs may grow)
 _RESUME_KEYS = ("lr", "weight_decay", "milestones", "gamma", "pruner_reg", "alpha", "bias", "train_split",
@@ -183,15 +201,20 @@ class DataModelEntry:
     codec: GraphCodec
     regularizer: Any  # utils.regularizer.GroupL2Regularizer | SignRegularizer
     buffers: dict[str, Tensor]
+    cache: dict = field(default_factory=dict)  # values of the (never modified) own weights, e.g. the input share
 
 
 @dataclass
 class StepResult:
-    """Scalars of one step: mean batch CE, regulariser value R, number of batches."""
+    """Scalars of one step: mean batch CE, regulariser value R, number of batches, and the diagnostics
+    (module docstring; NaN when not computed)."""
 
     ce: float
     reg: float
     batches: int
+    small_group_share: float = math.nan
+    small_group_share_input: float = math.nan
+    weight_change: float = math.nan
 
 
 def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -215,14 +238,15 @@ def build_entry(index: int, model: nn.Module, example: Tensor, method: Mapping[s
 
 def meta_gradient(metanetwork: nn.Module, entry: DataModelEntry, batches: Iterable[tuple[Tensor, Tensor]],
                   reference_batches: int | None, alpha: float, bias: bool = False,
-                  device: torch.device | str | None = None) -> StepResult:
+                  device: torch.device | str | None = None, diagnostics: bool = True) -> StepResult:
     """Accumulate the meta-training gradient of one data model into the metanetwork's ``.grad``.
 
     ``batches``: (images [B, C, H, W], labels [B]) pairs, moved to ``device`` (default: the model's).
     The metanetwork gradient equals the one of the authors' per-batch ``backward(retain_graph=True)``
     followed by the regulariser backward, scaled as ``reference_batches * mean_b + regulariser`` (module
     docstring; ``reference_batches=None``: the plain sum over batches). One backward through the GNN.
-    Does not zero existing gradients and does not step the optimiser.
+    Does not zero existing gradients and does not step the optimiser. ``diagnostics``: also fill the
+    result's ``small_group_share``, ``small_group_share_input`` and ``weight_change`` (:func:`step_diagnostics`).
     """
     model = entry.model
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -261,7 +285,27 @@ def meta_gradient(metanetwork: nn.Module, entry: DataModelEntry, batches: Iterab
             outputs.append(out)
             grads.append(g)
     torch.autograd.backward(outputs, grads)
-    return StepResult(ce=float(ce_sum.item()) / n, reg=float(reg_value.item()), batches=n)
+    result = StepResult(ce=float(ce_sum.item()) / n, reg=float(reg_value.item()), batches=n)
+    if diagnostics:
+        result.small_group_share, result.small_group_share_input, result.weight_change = \
+            step_diagnostics(entry, leaves)
+    return result
+
+
+@torch.no_grad()
+def step_diagnostics(entry: DataModelEntry, generated: Mapping[str, Tensor]) -> tuple[float, float, float]:
+    """(small_group_share, small_group_share_input, weight_change) of ``generated`` weights (module doc).
+
+    ``generated``: {state-dict key: tensor} as decoded by ``entry.codec``; the input share is computed once
+    per entry (the data model's own weights never change) and cached in ``entry.cache``.
+    """
+    regularizer = entry.regularizer
+    share = small_share(regularizer.channel_norms(generated), SMALL_FRACTION)
+    if "small_group_share_input" not in entry.cache:
+        entry.cache["small_group_share_input"] = small_share(regularizer.channel_norms({}), SMALL_FRACTION)
+    own = dict(entry.model.named_parameters())
+    change = relative_change(generated, own)
+    return share, entry.cache["small_group_share_input"], change
 
 
 def grad_norm(module: nn.Module) -> float:
@@ -376,6 +420,63 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(buffer.getvalue())
     os.replace(tmp, path)
+
+
+def plot_diagnostics(history: list[Mapping[str, Any]], path: str | Path) -> Path:
+    """Four panels vs epoch (mean CE, R, small_group_share with its input value dashed, weight_change).
+
+    Rows lacking a column (an older checkpoint's history) are plotted as gaps. Saved as a PNG at ``path``
+    (written to a temporary file, then renamed, so a reader never sees a half-written image).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless; a no-op if already selected
+    import matplotlib.pyplot as plt
+
+    def column(key: str) -> list[float]:
+        values = []
+        for row in history:
+            value = row.get(key)
+            try:
+                values.append(float(value))
+            except (TypeError, ValueError):
+                values.append(math.nan)
+        return values
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    epochs = [int(row["epoch"]) for row in history]
+    panels = [("ce", "mean cross-entropy"), ("reg", "regulariser R"),
+              ("small_group_share", f"share of channel groups <= {SMALL_FRACTION:.0%} of the network's largest"),
+              ("weight_change", "weight change ||θ'-θ|| / ||θ||")]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    try:
+        for ax, (key, title) in zip(axes.flat, panels):
+            ax.plot(epochs, column(key), marker="o", markersize=3, linewidth=1.2, label="generated")
+            if key == "small_group_share":
+                ax.plot(epochs, column("small_group_share_input"), linestyle="--", linewidth=1.2,
+                        label="data model (input)")
+                ax.legend(loc="best", fontsize="small")
+            ax.set_title(title, fontsize="medium")
+            ax.grid(True, alpha=0.3)
+        for ax in axes[-1]:
+            ax.set_xlabel("epoch")
+        fig.suptitle("meta-training diagnostics (mean over the epoch's training data models)")
+        fig.tight_layout()
+        tmp = path.with_name(path.stem + ".tmp.png")
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _plot_quietly(history: list[Mapping[str, Any]], path: Path) -> None:
+    """:func:`plot_diagnostics`, a failure only logged (the figure must never stop a meta-training run)."""
+    try:
+        plot_diagnostics(history, path)
+    except Exception as err:  # noqa: BLE001 - diagnostics only
+        log.warning("could not write %s: %s: %s", path, type(err).__name__, err)
 
 
 def _epoch_order(indices: list[int], seed: int, epoch: int) -> list[int]:
@@ -514,12 +615,16 @@ def run_meta_train(cfg: DictConfig, run_dir: Path) -> dict:
                     "or check that data model."
                 )
             optimizer.step()
-            records.append((result.ce, result.reg, norm))
+            records.append((result.ce, result.reg, norm, result.small_group_share, result.small_group_share_input,
+                            result.weight_change))
             steps.append([epoch, int(index), result.ce, result.reg, norm])
             bar.set_postfix(ce=f"{result.ce:.4f}", reg=f"{result.reg:.4g}")
         scheduler.step()
         row = {"epoch": epoch, "lr": lr,
                "ce": float(np.mean([r[0] for r in records])), "reg": float(np.mean([r[1] for r in records])),
+               "small_group_share": float(np.mean([r[3] for r in records])),
+               "small_group_share_input": float(np.mean([r[4] for r in records])),
+               "weight_change": float(np.mean([r[5] for r in records])),
                "grad_norm": float(np.mean([r[2] for r in records])),
                "seconds": round(time.time() - epoch_started, 3)}
         history.append(row)
@@ -527,11 +632,16 @@ def run_meta_train(cfg: DictConfig, run_dir: Path) -> dict:
                          optimizer=optimizer.state_dict(), scheduler=_scheduler_state(scheduler), history=history,
                          steps=steps, rng=_rng_state(generator), meta=meta)
         _write_metrics(metrics_path, history)
-        log.info("meta_train epoch %d/%d: lr %.3g, CE %.4f, R %.4g, |grad| %.4g, %.1f s", epoch, settings.epochs,
-                 lr, row["ce"], row["reg"], row["grad_norm"], row["seconds"])
+        _plot_quietly(history, run_dir / DIAGNOSTICS_PNG)
+        log.info("meta_train epoch %d/%d: lr %.3g, CE %.4f, R %.4g, small groups %.3f (input %.3f), "
+                 "weight change %.4g, |grad| %.4g, %.1f s", epoch, settings.epochs, lr, row["ce"], row["reg"],
+                 row["small_group_share"], row["small_group_share_input"], row["weight_change"],
+                 row["grad_norm"], row["seconds"])
 
     if not metrics_path.exists() and history:
         _write_metrics(metrics_path, history)
+    if history and not (run_dir / DIAGNOSTICS_PNG).exists():
+        _plot_quietly(history, run_dir / DIAGNOSTICS_PNG)
     checkpoints = [str(p.relative_to(run_dir)) for _e, p in list_checkpoints(run_dir)]
     summary = {
         "run": "meta_train",
@@ -552,6 +662,7 @@ def run_meta_train(cfg: DictConfig, run_dir: Path) -> dict:
         "checkpoints": checkpoints,
         "last_checkpoint": checkpoints[-1] if checkpoints else None,
         "metrics_csv": METRICS_CSV,
+        "diagnostics_png": DIAGNOSTICS_PNG if (run_dir / DIAGNOSTICS_PNG).exists() else None,
         "seconds": round(time.time() - started, 1),
     }
     write_json(run_dir / "results.json", summary)

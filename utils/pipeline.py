@@ -15,13 +15,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from generate_dataset.generation import generate_shard
 from utils.experiment import write_json
 from utils.run_registry import get_run, register_run
 
 log = logging.getLogger(__name__)
 
 
-def _stage_cfg(cfg: DictConfig, run: str, **updates) -> DictConfig:
+def stage_config(cfg: DictConfig, run: str, **updates) -> DictConfig:
     """A copy of the pipeline's config for one stage, with ``updates`` (dotted keys) applied."""
     stage = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     with open_dict(stage):
@@ -31,14 +32,14 @@ def _stage_cfg(cfg: DictConfig, run: str, **updates) -> DictConfig:
     return stage
 
 
-def _run_stage(name: str, run: str, cfg: DictConfig, stage_dir: Path, **updates) -> dict:
+def run_stage(name: str, run: str, cfg: DictConfig, stage_dir: Path, **updates) -> dict:
     done = stage_dir / "results.json"
     if done.exists():
         log.info("pipeline: stage %s already finished in %s; skipping", name, stage_dir)
         return json.loads(done.read_text())
     log.info("pipeline: stage %s -> %s", name, stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    stage = _stage_cfg(cfg, run, **updates)
+    stage = stage_config(cfg, run, **updates)
     (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(stage))
     summary = get_run(run)(stage, stage_dir)
     if not done.exists():  # stages that write no results.json of their own get one, to mark completion
@@ -46,14 +47,12 @@ def _run_stage(name: str, run: str, cfg: DictConfig, stage_dir: Path, **updates)
     return summary
 
 
-def _generate(cfg: DictConfig, store: Path, stage_dir: Path) -> dict:
-    from generate_dataset.generation import generate_shard
-
+def generate_stage(cfg: DictConfig, store: Path, stage_dir: Path) -> dict:
     done = stage_dir / "results.json"
     if done.exists():
         return json.loads(done.read_text())
     stage_dir.mkdir(parents=True, exist_ok=True)
-    gen = _stage_cfg(cfg, "generate", num=cfg.pipeline.num_data_models, index=0, store=str(store),
+    gen = stage_config(cfg, "generate", num=cfg.pipeline.num_data_models, index=0, store=str(store),
                      no_init_pruning=False)
     summary = generate_shard(gen, stage_dir)  # resumes inside the shard after a crash
     write_json(done, summary)
@@ -65,20 +64,20 @@ def pipeline_run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole method on one task; the report stage prints the result table, the curve plot of the
     selection stage is copied to ``run_dir/curves.png``."""
     store = run_dir / "store"
-    _generate(cfg, store, run_dir / "generate")
-    _run_stage("meta_train", "meta_train", cfg, run_dir / "meta_train", store=str(store))
-    _run_stage("select", "select", cfg, run_dir / "select", store=str(store),
+    generate_stage(cfg, store, run_dir / "generate")
+    run_stage("meta_train", "meta_train", cfg, run_dir / "meta_train", store=str(store))
+    run_stage("select", "select", cfg, run_dir / "select", store=str(store),
                **{"select.meta_train_dir": str(run_dir / "meta_train")})
     for name in ("curves.png",):
         if (run_dir / "select" / name).exists():
             shutil.copyfile(run_dir / "select" / name, run_dir / name)
-    _run_stage("pretrain_final", "pretrain_final", cfg, run_dir / "pretrain")
+    run_stage("pretrain_final", "pretrain_final", cfg, run_dir / "pretrain")
     model = str(run_dir / "pretrain" / "model.pt")
-    _run_stage("pruning_final (metanetwork)", "pruning_final", cfg, run_dir / "final" / "metanetwork",
+    run_stage("pruning_final (metanetwork)", "pruning_final", cfg, run_dir / "final" / "metanetwork",
                **{"final.model": model, "final.metanetwork": str(run_dir / "select")})
-    _run_stage("pruning_final (baseline)", "pruning_final", cfg, run_dir / "final" / "baseline",
+    run_stage("pruning_final (baseline)", "pruning_final", cfg, run_dir / "final" / "baseline",
                **{"final.model": model, "final.metanetwork": None})
-    report = _run_stage("report", "report", cfg, run_dir / "report", **{"report.dir": str(run_dir / "final")})
+    report = run_stage("report", "report", cfg, run_dir / "report", **{"report.dir": str(run_dir / "final")})
     summary = {"run": "pipeline", "task": cfg.task.name, "run_dir": str(run_dir), "report": report}
     write_json(run_dir / "results.json", summary)
     return summary

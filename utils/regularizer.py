@@ -36,10 +36,27 @@ Unstructured methods (:class:`SignRegularizer`, reference §12)
 -------------------------------------------------------------
 ``grad += reg * sign(w)`` on every Conv/Linear weight (the classifier included); ``alpha`` and ``bias``
 are ignored. Value: ``R = reg * sum |w|``.
+
+Diagnostics (``meta_train_metrics.csv``; they never change the gradient)
+------------------------------------------------------------------------
+``channel_norms(params)`` gives the un-normalised norm of every prunable unit of the given weights:
+
+* structured (:meth:`GroupL2Regularizer.channel_norms`): for every dependency group ``g`` of the pruner
+  and every channel ``c`` of it, ``norm_{g,c} = sqrt(sum over the group's members of ||slice_c||^2)``,
+  the members being the ones torch-pruning's group-L2 importance measures (conv/linear out-rows,
+  conv/linear in-columns, BatchNorm/LayerNorm affine weights; biases excluded, as with ``bias=False``).
+  This is ``importance(g)`` before the mean over members and the max-normaliser, so
+  ``norm_{g,.}^2 / max_c norm_{g,c}^2 == estimate_importance(g)`` for the paper's method.
+* unstructured (:meth:`SignRegularizer.channel_norms`): ``|w|`` of every Conv/Linear weight entry.
+
+:func:`small_share` of those norms is the share of units whose norm is at most ``fraction`` (1 %) of the
+largest norm *of the whole network* (the global ranking the pruner uses), and :func:`relative_change`
+is ``||θ' - θ||_2 / ||θ||_2`` over all given tensors together.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -50,6 +67,8 @@ __all__ = [
     "SignRegularizer",
     "build_regularizer",
     "group_gamma",
+    "relative_change",
+    "small_share",
     "swapped_parameters",
 ]
 
@@ -179,6 +198,53 @@ class GroupL2Regularizer:
         return grads
 
     @torch.no_grad()
+    def channel_norms(self, params: Mapping[str, Tensor] | None = None, per_group: bool = False) -> Tensor | list[Tensor]:
+        """Un-normalised group-L2 norm of every channel of every dependency group (module doc, Diagnostics).
+
+        ``params`` as in :meth:`gradient` (missing ones, or all with ``None``/``{}``, are read from the model,
+        i.e. the data model's own weights). Returns the norms of all groups concatenated (float64, one entry
+        per channel of every group, in the pruner's group order), or with ``per_group=True`` a list of one
+        tensor per group (a group without a measured member gives an empty tensor).
+        """
+        fn = self._fn
+        norms: list[Tensor] = []
+        with swapped_parameters(self.model, params or {}):
+            for group in self.pruner._groups:
+                sq: Tensor | None = None
+                for i, (dep, idxs) in enumerate(group):
+                    layer = dep.target.module
+                    prune_fn = dep.handler
+                    root_idxs = group[i].root_idxs
+                    if any(r is None for r in root_idxs):  # torch-pruning's importance skips these members too
+                        continue
+                    if prune_fn in (fn.prune_conv_out_channels, fn.prune_linear_out_channels):
+                        w = layer.weight.data
+                        w = w.transpose(1, 0) if getattr(layer, "transposed", False) else w
+                        local = w[idxs].flatten(1).to(torch.float64).pow(2).sum(1)
+                    elif prune_fn in (fn.prune_conv_in_channels, fn.prune_linear_in_channels):
+                        w = layer.weight.data
+                        w = w.flatten(1) if getattr(layer, "transposed", False) else w.transpose(0, 1).flatten(1)
+                        local = w.to(torch.float64).pow(2).sum(1)
+                        if (prune_fn == fn.prune_conv_in_channels and layer.groups != 1
+                                and layer.groups != layer.in_channels):
+                            local = local.repeat(layer.groups)  # as torch-pruning's importance
+                        local = local[idxs]
+                    elif prune_fn == fn.prune_batchnorm_out_channels and layer.affine:
+                        local = layer.weight.data[idxs].to(torch.float64).pow(2)
+                    elif (prune_fn == getattr(fn, "prune_layernorm_out_channels", None)
+                          and getattr(layer, "elementwise_affine", False)):
+                        local = layer.weight.data[idxs].to(torch.float64).pow(2)
+                    else:
+                        continue
+                    if sq is None:
+                        sq = torch.zeros(len(group[0].root_idxs), dtype=torch.float64, device=local.device)
+                    sq.scatter_add_(0, torch.tensor(root_idxs, device=local.device), local)
+                norms.append(sq.sqrt() if sq is not None else torch.zeros(0, dtype=torch.float64))
+        if per_group:
+            return norms
+        return _concat(norms)
+
+    @torch.no_grad()
     def value(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -> Tensor:
         """``R = (reg/2) sum gamma ||w||^2 = 0.5 * sum(grad * w)`` (0-dim tensor) for ``grads`` of ``params``."""
         return 0.5 * _dot(params, grads, self._params)
@@ -206,6 +272,16 @@ class SignRegularizer:
         """``R = reg * sum |w| = sum(grad * w)`` (0-dim tensor)."""
         return _dot(params, grads, self._params)
 
+    @torch.no_grad()
+    def channel_norms(self, params: Mapping[str, Tensor] | None = None) -> Tensor:
+        """``|w|`` of every Conv/Linear weight entry (the unstructured methods' prunable units), flat, float64.
+
+        ``params`` as in :meth:`gradient`; missing ones (all with ``None``/``{}``) are read from the model.
+        """
+        params = params or {}
+        return _concat([(params[k] if k in params else self._params[k]).detach().abs().flatten().to(torch.float64)
+                        for k in self._keys])
+
 
 def _dot(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], fallback: Mapping[str, Tensor]) -> Tensor:
     total = None
@@ -216,6 +292,48 @@ def _dot(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], fallback: Ma
     if total is None:
         return torch.zeros(())
     return total
+
+
+def _concat(tensors: list[Tensor]) -> Tensor:
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    device = tensors[0].device
+    return torch.cat([t.to(device) for t in tensors])
+
+
+@torch.no_grad()
+def small_share(norms: Tensor, fraction: float = 0.01) -> float:
+    """Share of ``norms`` that are ``<= fraction * max(norms)`` (the max over all of them: a global ranking).
+
+    ``<=`` so that exactly-zero units count as small even when every norm is zero (share 1). No norm: 0.0.
+    NaN norms never count as small (a NaN maximum gives 0.0).
+    """
+    norms = norms.detach().flatten()
+    if norms.numel() == 0:
+        return 0.0
+    top = norms.max()
+    return float((norms <= fraction * top).to(torch.float64).mean().item())
+
+
+@torch.no_grad()
+def relative_change(new: Mapping[str, Tensor], old: Mapping[str, Tensor]) -> float:
+    """``||new - old||_2 / ||old||_2`` over all tensors of ``new`` together (one global norm, float64).
+
+    Every key of ``new`` must be in ``old`` with the same shape. ``old`` all zero: 0.0 if ``new`` is too,
+    else ``inf``.
+    """
+    diff = base = None
+    for key, tensor in new.items():
+        ref = old[key].detach().to(device=tensor.device, dtype=torch.float64)
+        d = (tensor.detach().to(torch.float64) - ref).pow(2).sum()
+        b = ref.pow(2).sum()
+        diff, base = (d, b) if diff is None else (diff + d.to(diff.device), base + b.to(base.device))
+    if diff is None:
+        return 0.0
+    if not bool(base > 0):
+        return 0.0 if not bool(diff > 0) else math.inf
+    return float((diff / base).sqrt().item())
 
 
 def build_regularizer(model: nn.Module, example_inputs: Tensor, method: Mapping[str, Any], reg: float,

@@ -91,9 +91,10 @@ def _epochs_text(epochs: dict) -> str:
 def _group_key(result: dict) -> tuple:
     target = (round(float(result["target_speed_up"]), 4) if result["run"] == "pruning_final"
               else str(result["pruning"]))
+    sparse = result.get("sparse_learning") or {}
     return (result["run"], result["task"], result.get("architecture"), target, result["method"],
             result.get("metanetwork"), _epochs_text(result["finetune_epochs"]), result["protocol"],
-            result.get("selection"))
+            result.get("selection"), result.get("pre_pruning") or "", sparse.get("reg"))
 
 
 def group_results(results: Iterable[dict]) -> list[Group]:
@@ -105,9 +106,9 @@ def group_results(results: Iterable[dict]) -> list[Group]:
     for group in groups.values():
         group.runs.sort(key=lambda r: (r["seed"], r["_path"]))
     def order(group: Group) -> tuple:
-        run, task, architecture, target, method, metanetwork, epochs, protocol, _selection = group.key
+        run, task, architecture, target, method, metanetwork, epochs, protocol, _selection, pre, _reg = group.key
         # per task and target: baseline first, then metanetwork runs, honest before paper protocol
-        return (run, task, str(architecture), target, method, metanetwork is not None, str(metanetwork),
+        return (run, task, str(architecture), target, method, metanetwork is not None, str(metanetwork), pre,
                 protocol == "paper", epochs)
 
     return sorted(groups.values(), key=order)
@@ -128,6 +129,14 @@ def format_stat(values: Sequence[float], digits: int = 2, suffix: str = "") -> s
     return text + suffix
 
 
+# runs without a metanetwork, by what they do before the final pruning (results.json "pre_pruning")
+_BASELINE_LABELS = {
+    "none": "No metanetwork (baseline)",
+    "finetune": "No metanetwork + equal-budget fine-tune (control)",
+    "sparse_learning": "DepGraph sparse learning",
+}
+
+
 def _method_label(result: dict, metanetwork_ids: dict[str, int]) -> str:
     mn = result.get("metanetwork")
     if mn:
@@ -138,7 +147,10 @@ def _method_label(result: dict, metanetwork_ids: dict[str, int]) -> str:
         if len(metanetwork_ids) > 1:
             label += f" [{metanetwork_ids[mn]}]"
     else:
-        label = "No metanetwork (baseline)"
+        label = _BASELINE_LABELS.get(result.get("pre_pruning") or "none", "No metanetwork (baseline)")
+        sparse = result.get("sparse_learning")
+        if sparse:
+            label += f" (reg {sparse['reg']:g})"
     if result["method"] != DEFAULT_METHOD:
         label += f", {result['method']}"
     if result["protocol"] == "paper":

@@ -17,21 +17,32 @@ For every requested checkpoint ``<select.meta_train_dir>/checkpoints/epoch_{k:04
 
 Each checkpoint's score is the mean over the validation data models of ``select.score``: ``auc`` (mean accuracy
 over ``[data model speed-up, max_speed_up]``, step-wise, see ``utils.curves``) or ``acc_at`` (accuracy at
-``select.target_speed_up``). Ties go to the earlier epoch. The curve labelled ``origin`` is the untouched data
-model, NOT fine-tuned (as the reference plots it): a reference line, never a candidate.
+``select.target_speed_up``). Ties go to the earlier epoch. Two reference lines, never candidates:
+
+- ``origin`` (``select.origin``): the untouched data model, NOT fine-tuned (as the reference plots it);
+- ``control`` (``select.control``): the same data model given exactly the checkpoints' fine-tune (recipe, seed,
+  loaders) WITHOUT a metanetwork, then pruned the same way. It separates what the metanetwork does from what
+  the extra fine-tune does: ``gain_over_control`` = chosen score - control score (a warning when <= 0).
+
+Held out, checked: each ``run=meta_train`` checkpoint records its store and ``train_indices`` (``meta``).
+``run=select`` refuses (``SelectionError``, naming both stores) a checkpoint whose store is not ``store=``
+(resolved paths) or whose ``train_indices`` contain a validation data model; ``run=visualize`` only warns.
+Checkpoints without that record cannot be checked: a warning.
 
 ``select.checkpoints``: ``all`` (every ``epoch_*.pt``), an epoch or a list of epochs (each must exist), or a string
 ``"start:stop:step"`` (inclusive ``stop``; empty parts mean first / last / 1) filtering the existing epochs.
 
 Outputs of ``run=select`` (in its run dir): ``selection.json`` (``chosen`` = absolute path of the checkpoint,
-``epoch``, ``score``, ``score_kind``, ``split="val"``, ``ranking``...), ``ranking.json``, ``curves.json`` (every
-point, see below), ``curves.png`` and ``results.json``. Later runs find the choice by path:
+``epoch``, ``score``, ``score_kind``, ``split="val"``, ``ranking``, ``origin_score``, ``control_score``,
+``gain_over_control``...), ``ranking.json`` (with the three reference scores), ``curves.json`` (every point,
+see below), ``curves.png`` and ``results.json``. Later runs find the choice by path:
 ``chosen_checkpoint(select_run_dir)`` or ``final.metanetwork=<select run dir>``.
 
-Cache (``curves.json``; used by both runs). Each entry holds one curve (one checkpoint or ``origin`` x one data
-model) with the *settings* that produced it: the checkpoint's and data model's content hashes (SHA-256, so moved
-files stay valid and overwritten ones are detected), the fine-tune recipe, seed, dataset split settings, batch
-size, input size, pruning method, ``iterative_steps`` and ``max_batches``, and the ``max_speed_up`` it was
+Cache (``curves.json``; used by both runs). Each entry holds one curve (one checkpoint, ``origin`` or ``control``
+x one data model) with the *settings* that produced it: the checkpoint's and data model's content hashes (SHA-256,
+so moved files stay valid and overwritten ones are detected; ``checkpoint`` None and ``curve: "control"`` for the
+control, ``finetune`` None for origin), the fine-tune recipe, seed, dataset split settings, batch size, input
+size, pruning method, ``iterative_steps`` and ``max_batches``, and the ``max_speed_up`` it was
 pruned to. A cached curve is reused when all settings are equal and its ``max_speed_up`` is at least the
 requested one (the curve is cut at the first point reaching the request, which is exactly what a fresh
 computation returns); anything else is recomputed. ``select.cache`` names a select/visualize run dir or a
@@ -42,6 +53,10 @@ computation returns); anything else is recomputed. ``select.cache`` names a sele
 ``meta_train_dir`` is read from the cache when ``select.meta_train_dir`` is null) without recomputing; adding
 ``select.checkpoints=[...]`` or changing a setting computes only what the cache lacks. It writes
 ``curves.png``, ``curves.json`` and ``results.json`` (scores, how many curves were reused / computed).
+
+``curves.png``: every curve its own colour (checkpoints along a colormap by epoch, ``origin`` grey dashed,
+``control`` black and thicker; ``utils.curves.curve_styles``). Progress bars appear on a terminal only; in log
+files each curve gets one log line.
 """
 from __future__ import annotations
 
@@ -58,11 +73,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from utils import curves as curves_lib
 from utils import meta_train
 from utils.experiment import recipe, setup, write_json
 from utils.run_registry import register_run
+from utils.sparse_learning import SparseLearning
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +88,9 @@ SELECTION_FILE = "selection.json"
 CACHE_VERSION = 1
 SCORE_KINDS = ("auc", "acc_at")
 ORIGIN = "origin"
+CONTROL = "control"
+SPARSE_PREFIX = "sparse_reg_"  # sparse-learning reference curves, one per select.sparse_learning_regs value
+REFERENCES = (ORIGIN, CONTROL)  # reference curves: plotted and recorded, never candidates
 
 
 class SelectionError(ValueError):
@@ -189,7 +209,8 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class CurveJob:
-    """One curve to produce: ``checkpoint`` None is the untouched data model (label ``origin``)."""
+    """One curve to produce. ``checkpoint`` None: the untouched data model (label ``origin``, ``finetune``
+    False) or the control (label ``control``: fine-tuned like the checkpoints, no metanetwork applied)."""
 
     label: str
     epoch: int | None
@@ -201,6 +222,8 @@ class CurveJob:
     entry: dict | None = None  # what the cache file keeps (from the cache or computed)
     points: list | None = None  # the curve for this request (the entry's points cut at max_speed_up)
     reused: bool = False
+    finetune: bool = True  # fine-tune with the after_metanetwork recipe before pruning (all but origin)
+    sparse_reg: float | None = None  # sparse-learning reference: that fine-tune with DepGraph's regulariser
 
 
 class CurveCache:
@@ -357,8 +380,48 @@ def _common_settings(cfg: DictConfig, finetune, method: dict) -> dict:
     })
 
 
-def _plan(cfg: DictConfig, run_dir: Path, meta_train_dir: Any) -> tuple[_Context, list[CurveJob]]:
-    """Resolve checkpoints and validation data models into curve jobs (cheap: hashes only, no training)."""
+def check_held_out(path: Path, checkpoint: Mapping[str, Any], store: Any, val_indices: Sequence[int],
+                   strict: bool = True) -> bool:
+    """Refuse (``SelectionError``) to score data models a checkpoint was meta-trained on.
+
+    A ``run=meta_train`` checkpoint records ``meta = {"store": ..., "train_indices": [...]}``. The validation
+    data models are only held out when they come from the SAME store (resolved paths compared) and none of
+    ``val_indices`` is among ``train_indices``. ``strict=False`` (run=visualize) logs a warning instead of
+    raising. Checkpoints without that record (older or made elsewhere) cannot be checked: a warning, True.
+    Returns whether the check passed.
+    """
+    meta = checkpoint.get("meta")
+    if not isinstance(meta, Mapping) or meta.get("store") is None or meta.get("train_indices") is None:
+        log.warning("checkpoint %s records no meta_train store/train_indices; cannot check that the validation "
+                    "data models %s of %s were held out from its meta-training", path, list(val_indices),
+                    store.path)
+        return True
+    ours = Path(str(store.path)).expanduser().resolve()
+    theirs = Path(str(meta["store"])).expanduser().resolve()
+    problem = None
+    if ours != theirs:
+        problem = (f"it was meta-trained on the data-model store {theirs}, but selection scores data models of "
+                   f"store={ours}; its 'validation' split there is not known to be held out. Pass "
+                   f"store={theirs} (the checkpoint's store)")
+    else:
+        overlap = sorted(set(int(i) for i in val_indices) & set(int(i) for i in meta["train_indices"]))
+        if overlap:
+            problem = (f"the validation data models {overlap} of store={ours} are among the data models it was "
+                       f"meta-trained on (its store {theirs}, train_indices {list(meta['train_indices'])}); use "
+                       "the task.meta_train.train_split of that meta_train run")
+    if problem is None:
+        return True
+    message = f"checkpoint {path}: {problem}"
+    if strict:
+        raise SelectionError(message)
+    log.warning("%s (run=visualize plots it anyway; run=select refuses)", message)
+    return False
+
+
+def _plan(cfg: DictConfig, run_dir: Path, meta_train_dir: Any,
+          strict: bool = True) -> tuple[_Context, list[CurveJob]]:
+    """Resolve checkpoints and validation data models into curve jobs (cheap: hashes only, no training).
+    ``strict``: refuse checkpoints meta-trained on the validation data models (see :func:`check_held_out`)."""
     from nn.graph import GraphCodec
     from utils.metanet_io import load_metanetwork
 
@@ -390,6 +453,7 @@ def _plan(cfg: DictConfig, run_dir: Path, meta_train_dir: Any) -> tuple[_Context
         if checkpoint["spec"].get("task") not in (None, cfg.task.name):
             log.warning("checkpoint %s was trained on task %r, selecting for %r", path,
                         checkpoint["spec"].get("task"), cfg.task.name)
+        check_held_out(path, checkpoint, store, val_indices, strict=strict)
         hashes[epoch] = file_sha256(path)
 
     jobs = []
@@ -400,11 +464,43 @@ def _plan(cfg: DictConfig, run_dir: Path, meta_train_dir: Any) -> tuple[_Context
         if section.get("origin", True):
             settings = _plain({k: v for k, v in common.items() if k != "finetune"}
                               | {"checkpoint": None, "data_model": model_settings, "finetune": None})
-            jobs.append(CurveJob(ORIGIN, None, None, index, record.speed_up, settings, max_speed_up))
+            jobs.append(CurveJob(ORIGIN, None, None, index, record.speed_up, settings, max_speed_up,
+                                 finetune=False))
+        if section.get("control", True):
+            # the checkpoints' fine-tune (recipe, seed, loaders) without a metanetwork; "curve" tells it from
+            # origin (which has finetune None) and from any checkpoint (which has a checkpoint hash)
+            settings = _plain(common | {"checkpoint": None, "curve": CONTROL, "data_model": model_settings})
+            jobs.append(CurveJob(CONTROL, None, None, index, record.speed_up, settings, max_speed_up))
+        for reg in sparse_regs(cfg):
+            # DepGraph's sparse learning with the same budget: the control's fine-tune plus the regulariser
+            sparse = {"reg": reg, "alpha": float(cfg.final.sparse_learning.alpha)}
+            settings = _plain(common | {"checkpoint": None, "curve": "sparse_learning", "sparse_learning": sparse,
+                                        "data_model": model_settings})
+            jobs.append(CurveJob(sparse_label(reg), None, None, index, record.speed_up, settings, max_speed_up,
+                                 sparse_reg=reg))
         for epoch, path in checkpoints:
             settings = _plain(common | {"checkpoint": {"sha256": hashes[epoch]}, "data_model": model_settings})
             jobs.append(CurveJob(f"epoch_{epoch}", epoch, path, index, record.speed_up, settings, max_speed_up))
     return ctx, jobs
+
+
+def is_reference(label: str) -> bool:
+    """Reference curves (origin, control, sparse learning) are plotted and recorded, never candidates."""
+    return label in REFERENCES or label.startswith(SPARSE_PREFIX)
+
+
+def sparse_label(reg: float) -> str:
+    return f"{SPARSE_PREFIX}{reg:g}"
+
+
+def sparse_regs(cfg: DictConfig) -> list[float]:
+    """``select.sparse_learning_regs``: regulariser strengths of the sparse-learning reference curves."""
+    regs = _select_section(cfg).get("sparse_learning_regs") or []
+    values = [float(r) for r in (regs if isinstance(regs, (list, tuple, ListConfig)) else [regs])]
+    bad = [r for r in values if not (math.isfinite(r) and r > 0)]
+    if bad:
+        raise SelectionError(f"select.sparse_learning_regs must be positive numbers, got {bad}")
+    return values
 
 
 def _ensure_data(ctx: _Context) -> None:
@@ -433,7 +529,8 @@ def _train_and_val_loaders(ctx: _Context):
 
 
 def _compute(job: CurveJob, ctx: _Context) -> dict:
-    """Apply the metanetwork, fine-tune and prune progressively: one curve (all on validation data)."""
+    """Apply the metanetwork (checkpoints only), fine-tune (all but origin) and prune progressively: one curve
+    (all on validation data). The control takes exactly the checkpoints' path minus the metanetwork."""
     from generate_dataset.generation import example_input
     from nn.graph import GraphCodec
     from utils.metanet_io import apply_metanetwork, load_metanetwork
@@ -452,9 +549,15 @@ def _compute(job: CurveJob, ctx: _Context) -> dict:
         net, _ = load_metanetwork(job.checkpoint, codec, map_location=device)
         apply_metanetwork(model, net, codec)
         del net
+    if job.finetune:
         seed_everything(cfg.seed, deterministic=cfg.get("deterministic", False))
+        hook = None
+        if job.sparse_reg is not None:
+            hook = SparseLearning(model, example_input(cfg.task, device), ctx.method, reg=job.sparse_reg,
+                                  alpha=float(cfg.final.sparse_learning.alpha),
+                                  iterative_steps=int(section.iterative_steps))
         result = train(model, _train_and_val_loaders(ctx), ctx.finetune, device, run_dir=ctx.run_dir / "finetune",
-                       desc=f"{job.label}_model{job.model_index}")
+                       desc=f"{job.label}_model{job.model_index}", after_backward=hook)
         finetune_info = {"epochs": result.epochs, "selected_epoch": result.selected_epoch,
                          "selection": result.selection, "metrics": result.final_metrics}
     model.eval()
@@ -487,10 +590,9 @@ def _produce(ctx: _Context, jobs: list[CurveJob], cache: CurveCache) -> dict[str
     labels: dict[str, list[CurveJob]] = {}
     for job in jobs:
         labels.setdefault(job.label, []).append(job)
-    from tqdm.auto import tqdm
-
     summary = {}
-    for label, group in tqdm(labels.items(), desc="checkpoints", total=len(labels)):
+    # disable=None: a bar on a terminal only; in log files the lines below say the same once per curve
+    for label, group in tqdm(labels.items(), desc="curves", total=len(labels), disable=None):
         for job in group:
             cached = cache.find(job.settings, job.max_speed_up)
             if cached is not None:
@@ -501,6 +603,9 @@ def _produce(ctx: _Context, jobs: list[CurveJob], cache: CurveCache) -> dict[str
             else:
                 job.entry = _compute(job, ctx)
                 job.points = job.entry["points"]
+            log.info("curve %s, data model %d: %s, %d point(s) up to speed-up %.3fx (accuracy %.4f -> %.4f)",
+                     label, job.model_index, "from cache" if job.reused else f"computed in {job.entry['seconds']} s",
+                     len(job.points), job.points[-1][0], job.points[0][1], job.points[-1][1])
         scores = [score_points(job.points, kind, max_speed_up, target) for job in group]
         score = sum(scores) / len(scores)
         summary[label] = {"label": label, "epoch": group[0].epoch,
@@ -517,17 +622,26 @@ def _plot(ctx: _Context, summary: dict[str, dict], path: Path) -> Path:
     cfg = ctx.cfg
     section = _select_section(cfg)
     kind = str(section.score)
-    shown = {f"{label} ({kind} {item['score']:.4f})": item["curve"] for label, item in summary.items()}
+    # references first, then the checkpoints by epoch (their colours run along the colormap in that order)
+    order = [label for label in summary if is_reference(label)] + sorted(
+        (label for label in summary if not is_reference(label)), key=lambda label: summary[label]["epoch"])
+    styles = curves_lib.curve_styles(order)
+    names = {label: f"{label} ({kind} {summary[label]['score']:.4f})" for label in order}
+    shown = {names[label]: summary[label]["curve"] for label in order}
     n = len(ctx.val_indices)
-    title = (f"{cfg.task.name}: validation accuracy vs speed-up, no fine-tune after pruning\n"
-             f"(mean over {n} validation data model(s); origin = untouched data model)")
+    lines = [f"{cfg.task.name}: validation accuracy vs speed-up, no fine-tune after pruning",
+             f"mean over {n} validation data model(s); origin = untouched data model"]
+    if CONTROL in summary:
+        lines.append("control = the checkpoints' fine-tune without a metanetwork")
+    title = "\n".join(lines)
     ylim = cfg.task.get("visualize", {}).get("ylim")
     return curves_lib.plot_curves(shown, path, float(section.max_speed_up),
-                                  ylim=list(ylim) if ylim is not None else None, title=title)
+                                  ylim=list(ylim) if ylim is not None else None, title=title,
+                                  styles={names[label]: styles[label] for label in order})
 
 
-def _run_curves(cfg: DictConfig, run_dir: Path, meta_train_dir: Any, cache: CurveCache):
-    ctx, jobs = _plan(cfg, run_dir, meta_train_dir)
+def _run_curves(cfg: DictConfig, run_dir: Path, meta_train_dir: Any, cache: CurveCache, strict: bool = True):
+    ctx, jobs = _plan(cfg, run_dir, meta_train_dir, strict=strict)
     summary = _produce(ctx, jobs, cache)
     meta = {"task": cfg.task.name, "meta_train_dir": str(Path(str(meta_train_dir)).expanduser().resolve()),
             "store": str(ctx.store.path.resolve()), "split": "val"}
@@ -548,43 +662,63 @@ def select_run(cfg: DictConfig, run_dir: Path) -> dict:
     section = _select_section(cfg)
     cache = CurveCache.load(section.get("cache"))
     ctx, jobs, summary, counts = _run_curves(cfg, run_dir, section.get("meta_train_dir"), cache)
-    candidates = [item for label, item in summary.items() if label != ORIGIN]
+    candidates = [item for label, item in summary.items() if not is_reference(label)]
     ranking = sorted(candidates, key=lambda item: (-item["score"], item["epoch"]))  # ties: earlier epoch
     ranked = [{"rank": i + 1, "epoch": item["epoch"], "checkpoint": item["checkpoint"], "score": item["score"],
                "per_model": item["per_model"]} for i, item in enumerate(ranking)]
     best = ranking[0]
-    origin = summary.get(ORIGIN)
+    origin, control = summary.get(ORIGIN), summary.get(CONTROL)
     kind = str(section.score)
+    sparse_scores = {f"{reg:g}": summary[sparse_label(reg)]["score"] for reg in sparse_regs(cfg)}
+    best_sparse = max(sparse_scores, key=lambda reg: (sparse_scores[reg], -float(reg))) if sparse_scores else None
+    references = {
+        "origin_score": origin["score"] if origin else None,
+        "control_score": control["score"] if control else None,
+        "gain_over_control": best["score"] - control["score"] if control else None,
+        # DepGraph sparse learning at each select.sparse_learning_regs value; the best one (validation) is the
+        # strength its final runs should use
+        "sparse_learning_scores": sparse_scores,
+        "best_sparse_reg": float(best_sparse) if best_sparse is not None else None,
+        "gain_over_sparse_learning": best["score"] - sparse_scores[best_sparse] if best_sparse else None,
+    }
     selection = {
         "chosen": best["checkpoint"], "epoch": best["epoch"], "score": best["score"], "score_kind": kind,
-        "split": "val", "ranking": ranked,
-        "origin_score": origin["score"] if origin else None,
+        "split": "val", "ranking": ranked, **references,
         "max_speed_up": float(section.max_speed_up), "target_speed_up": float(section.target_speed_up),
         "validation_models": ctx.val_indices, "store": str(ctx.store.path.resolve()),
         "meta_train_dir": str(Path(str(section.meta_train_dir)).expanduser().resolve()),
         "finetune": dataclasses.asdict(ctx.finetune),
         "note": ("honest selection: validation data models, validation split of the image data; the test set "
-                 "was not used. origin = untouched data model without fine-tuning (reference line, not a candidate)"),
+                 "was not used. origin = untouched data model without fine-tuning; control = the same data model "
+                 "given the same fine-tune (recipe, seed, loaders) without a metanetwork; both are reference "
+                 "lines, not candidates. gain_over_control = score - control_score"),
     }
-    write_json(run_dir / "ranking.json", {"score_kind": kind, "split": "val", "ranking": ranked})
+    write_json(run_dir / "ranking.json", {"score_kind": kind, "split": "val", "ranking": ranked, **references})
     write_json(run_dir / SELECTION_FILE, selection)
     if origin and best["score"] < origin["score"]:
         log.warning("the best checkpoint (epoch %d, %s %.4f) scores below the untouched data model (%.4f)",
                     best["epoch"], kind, best["score"], origin["score"])
+    if control and best["score"] <= control["score"]:
+        log.warning("the best checkpoint (epoch %d, %s %.4f) does not beat the control (%.4f: the same fine-tune "
+                    "without a metanetwork); the metanetwork adds nothing measurable here", best["epoch"], kind,
+                    best["score"], control["score"])
     log.info("chose epoch %d (%s) with %s %.4f", best["epoch"], best["checkpoint"], kind, best["score"])
     results = {"run": "select", "task": cfg.task.name, "seed": cfg.seed, **{k: selection[k] for k in (
-        "chosen", "epoch", "score", "score_kind", "split", "origin_score", "validation_models")},
+        "chosen", "epoch", "score", "score_kind", "split", "origin_score", "control_score", "gain_over_control",
+        "sparse_learning_scores", "best_sparse_reg", "gain_over_sparse_learning", "validation_models")},
                "ranking": [{"epoch": r["epoch"], "score": r["score"]} for r in ranked], **counts,
                "seconds": round(time.time() - started, 1)}
     write_json(run_dir / "results.json", results)
-    print(f"[{cfg.task.name}] select: epoch {best['epoch']} ({kind} {best['score']:.4f} on validation) -> "
+    versus = f", control {control['score']:.4f}" if control else ""
+    print(f"[{cfg.task.name}] select: epoch {best['epoch']} ({kind} {best['score']:.4f} on validation{versus}) -> "
           f"{run_dir / SELECTION_FILE}")
     return results
 
 
 @register_run("visualize")
 def visualize_run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Plot the curves of the requested checkpoints + origin, reusing cached curves whose settings match."""
+    """Plot the curves of the requested checkpoints + origin + control, reusing cached curves whose settings
+    match."""
     started = time.time()
     run_dir = Path(run_dir)
     section = _select_section(cfg)
@@ -593,7 +727,8 @@ def visualize_run(cfg: DictConfig, run_dir: Path) -> dict:
     if not meta_train_dir:
         raise SelectionError("run=visualize needs select.meta_train_dir=<meta_train run dir> or "
                              "select.cache=<select run dir> (whose curves.json records the meta_train dir)")
-    _ctx, _jobs, summary, counts = _run_curves(cfg, run_dir, meta_train_dir, cache)
+    # a re-plot: checkpoints meta-trained on these data models are plotted with a warning (select refuses them)
+    _ctx, _jobs, summary, counts = _run_curves(cfg, run_dir, meta_train_dir, cache, strict=False)
     results = {"run": "visualize", "task": cfg.task.name, "score_kind": str(section.score), "split": "val",
                "scores": {label: item["score"] for label, item in summary.items()}, **counts,
                "plot": str(run_dir / "curves.png"), "seconds": round(time.time() - started, 1)}

@@ -77,6 +77,9 @@ class TrainConfig:
     channels_last: bool = False
     select: str = "val"
     max_batches_per_epoch: int | None = None
+    # false: the test split is evaluated once, on the kept weights, instead of after every epoch (saves a
+    # test pass per epoch in CPU benchmarks; select=test always evaluates it every epoch)
+    test_every_epoch: bool = True
 
     def __post_init__(self) -> None:
         self.epochs = _as_int(self.epochs, "epochs", minimum=0)
@@ -330,6 +333,9 @@ class _EpochContext:
     channels_last: bool
     desc: str
     mixer: _BatchMixer
+    # called with the model after every backward, before the optimiser step (gradients unscaled),
+    # e.g. DepGraph's sparse-learning regulariser (utils.sparse_learning)
+    after_backward: Callable[[nn.Module], Any] | None = None
 
 
 def _check_finite(loss: torch.Tensor, ctx: _EpochContext, epoch: int, batch_index: int) -> None:
@@ -361,8 +367,11 @@ def _train_one_epoch(model: nn.Module, loader: Iterable, ctx: _EpochContext, epo
         _check_finite(loss, ctx, epoch, batch_index)
         ctx.optimizer.zero_grad(set_to_none=True)
         ctx.scaler.scale(loss).backward()
-        if ctx.cfg.clip_grad_norm is not None:
+        if ctx.cfg.clip_grad_norm is not None or ctx.after_backward is not None:
             ctx.scaler.unscale_(ctx.optimizer)
+        if ctx.after_backward is not None:
+            ctx.after_backward(model)
+        if ctx.cfg.clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), ctx.cfg.clip_grad_norm)
         ctx.scaler.step(ctx.optimizer)
         ctx.scaler.update()
@@ -421,9 +430,9 @@ def _set_sampler_epoch(loader: Any, epoch: int) -> None:
 
 
 def _evaluate_splits(model: nn.Module, loaders: Any, device: torch.device, cfg: TrainConfig,
-                     amp: bool, channels_last: bool) -> dict[str, float]:
+                     amp: bool, channels_last: bool, splits: tuple[str, ...] = ("val", "test")) -> dict[str, float]:
     metrics: dict[str, float] = {}
-    for split in ("val", "test"):
+    for split in splits:
         loader = getattr(loaders, split, None)
         if loader is None:
             continue
@@ -485,14 +494,16 @@ def _cuda_only_flags(cfg: TrainConfig, device: torch.device, say: Callable[[str]
 
 def train(model: nn.Module, loaders: Any, cfg: TrainConfig | Mapping[str, Any], device: torch.device | str,
           run_dir: str | Path | None = None, desc: str = "train",
-          log: logging.Logger | Callable[[str], Any] | None = None) -> TrainResult:
+          log: logging.Logger | Callable[[str], Any] | None = None,
+          after_backward: Callable[[nn.Module], Any] | None = None) -> TrainResult:
     """Train ``model`` in place and keep the weights of the epoch chosen by ``cfg.select``.
 
     ``loaders`` is any object with ``.train``, ``.val`` and ``.test`` loaders (val/test may be
     None) yielding ``(inputs [B, ...], targets [B])``. Each epoch: train, step the scheduler,
     evaluate val and test, log one line, append a row to ``<run_dir>/<desc>_metrics.csv``. At the
     end the selected epoch's weights are loaded back into ``model``. ``model`` may be a DDP
-    wrapper; then only rank 0 writes the CSV and metrics are all-reduced.
+    wrapper; then only rank 0 writes the CSV and metrics are all-reduced. ``after_backward(model)`` runs
+    after every backward and before the optimiser step (e.g. a sparsity regulariser adding to ``.grad``).
     """
     cfg = _as_config(cfg)
     device = torch.device(device)
@@ -509,19 +520,20 @@ def train(model: nn.Module, loaders: Any, cfg: TrainConfig | Mapping[str, Any], 
                         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
                         scaler=torch.amp.GradScaler(device.type, enabled=amp), device=device, cfg=cfg,
                         amp=amp, channels_last=channels_last, desc=desc,
-                        mixer=_BatchMixer(cfg.mixup_alpha, cfg.cutmix_alpha))
+                        mixer=_BatchMixer(cfg.mixup_alpha, cfg.cutmix_alpha), after_backward=after_backward)
     csv_log = (_MetricsCSV(Path(run_dir) / f"{desc}_metrics.csv")
                if run_dir is not None and is_main_process() else None)
 
     history: list[dict[str, float]] = []
     selected_epoch, best_score, best_state = 0, -math.inf, None
+    per_epoch = ("val", "test") if cfg.test_every_epoch or cfg.select == "test" else ("val",)
     for epoch in range(1, cfg.epochs + 1):
         _set_sampler_epoch(loaders.train, epoch)
         lr = optimizer.param_groups[0]["lr"]  # the lr used during this epoch
         train_metrics = _train_one_epoch(model, loaders.train, ctx, epoch)
         scheduler.step()
         row = {"epoch": epoch, "lr": lr, "train_loss": train_metrics["loss"], "train_acc": train_metrics["acc"]}
-        row.update(_evaluate_splits(model, loaders, device, cfg, amp, channels_last))
+        row.update(_evaluate_splits(model, loaders, device, cfg, amp, channels_last, per_epoch))
         history.append(row)
         if csv_log is not None:
             csv_log.append(row)
@@ -537,6 +549,8 @@ def train(model: nn.Module, loaders: Any, cfg: TrainConfig | Mapping[str, Any], 
         model.load_state_dict(best_state)
     if history:
         final = {key: value for key, value in history[selected_epoch - 1].items() if key not in ("epoch", "lr")}
+        if "test" not in per_epoch:  # the kept weights are in the model now
+            final.update(_evaluate_splits(model, loaders, device, cfg, amp, channels_last, ("test",)))
     else:
         final = _evaluate_splits(model, loaders, device, cfg, amp, channels_last)
     say(f"{desc}: kept epoch {selected_epoch} ({PROTOCOL_NOTES[cfg.select]})")

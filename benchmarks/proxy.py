@@ -1,0 +1,394 @@
+"""Proxy benchmark: does the metanetwork make pruning better than DepGraph, with and without sparse learning?
+
+One command runs the whole comparison on a task this machine has data for (default: the CPU-sized
+``resnet20_on_FashionMNIST``, see its task file for the sizing), every stage through the project's own
+run modes, each in its own folder under ``--out``::
+
+    generate      N data models (the first task.meta_train.train_split meta-train, the rest validate)
+    meta_train    the metanetwork, one checkpoint per epoch (diagnostics in meta_train_metrics.csv / .png)
+    select        every checkpoint scored on the VALIDATION data models (validation images only), next to
+                  the control (same fine-tune, no metanetwork) and DepGraph sparse learning at each
+                  select.sparse_learning_regs strength; picks the checkpoint and the sparse-learning strength
+    final/seed<s>/pretrain        a model trained from scratch, init-pruned and fine-tuned: the start every
+                                  method of that seed shares (pretrain_final with final.init_prune=true)
+    final/seed<s>/<method>        pruning_final at every target from that start (targets share everything
+                                  before the final pruning), for the methods:
+        metanetwork      apply the selected metanetwork, after_metanetwork fine-tune, prune, fine-tune
+        control          the same fine-tune without metanetwork (equal budget), prune, fine-tune
+        sparse_learning  the same budget with DepGraph's regulariser (strength chosen in select), prune, fine-tune
+        depgraph         prune right away (group-L2, the reference baseline), fine-tune
+        random           prune right away with random channel importance, fine-tune
+        transfer         (with --transfer) a metanetwork trained elsewhere, used like `metanetwork`
+    report        benchmarks/results/<name>.md (+ <name>.png: test accuracy vs speed-up per method;
+                  <name>_selection.png: the selection curves)
+
+A stage whose results.json exists is skipped, so re-running the same command resumes after a crash or a
+session end (the running stage is lost, nothing else). Everything chosen is chosen on validation data; test
+accuracy is only reported.
+
+Usage::
+
+    python benchmarks/proxy.py                                    # the full benchmark (see proxy.md for time)
+    python benchmarks/proxy.py --out runs/proxy task.meta_train.epochs=30   # any Hydra override at the end
+    python benchmarks/proxy.py --transfer outputs/.../select      # add a transferred metanetwork
+    python benchmarks/proxy.py --ablation lr3e-4 task.meta_train.lr=3e-4   # meta_train + select only, on the
+                                                                  # benchmark's store; appends to the ablation table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # allow running from a checkout that is not pip-installed
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+from termcolor import colored  # noqa: E402
+
+from utils.experiment import write_json  # noqa: E402
+from utils.pipeline import generate_stage, run_stage  # noqa: E402
+from utils.report import find_results, mean_std  # noqa: E402
+from utils.runs import execute  # noqa: E402,F401  (registers every run mode)
+
+log = logging.getLogger("proxy")
+
+METHODS = ("metanetwork", "control", "sparse_learning", "depgraph", "random")
+LABELS = {
+    "metanetwork": "Meta-pruning (metanetwork)",
+    "control": "DepGraph + equal-budget fine-tune (control)",
+    "sparse_learning": "DepGraph + sparse learning",
+    "depgraph": "DepGraph (no sparse learning)",
+    "random": "Random pruning",
+    "transfer": "Meta-pruning, transferred metanetwork",
+}
+DEFAULT_SPARSE_REGS = [5e-4, 5e-3, 5e-2]
+
+
+def compose_config(task: str, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("main", overrides=[f"task={task}", *overrides])
+
+
+def method_config(name: str) -> DictConfig:
+    return OmegaConf.load(ROOT / "configs" / "method" / f"{name}.yaml")
+
+
+class Timings:
+    """Wall time per stage, kept in ``<out>/timings.json`` across resumed invocations."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.values = json.loads(path.read_text()) if path.exists() else {}
+
+    def run(self, name: str, done: Path, fn, *args, **kwargs):
+        started = time.time()
+        fresh = not done.exists()
+        result = fn(*args, **kwargs)
+        if fresh:
+            self.values[name] = round(time.time() - started, 1)
+            write_json(self.path, self.values)
+        return result
+
+
+def _final_overrides(method: str, start_model: Path, targets: list[float], select_dir: Path,
+                     sparse_reg: float | None, transfer: str | None) -> dict:
+    updates = {"final.model": str(start_model), "final.target_speed_up": targets, "final.metanetwork": None}
+    if method == "metanetwork":
+        updates["final.metanetwork"] = str(select_dir)
+    elif method == "transfer":
+        updates["final.metanetwork"] = transfer
+    elif method == "control":
+        updates["final.finetune_without_metanetwork"] = True
+    elif method == "sparse_learning":
+        updates["final.sparse_learning.enabled"] = True
+        updates["final.sparse_learning.reg"] = sparse_reg
+    return updates
+
+
+def run_benchmark(cfg: DictConfig, out: Path, seeds: list[int], targets: list[float], transfer: str | None,
+                  methods: list[str]) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    timings = Timings(out / "timings.json")
+    store = out / "store"
+    stages = ["generate", "meta_train", "select"] + [f"seed {s}" for s in seeds] + ["report"]
+    print(colored(f"proxy benchmark on {cfg.task.name}: stages {', '.join(stages)} -> {out}", "cyan"))
+
+    timings.run("generate", out / "generate" / "results.json", generate_stage, cfg, store, out / "generate")
+    timings.run("meta_train", out / "meta_train" / "results.json", run_stage, "meta_train", "meta_train", cfg,
+                out / "meta_train", store=str(store))
+    selection = timings.run("select", out / "select" / "results.json", run_stage, "select", "select", cfg,
+                            out / "select", store=str(store), **{"select.meta_train_dir": str(out / "meta_train")})
+    sparse_reg = selection.get("best_sparse_reg") or float(cfg.final.sparse_learning.reg)
+
+    for seed in seeds:
+        seed_dir = out / "final" / f"seed{seed}"
+        pretrain = seed_dir / "pretrain"
+        timings.run(f"seed {seed}: pretrain + init prune", pretrain / "results.json", run_stage,
+                    f"pretrain (seed {seed})", "pretrain_final", cfg, pretrain,
+                    **{"seed": seed, "final.init_prune": True})
+        start_model = pretrain / "init_pruned_model.pt"
+        for method in methods + (["transfer"] if transfer else []):
+            stage_cfg = cfg
+            if method == "random":
+                stage_cfg = cfg.copy()
+                with open_dict(stage_cfg):
+                    stage_cfg.method = method_config("random")
+            updates = _final_overrides(method, start_model, targets, out / "select", sparse_reg, transfer)
+            timings.run(f"seed {seed}: {method}", seed_dir / method / "results.json", run_stage,
+                        f"{method} (seed {seed})", "pruning_final", stage_cfg, seed_dir / method,
+                        **{"seed": seed, **updates})
+    return timings.values
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+def collect(out: Path) -> dict[str, dict[float, list[dict]]]:
+    """method -> target -> results (one per seed), from ``<out>/final/seed*/<method>/target_*x``."""
+    results, _skipped = find_results(out / "final")
+    table: dict[str, dict[float, list[dict]]] = {}
+    for result in results:
+        method = Path(result["_path"]).parts[-3] if "target_" in Path(result["_path"]).parts[-2] else \
+            Path(result["_path"]).parts[-2]
+        table.setdefault(method, {}).setdefault(round(float(result["target_speed_up"]), 4), []).append(result)
+    return table
+
+
+def _stat(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
+
+
+def _hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    return f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} on CPU with {threads} threads"
+
+
+def plot_results(table: dict, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for method in [m for m in (*METHODS, "transfer") if m in table]:
+        targets = sorted(table[method])
+        means, stds = [], []
+        for t in targets:
+            values = [100 * r["pruned_acc"] for r in table[method][t]]
+            mean, std = mean_std(values)
+            means.append(mean)
+            stds.append(std or 0.0)
+        ax.errorbar(targets, means, yerr=stds, marker="o", capsize=4, label=LABELS[method],
+                    linestyle="-" if method in ("metanetwork", "transfer") else "--")
+    ax.set_xlabel("MACs speed-up (target)")
+    ax.set_ylabel("test accuracy after fine-tune (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _budget_lines(cfg: DictConfig, seeds: list[int], targets: list[float], meta: dict, select: dict) -> list[str]:
+    task, ft = cfg.task, cfg.task.finetune
+    mt = task.meta_train
+    steps = (meta.get("epochs") or 0) * len(meta.get("train_data_models") or [])
+    return [
+        f"- Task `{task.name}`: {task.model}, dataset {task.dataset.name} at {list(task.input_size)} "
+        f"(training subset {task.dataset.get('train_size') or 'all'} images, validation {task.dataset.val_size} "
+        f"images carved from the training set, full test set).",
+        f"- Data models: {len(meta.get('train_data_models') or [])} for meta-training, "
+        f"{len(meta.get('val_data_models') or [])} for selection; each trained {task.train.epochs} epochs, "
+        f"init-pruned to {task.initial_speed_up}x, fine-tuned {ft.after_init_pruning.epochs} epochs.",
+        f"- Meta-training: {meta.get('epochs')} epochs = {steps} optimiser steps (AdamW lr {mt.lr}, milestones "
+        f"{list(mt.milestones)}), pruner_reg {mt.pruner_reg}, alpha {mt.alpha}, reference_batches "
+        f"{mt.reference_batches}, {mt.batches_per_step} batches of {mt.batch_size} per step; metanetwork "
+        f"{OmegaConf.to_container(cfg.metanetwork)}.",
+        f"- Selection: checkpoints scored by `{select.get('score_kind')}` of validation accuracy (no fine-tune "
+        f"after pruning) up to {cfg.select.max_speed_up}x on the validation data model(s) "
+        f"{select.get('validation_models')}, after the {ft.after_metanetwork.epochs}-epoch after_metanetwork "
+        "fine-tune.",
+        f"- Final runs, per seed ({', '.join(map(str, seeds))}) from one shared start (trained "
+        f"{task.train.epochs} epochs, init-pruned, fine-tuned {ft.after_init_pruning.epochs}): metanetwork, "
+        f"control and sparse learning get {ft.after_metanetwork.epochs} epochs before pruning, DepGraph and "
+        f"random 0; every method gets {ft.after_pruning.epochs} epochs after pruning, epoch selected on "
+        f"validation. Targets: {', '.join(f'{t:g}x' for t in targets)} (total MACs speed-up vs the unpruned "
+        "network).",
+    ]
+
+
+def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds: list[int],
+                 targets: list[float], timings: dict, transfer: str | None) -> Path:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    table = collect(out)
+    meta = json.loads((out / "meta_train" / "results.json").read_text())
+    select = json.loads((out / "select" / "selection.json").read_text())
+    lines = [f"# Proxy benchmark: {cfg.task.name}", "",
+             f"Generated by `python benchmarks/proxy.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
+             f"Hardware: {_hardware()}.", "", "## Setup and budgets", ""]
+    lines += _budget_lines(cfg, seeds, targets, meta, select)
+    lines += ["", "## Test accuracy after pruning and fine-tune (mean ± std over seeds, %)", ""]
+    header = ["Method"] + [f"{t:g}x" for t in targets] + ["seeds"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in [m for m in (*METHODS, "transfer") if m in table]:
+        cells = [_stat([100 * r["pruned_acc"] for r in table[method].get(round(t, 4), [])]) for t in targets]
+        n = max(len(v) for v in table[method].values())
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {n} |")
+    lines += ["", "Achieved speed-ups (mean): " + "; ".join(
+        f"{t:g}x -> {statistics.fmean(r['speed_up'] for m in table.values() for r in m.get(round(t, 4), [])):.3f}x"
+        for t in targets if any(round(t, 4) in m for m in table.values())) + ".", ""]
+    lines += ["Validation accuracy of the same runs (what a user may select on):", "",
+              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in [m for m in (*METHODS, "transfer") if m in table]:
+        cells = [_stat([100 * r["pruned_val_acc"] for r in table[method].get(round(t, 4), [])]) for t in targets]
+        n = max(len(v) for v in table[method].values())
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {n} |")
+    lines += ["", _goals(table, targets), ""]
+
+    plot = plot_results(table, results_dir / f"{name}.png", f"{cfg.task.name}: accuracy vs speed-up (test)")
+    lines += [f"![accuracy vs speed-up]({plot.name})", ""]
+    curves = out / "select" / "curves.png"
+    lines += ["## Selection (validation data models, validation images)", ""]
+    lines += [f"- chosen checkpoint: epoch {select['epoch']} with {select['score_kind']} {select['score']:.4f}",
+              f"- control (same fine-tune, no metanetwork): {select.get('control_score')}; gain "
+              f"{select.get('gain_over_control')}",
+              f"- sparse learning by strength: {select.get('sparse_learning_scores')}; chosen reg "
+              f"{select.get('best_sparse_reg')}; gain of the metanetwork over it "
+              f"{select.get('gain_over_sparse_learning')}",
+              f"- untouched data model (no fine-tune): {select.get('origin_score')}", ""]
+    lines += ["| checkpoint | score |", "|---|---|"]
+    lines += [f"| epoch {r['epoch']} | {r['score']:.4f} |" for r in sorted(select["ranking"], key=lambda r: r["epoch"])]
+    if curves.exists():
+        shutil.copyfile(curves, results_dir / f"{name}_selection.png")
+        lines += ["", f"![selection curves]({name}_selection.png)"]
+    diag = out / "meta_train" / "meta_train_diagnostics.png"
+    if diag.exists():
+        shutil.copyfile(diag, results_dir / f"{name}_meta_train.png")
+        lines += ["", f"![meta-training diagnostics]({name}_meta_train.png)"]
+    ablation = results_dir / f"{name}_ablation.json"
+    if ablation.exists():
+        lines += ["", "## Ablation of meta-training settings (validation only)", "",
+                  "Each row: meta_train + select on this benchmark's store with the overrides shown; score = "
+                  f"{select['score_kind']} on the validation data model(s). Gain = best checkpoint - control.", "",
+                  "| name | overrides | best epoch | best score | control | gain | seconds |", "|---|---|---|---|---|---|---|"]
+        for row in json.loads(ablation.read_text()):
+            lines.append(f"| {row['name']} | `{' '.join(row['overrides'])}` | {row['epoch']} | {row['score']:.4f} | "
+                         f"{row['control_score']:.4f} | {row['gain_over_control']:+.4f} | {row['seconds']:.0f} |")
+    lines += ["", "## Wall time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+    lines += [f"| total | {sum(timings.values()):.0f} |", ""]
+    path = results_dir / f"{name}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _goals(table: dict, targets: list[float]) -> str:
+    """The issue's yardsticks, stated as measured (mean test accuracy)."""
+    def mean(method, t):
+        runs = table.get(method, {}).get(round(t, 4))
+        return statistics.fmean(100 * r["pruned_acc"] for r in runs) if runs else None
+
+    parts = []
+    for t in targets:
+        meta, sparse, plain = mean("metanetwork", t), mean("sparse_learning", t), mean("depgraph", t)
+        if None in (meta, sparse, plain):
+            continue
+        order = "meta >= sparse >= plain" if meta >= sparse >= plain else \
+            f"not met (meta {meta:.2f}, sparse {sparse:.2f}, plain {plain:.2f})"
+        parts.append(f"{t:g}x: {order}, meta - plain = {meta - plain:+.2f} points")
+    return "Goal check (mean test accuracy; goal: meta-pruning >= sparse learning >= DepGraph at every target, " \
+           "and >= +1 point over DepGraph at 3x): " + ("; ".join(parts) if parts else "no complete targets yet") + "."
+
+
+# ----------------------------------------------------------------------------------------------
+# Ablation: meta_train + select with overrides, on the benchmark's store
+# ----------------------------------------------------------------------------------------------
+def run_ablation(cfg: DictConfig, out: Path, name: str, overrides: list[str], results_dir: Path,
+                 report_name: str) -> dict:
+    store = out / "store"
+    if not store.exists():
+        raise SystemExit(f"--ablation needs the benchmark's store at {store}: run the benchmark (or its generate "
+                         "stage) first")
+    folder = out / "ablation" / name
+    started = time.time()
+    run_stage("meta_train", "meta_train", cfg, folder / "meta_train", store=str(store))
+    selection = run_stage("select", "select", cfg, folder / "select", store=str(store),
+                          **{"select.meta_train_dir": str(folder / "meta_train"),
+                             "select.cache": str(out / "select") if (out / "select").exists() else None})
+    row = {"name": name, "overrides": overrides, "epoch": selection["epoch"], "score": selection["score"],
+           "control_score": selection["control_score"], "gain_over_control": selection["gain_over_control"],
+           "sparse_learning_scores": selection.get("sparse_learning_scores"),
+           "seconds": round(time.time() - started, 1)}
+    path = results_dir / f"{report_name}_ablation.json"
+    rows = [r for r in (json.loads(path.read_text()) if path.exists() else []) if r["name"] != name]
+    results_dir.mkdir(parents=True, exist_ok=True)
+    write_json(path, rows + [row])
+    print(colored(f"ablation {name}: best epoch {row['epoch']} score {row['score']:.4f}, control "
+                  f"{row['control_score']:.4f}, gain {row['gain_over_control']:+.4f}", "green"))
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="resnet20_on_FashionMNIST")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "runs" / "proxy"),
+                        help="working folder (resumable; not committed)")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where the report goes")
+    parser.add_argument("--name", default="proxy", help="report file name (<name>.md, <name>.png ...)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[7, 8, 9])
+    parser.add_argument("--targets", type=float, nargs="+", default=[2.0, 3.0, 4.0])
+    parser.add_argument("--data-models", type=int, default=8)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--sparse-regs", type=float, nargs="+", default=DEFAULT_SPARSE_REGS,
+                        help="sparse-learning strengths scored in select (the best on validation is used)")
+    parser.add_argument("--transfer", default=None,
+                        help="a metanetwork (.pt or select run dir) trained on another setting, added as a method")
+    parser.add_argument("--ablation", default=None, metavar="NAME",
+                        help="only meta_train + select with the overrides, into <out>/ablation/NAME")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Hydra overrides (key=value, anywhere on the line) are told apart from the options by their '='
+    hydra_overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in hydra_overrides])
+    args.overrides = hydra_overrides
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+
+    overrides = [f"pipeline.num_data_models={args.data_models}",
+                 f"select.sparse_learning_regs=[{','.join(f'{r:g}' for r in args.sparse_regs)}]", *args.overrides]
+    cfg = compose_config(args.task, overrides)
+    out, results_dir = Path(args.out).resolve(), Path(args.results).resolve()
+    if args.ablation:
+        run_ablation(cfg, out, args.ablation, args.overrides, results_dir, args.name)
+        return 0
+    timings = run_benchmark(cfg, out, args.seeds, args.targets, args.transfer, args.methods)
+    path = write_report(cfg, out, results_dir, args.name, args.seeds, args.targets, timings, args.transfer)
+    print(colored(f"proxy benchmark report: {path}", "green", attrs=["bold"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
