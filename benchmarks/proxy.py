@@ -337,9 +337,12 @@ def run_ablation(cfg: DictConfig, out: Path, name: str, overrides: list[str], re
     folder = out / "ablation" / name
     started = time.time()
     run_stage("meta_train", "meta_train", cfg, folder / "meta_train", store=str(store))
+    # the reference curves (origin, control, sparse learning) do not depend on the metanetwork: reuse the
+    # newest earlier select's curves where their settings match (utils.selection's cache checks them)
+    earlier = sorted(out.glob("**/select/curves.json"), key=lambda p: p.stat().st_mtime)
     selection = run_stage("select", "select", cfg, folder / "select", store=str(store),
                           **{"select.meta_train_dir": str(folder / "meta_train"),
-                             "select.cache": str(out / "select") if (out / "select").exists() else None})
+                             "select.cache": str(earlier[-1]) if earlier else None})
     row = {"name": name, "overrides": overrides, "epoch": selection["epoch"], "score": selection["score"],
            "control_score": selection["control_score"], "gain_over_control": selection["gain_over_control"],
            "sparse_learning_scores": selection.get("sparse_learning_scores"),

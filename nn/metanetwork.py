@@ -454,6 +454,8 @@ class MetaNetwork(tnn.Module):
             chunk) and, with ``fused=False``, of every layer. ``"auto"`` turns it on when gradients are
             being recorded and E * H >= 2**22.
         edge_chunk: edges per chunk in the fused kernel (default: ~256 KiB tiles on CPU, large on GPU).
+        zero_init_decoders: start the last layer of every decoder at zero, so the untrained metanetwork
+            returns its input unchanged (not in the reference, whose decoders start random; off by default).
 
     Parameter names match ``benchmarks/reference_metanetwork.py`` (``node_enc``, ``edge_enc.<t>``,
     ``convs.<l>.lin1..lin4/downlin``, ``node_dec``, ``edge_dec.<t>``) and every parameter is used.
@@ -461,7 +463,8 @@ class MetaNetwork(tnn.Module):
 
     def __init__(self, node_dim: int, edge_dims: Mapping[str, int], num_layer: int, hiddim: int,
                  node_res_ratio: float, edge_res_ratio: float, edge_mid_dims: Mapping[str, int] | None = None,
-                 fused: bool = True, checkpoint: bool | str = "auto", edge_chunk: int | None = None):
+                 fused: bool = True, checkpoint: bool | str = "auto", edge_chunk: int | None = None,
+                 zero_init_decoders: bool = False):
         super().__init__()
         edge_dims = OrderedDict((str(k), int(v)) for k, v in dict(edge_dims).items())
         if not edge_dims:
@@ -496,6 +499,12 @@ class MetaNetwork(tnn.Module):
         inv = torch.ones(self.hiddim)
         inv[self.hiddim // 2:] = -1.0
         self.register_buffer("inv", inv)
+        if zero_init_decoders:
+            # the untrained metanetwork is then exactly the identity (new = old): a large residual ratio no
+            # longer means a large random perturbation of the data model at the first step
+            for dec in [self.node_dec, *self.edge_dec.values()]:
+                tnn.init.zeros_(dec[-1].weight)
+                tnn.init.zeros_(dec[-1].bias)
 
     # ---------------------------------------------------------------------------------------------
     def _check(self, graph) -> tuple[Tensor, Tensor, Tensor | None, list[Tensor]]:

@@ -459,3 +459,91 @@ def test_distributed_loaders_use_distributed_sampler(tmp_path):
         assert _epoch_labels(loaders.test).tolist() == [splits.test[i][1] for i in range(30)]
     finally:
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------
+# train_size and the in-memory resize (CPU-sized benchmark tasks)
+# --------------------------------------------------------------------------------------------------
+def test_train_size_keeps_a_seeded_subset_disjoint_from_val():
+    full = _synthetic(val_size=15, split_seed=0)
+    small = _synthetic(val_size=15, split_seed=0, train_size=20)
+    assert len(small.train) == 20 and len(set(small.train.indices)) == 20
+    # a subset of what the validation split left; val and test are unchanged
+    assert set(small.train.indices) <= set(full.train.indices)
+    assert small.val.indices == full.val.indices and set(small.train.indices).isdisjoint(small.val.indices)
+    assert len(small.test) == len(full.test) == 30
+    assert small.train.indices == sorted(small.train.indices)
+    # deterministic for a split_seed, another seed draws another subset (and another val split)
+    assert _synthetic(val_size=15, split_seed=0, train_size=20).train.indices == small.train.indices
+    other = _synthetic(val_size=15, split_seed=1, train_size=20)
+    assert other.train.indices != small.train.indices
+    assert set(other.train.indices).isdisjoint(other.val.indices)
+    # the items are the base's images at those indices, with the train augmentation attached
+    assert torch.equal(small.train.base.images, full.train.base.images)
+    assert type(small.train.transform) is type(full.train.transform)
+    j = small.train.indices[0]
+    assert small.train[0][1] == int(small.train.base.labels[j])
+    # every image left after the validation split is allowed; no validation split: a subset of all 60
+    assert sorted(_synthetic(val_size=15, train_size=45).train.indices) == sorted(full.train.indices)
+    no_val = _synthetic(val_size=0, train_size=10)
+    assert no_val.val is None and len(no_val.train) == 10 and set(no_val.train.indices) <= set(range(60))
+    assert len(build_loaders(small, 8, 8).train.dataset) == 20
+
+
+@pytest.mark.parametrize("val_size, train_size, match", [
+    (15, 46, "train_size=46 exceeds the 45"),
+    (0, 61, "train_size=61 exceeds the 60"),
+    (15, 0, "train_size"), (15, -3, "train_size"), (15, 2.5, "train_size"), (15, True, "train_size"),
+])
+def test_bad_train_size_is_a_clear_error(val_size, train_size, match):
+    with pytest.raises(ValueError, match=match):
+        _synthetic(val_size=val_size, train_size=train_size)
+
+
+def test_fashion_mnist_resized_in_memory(tmp_path):
+    arrays = _write_fashion(tmp_path / "FashionMNIST" / "raw", 12, 5, gz=True, seed=3)
+    native = build_datasets("FashionMNIST", tmp_path, val_size=4, debian_dir=tmp_path / "no_debian")
+    splits = build_datasets("FashionMNIST", tmp_path, val_size=4, image_size=14, debian_dir=tmp_path / "no_debian")
+    assert (splits.num_classes, splits.in_channels, splits.image_size) == (10, 1, 14)
+    assert splits.train.base.images.shape == (12, 1, 14, 14) and splits.train.base.images.dtype == torch.uint8
+    assert splits.test.base.images.shape == (5, 1, 14, 14)
+    for split in ("train", "val", "test"):
+        resized, full = getattr(splits, split), getattr(native, split)
+        assert len(resized) == len(full)
+        for i in range(len(resized)):
+            image, label = resized[i]
+            assert image.shape == (1, 14, 14) and image.dtype == torch.float32
+            assert label == full[i][1]
+    assert [splits.test[i][1] for i in range(5)] == arrays["t10k-labels-idx1-ubyte"].tolist()
+    assert splits.val.indices == native.val.indices
+    # the eval pipeline only normalises the resized uint8 image
+    torch.testing.assert_close(splits.test[2][0], _normalised(splits.test.base.images[2].numpy(), (0.2860,),
+                                                               (0.3530,)))
+    # a downscale: every 14x14 pixel lies within the range of the 2x2 block it comes from (+- rounding), and the
+    # image keeps its mean brightness
+    original = torch.from_numpy(arrays["t10k-images-idx3-ubyte"].astype(np.float32))
+    small = splits.test.base.images[:, 0].float()
+    blocks = original.unfold(1, 2, 2).unfold(2, 2, 2)  # [N, 14, 14, 2, 2]
+    assert (small.mean(dim=(1, 2)) - original.mean(dim=(1, 2))).abs().max() < 3.0
+    lo, hi = blocks.amin(dim=(-1, -2)), blocks.amax(dim=(-1, -2))
+    assert ((small < lo - 1) | (small > hi + 1)).float().mean() < 0.5  # antialiasing mixes in neighbours
+    # train: the CIFAR-style augmentation at the new size (padding scaled 2 -> 1)
+    assert _types(splits.train.transform) == ["RandomCrop", "RandomHorizontalFlip", "Normalize"]
+    crop = splits.train.transform.transforms[0]
+    assert crop.size == (14, 14) and crop.padding == 1
+    # train_size works together with the resize (the proxy task's setting)
+    both = build_datasets("FashionMNIST", tmp_path, val_size=4, image_size=14, train_size=5,
+                          debian_dir=tmp_path / "no_debian")
+    assert len(both.train) == 5 and both.train[0][0].shape == (1, 14, 14)
+
+
+def test_resize_in_memory_keeps_dtype_and_labels():
+    images = torch.full((3, 1, 28, 28), 200, dtype=torch.uint8)
+    images[1] = 0
+    labels = torch.tensor([4, 1, 7])
+    out = ids.resize_in_memory(ids.TensorImageDataset(images, labels), 14)
+    assert out.images.shape == (3, 1, 14, 14) and out.images.dtype == torch.uint8
+    assert torch.equal(out.labels, labels)
+    assert (out.images[0] == 200).all() and (out.images[1] == 0).all()  # constant images stay constant
+    floats = ids.resize_in_memory(ids.TensorImageDataset(images.float() / 255, labels), 7)
+    assert floats.images.dtype == torch.float32 and floats.images.shape == (3, 1, 7, 7)

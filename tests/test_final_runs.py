@@ -243,3 +243,168 @@ def test_effective_rank_bounds():
     assert effective_rank(torch.zeros(3, 3)) == 0.0
     with pytest.raises(FinalRunConfigError, match="final.model"):
         final_runs.analyse_run(compose_cfg(["run=analyse"]), Path("/nonexistent-run-dir"))
+
+
+# ----------------------------------------------------------------------------------------------
+# pre-pruning variants (control, DepGraph sparse learning), several targets, a shared init-pruned start
+# ----------------------------------------------------------------------------------------------
+PRE_STAGES = ("start", "init_pruned", "after_init_pruning_finetune")
+
+
+def stage_names(results):
+    return [s["stage"] for s in results["stages"]]
+
+
+def stage(results, name):
+    return next(s for s in results["stages"] if s["stage"] == name)
+
+
+@pytest.fixture(scope="module")
+def shared_start(tmp_path_factory):
+    """pretrain_final with final.init_prune=true: model.pt and init_pruned_model.pt shared by the runs below."""
+    root = tmp_path_factory.mktemp("shared_start")
+    summary = execute(compose_cfg(["run=pretrain_final", "final.init_prune=true"]), root)
+    return root, summary
+
+
+@pytest.fixture(scope="module")
+def control_and_baseline(shared_start, tmp_path_factory):
+    """From the same unpruned model.pt: the equal-budget control (2-epoch after_metanetwork fine-tune without a
+    metanetwork) and the reference's baseline (no fine-tune before the final pruning)."""
+    root = tmp_path_factory.mktemp("control")
+    model = shared_start[0] / "model.pt"
+    common = ["run=pruning_final", f"final.model={model}", "task.finetune.after_metanetwork.epochs=2"]
+    control = execute(compose_cfg(common + ["final.finetune_without_metanetwork=true"]), root / "control")
+    baseline = execute(compose_cfg(common), root / "baseline")
+    return root, control, baseline
+
+
+def test_control_runs_the_after_metanetwork_finetune_and_the_baseline_does_not(control_and_baseline):
+    root, control, baseline = control_and_baseline
+    on_disk = json.loads((root / "control" / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(control))
+    assert control["pre_pruning"] == "finetune" and control["metanetwork"] is None
+    assert control["sparse_learning"] is None
+    assert control["finetune_epochs"] == {"after_init_pruning": 1, "after_metanetwork": 2, "after_pruning": 1}
+    assert control["finetune"]["after_metanetwork"]["epochs"] == 2
+    assert stage_names(control) == [*PRE_STAGES, "after_metanetwork_finetune", "pruned", "final"]
+    rows = list(csv.DictReader((root / "control" / "finetune_after_metanetwork_metrics.csv").open()))
+    assert len(rows) == 2
+    # the fine-tune changed the model; the results name the stage before pruning
+    assert stage(control, "after_metanetwork_finetune")["test_loss"] != stage(
+        control, "after_init_pruning_finetune")["test_loss"]
+    assert control["pre_pruning_acc"] == stage(control, "after_metanetwork_finetune")["test_acc"]
+
+    assert baseline["pre_pruning"] == "none" and baseline["finetune_epochs"]["after_metanetwork"] == 0
+    assert baseline["finetune"]["after_metanetwork"] is None
+    assert stage_names(baseline) == [*PRE_STAGES, "pruned", "final"]
+    assert not (root / "baseline" / "finetune_after_metanetwork_metrics.csv").exists()
+    assert baseline["pre_pruning_acc"] == stage(baseline, "after_init_pruning_finetune")["test_acc"]
+    # same seed, same start: everything before the pre-pruning stage is identical
+    for name in PRE_STAGES:
+        assert stage(control, name) == stage(baseline, name), name
+
+
+def test_sparse_learning_pre_pruning(shared_start, control_and_baseline, tmp_path):
+    _root, control, _baseline = control_and_baseline
+    cfg = compose_cfg(["run=pruning_final", f"final.model={shared_start[0] / 'model.pt'}",
+                       "task.finetune.after_metanetwork.epochs=2", "final.sparse_learning.enabled=true",
+                       "final.sparse_learning.reg=0.5", "final.sparse_learning.alpha=8"])
+    results = execute(cfg, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["pre_pruning"] == "sparse_learning"
+    assert results["pre_pruning"] == "sparse_learning" and results["metanetwork"] is None
+    assert results["sparse_learning"] == {"reg": 0.5, "alpha": 8.0, "bias": False}
+    # the metanetwork path's budget: the after_metanetwork recipe
+    assert results["finetune_epochs"] == {"after_init_pruning": 1, "after_metanetwork": 2, "after_pruning": 1}
+    assert stage_names(results) == [*PRE_STAGES, "after_sparse_learning", "pruned", "final"]
+    assert len(list(csv.DictReader((tmp_path / "sparse_learning_metrics.csv").open()))) == 2
+    assert not (tmp_path / "finetune_after_metanetwork_metrics.csv").exists()
+    assert results["speed_up"] >= cfg.final.target_speed_up
+    # same start and seed as the control; only the regulariser differs, and it changed the training
+    for name in PRE_STAGES:
+        assert stage(results, name) == stage(control, name), name
+    assert stage(results, "after_sparse_learning")["test_loss"] != stage(control, "after_metanetwork_finetune")[
+        "test_loss"]
+
+
+def test_sparse_learning_with_a_metanetwork_is_refused_before_training(tmp_path):
+    mn = save_tiny_metanetwork(tmp_path / "mn.pt")
+    cfg = compose_cfg(["run=pruning_final", f"final.metanetwork={mn}", "final.sparse_learning.enabled=true"])
+    with pytest.raises(FinalRunConfigError, match="sparse_learning"):
+        execute(cfg, tmp_path / "run")
+    assert csv_files(tmp_path / "run") == [] and not (tmp_path / "run" / "results.json").exists()
+
+
+def test_several_targets_share_one_prepared_model(shared_start, control_and_baseline, tmp_path):
+    # the control's settings (its single target is 2.0) with two targets
+    cfg = compose_cfg(["run=pruning_final", f"final.model={shared_start[0] / 'model.pt'}",
+                       "task.finetune.after_metanetwork.epochs=2", "final.finetune_without_metanetwork=true",
+                       "final.target_speed_up=[1.5,2.0]"])
+    execute(cfg, tmp_path)
+    top = json.loads((tmp_path / "results.json").read_text())
+    assert top["run"] == "pruning_final_targets" and top["pre_pruning"] == "finetune"
+    assert top["targets"] == {"1.5": "target_1.5x", "2": "target_2x"}
+    assert not (tmp_path / "pruned_model.pt").exists()
+    assert not (tmp_path / "finetune_after_pruning_metrics.csv").exists()
+    unpruned_macs = count_macs(build_model("resnet8", 10, in_channels=1), torch.ones(1, 1, 8, 8))
+    per_target = {}
+    for target, folder in ((1.5, "target_1.5x"), (2.0, "target_2x")):
+        results = json.loads((tmp_path / folder / "results.json").read_text())
+        per_target[target] = results
+        assert results["run"] == "pruning_final" and results["target_speed_up"] == target
+        assert results["speed_up"] >= target
+        assert top["pruned_acc"][f"{target:g}"] == results["pruned_acc"]
+        assert (tmp_path / folder / "finetune_after_pruning_metrics.csv").exists()
+        model, _ = load_model(tmp_path / folder / "pruned_model.pt")
+        assert unpruned_macs / count_macs(model, torch.ones(1, 1, 8, 8)) == pytest.approx(results["speed_up"])
+    low, high = per_target[1.5], per_target[2.0]
+    assert low["speed_up"] < high["speed_up"]
+    # one preparation: every stage before the final pruning is the same record in both
+    cut = stage_names(low).index("pruned")
+    assert stage_names(low)[:cut] == [*PRE_STAGES, "after_metanetwork_finetune"]
+    assert low["stages"][:cut] == high["stages"][:cut]
+    assert stage_names(high).index("pruned") == cut
+    assert low["pre_pruning_acc"] == high["pre_pruning_acc"] and low["base_acc"] == high["base_acc"]
+    # each target is pruned from the prepared model itself (not from the previous target's pruned model): the
+    # 2x target prunes exactly as the single-target control run (same start, seed and settings) did
+    _root, control, _baseline = control_and_baseline
+    assert control["target_speed_up"] == 2.0
+    assert high["stages"][:cut + 1] == control["stages"][:cut + 1]
+    assert high["speed_up"] == control["speed_up"] and high["params"] == control["params"]
+    # the preparation ran once (one fine-tune CSV per stage, at the top level)
+    assert csv_files(tmp_path) == ["finetune_after_init_pruning_metrics.csv",
+                                   "finetune_after_metanetwork_metrics.csv"]
+
+
+def test_pretrain_final_init_prune_gives_a_start_that_skips_init_pruning(shared_start, tmp_path):
+    root, summary = shared_start
+    cfg = compose_cfg([])
+    assert json.loads((root / "results.json").read_text())["init_pruned"] == json.loads(
+        json.dumps(summary["init_pruned"]))
+    info = summary["init_pruned"]
+    assert info["checkpoint"] == "init_pruned_model.pt" and info["finetune_epochs"] == 1
+    unpruned, _ = load_model(root / "model.pt")
+    init_pruned, _ = load_model(root / "init_pruned_model.pt")
+    example = torch.ones(1, 1, 8, 8)
+    speed_up = count_macs(unpruned, example) / count_macs(init_pruned, example)
+    assert unpruned.widths == build_model("resnet8", 10, in_channels=1).widths  # model.pt stays unpruned
+    assert speed_up >= cfg.task.initial_speed_up and speed_up == pytest.approx(info["speed_up"])
+
+    results = execute(compose_cfg(["run=pruning_final", f"final.model={root / 'init_pruned_model.pt'}"]), tmp_path)
+    assert results["finetune_epochs"]["after_init_pruning"] == 0 and results["finetune"]["after_init_pruning"] is None
+    assert "init_pruned" not in stage_names(results)
+    assert stage_names(results)[0] == "start" and stage_names(results)[1] == "pruned"
+    assert stage(results, "start")["speed_up"] == pytest.approx(speed_up)
+    assert "finetune_after_init_pruning_metrics.csv" not in csv_files(tmp_path)
+    # the start is the saved init-pruned, fine-tuned model
+    assert results["base_acc"] == info["metrics"]["test_acc"]
+    assert results["speed_up"] >= cfg.final.target_speed_up
+
+
+@pytest.mark.parametrize("target, match", [
+    ("nan", "finite"), ("[1.5,nan]", "finite"), ("inf", "finite"), ("[]", "empty"), ("abc", "number"),
+])
+def test_bad_targets_are_config_errors(tmp_path, target, match):
+    with pytest.raises(FinalRunConfigError, match=match):
+        execute(compose_cfg(["run=pruning_final", f"final.target_speed_up={target}"]), tmp_path)
+    assert csv_files(tmp_path) == [] and not (tmp_path / "results.json").exists()

@@ -212,6 +212,28 @@ def test_zeroed_decoder_outputs_return_the_input_exactly():
         assert torch.equal(out[k], graph[k])
 
 
+def test_zero_init_decoders_start_as_the_identity_and_still_learn():
+    edge_dims = {"a": 4, "b": 2}
+    graph = make_graph(edge_dims=edge_dims)
+    net = MetaNetwork(5, edge_dims, 2, 8, 0.5, 0.5, zero_init_decoders=True).to(DT)
+    out = net(graph)
+    for k in out_keys(edge_dims):
+        assert torch.equal(out[k], graph[k])
+    # the last decoder layers get a gradient at once, so training moves the output away from the input
+    loss = sum(out[k].square().sum() for k in out_keys(edge_dims))
+    loss.backward()
+    assert net.edge_dec["a"][-1].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    moved = net(graph)
+    assert not torch.equal(moved["edge_attr__a"], graph["edge_attr__a"])
+    # the default (reference) start is random: not the identity
+    plain = MetaNetwork(5, edge_dims, 2, 8, 0.5, 0.5).to(DT)
+    assert not torch.equal(plain(graph)["edge_attr__a"], graph["edge_attr__a"])
+
+
 def test_permutation_equivariance():
     edge_dims = {"a": 4, "b": 2}
     graph = make_graph(seed=7, n=15, e=60, edge_dims=edge_dims, grouped=False)

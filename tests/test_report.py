@@ -116,3 +116,35 @@ def test_report_errors_are_clear(tmp_path):
         find_results(tmp_path / "missing")
     with pytest.raises(ReportError, match="report.dir"):
         execute(compose_cfg(["run=report"]), tmp_path / "out")
+
+
+def test_baselines_are_grouped_and_labelled_by_what_ran_before_pruning(tmp_path):
+    # same task, target, epochs and protocol: only pre_pruning (and the sparse-learning strength) differ
+    same = dict(metanetwork=None, finetune_epochs=dict(EPOCHS))
+    for seed in (7, 8):
+        write(tmp_path, f"none/{seed}", structured(seed, 0.93, 0.90, 2.3, pre_pruning="none", **same))
+        write(tmp_path, f"ft/{seed}", structured(seed, 0.93, 0.91, 2.3, pre_pruning="finetune", **same))
+        write(tmp_path, f"sl/{seed}", structured(seed, 0.93, 0.92, 2.3, pre_pruning="sparse_learning",
+                                                 sparse_learning={"reg": 0.01, "alpha": 16.0, "bias": False}, **same))
+        write(tmp_path, f"sl5/{seed}", structured(seed, 0.93, 0.94, 2.3, pre_pruning="sparse_learning",
+                                                  sparse_learning={"reg": 0.5, "alpha": 16.0, "bias": False}, **same))
+    write(tmp_path, "mn/7", structured(7, 0.93, 0.95, 2.3, pre_pruning="metanetwork"))
+    markdown, results = build_report(tmp_path)
+    groups = group_results(results)
+    assert sorted((g.first.get("pre_pruning"), (g.first.get("sparse_learning") or {}).get("reg"), len(g.runs))
+                  for g in groups) == [("finetune", None, 2), ("metanetwork", None, 1), ("none", None, 2),
+                                       ("sparse_learning", 0.01, 2), ("sparse_learning", 0.5, 2)]
+    for group in groups:  # a group never mixes what ran before pruning
+        assert len({(r.get("pre_pruning"), str(r.get("sparse_learning"))) for r in group.runs}) == 1
+    table = markdown.split("Per run:")[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in table.splitlines() if line.startswith("| ") and not line.startswith("| Method")}
+    labels = {label: next(k for k in rows if label in k) for label in
+              ("control", "sparse learning (reg 0.01)", "sparse learning (reg 0.5)", "baseline", "Meta-Pruning")}
+    assert len(set(labels.values())) == 5 == len(rows)
+    assert "sparse learning" not in labels["control"] and "control" not in labels["baseline"]
+    assert rows[labels["baseline"]][2] == "90.00 ± 0.00" and rows[labels["control"]][2] == "91.00 ± 0.00"
+    assert rows[labels["sparse learning (reg 0.01)"]][2] == "92.00 ± 0.00"
+    assert rows[labels["sparse learning (reg 0.5)"]][2] == "94.00 ± 0.00"
+    for label in ("control", "sparse learning (reg 0.01)", "baseline"):
+        assert rows[labels[label]][-1] == "7, 8"

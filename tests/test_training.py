@@ -344,3 +344,78 @@ def _mixup_loaders():
     data = torch.utils.data.TensorDataset(x, y)
     loader = torch.utils.data.DataLoader(data, batch_size=16)
     return SimpleNamespace(train=loader, val=loader, test=loader)
+
+
+# ----------------------------------------------------------------------------------------------
+# test_every_epoch=False and the after_backward hook
+# ----------------------------------------------------------------------------------------------
+class _CountingLoader:
+    """A loader that counts how often it is iterated (one evaluation pass = one iteration)."""
+
+    def __init__(self, loader):
+        self.loader, self.passes = loader, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+
+def test_test_split_evaluated_once_on_the_kept_weights_without_test_every_epoch(tmp_path):
+    model = _mlp()
+    loaders = _loaders()
+    scripted = _ScriptedEval(model, good_epoch=2)  # val picks epoch 2 of 4
+    loaders.val = scripted
+    loaders.test = _CountingLoader(loaders.test)
+    result = train(model, loaders, _cfg(epochs=4, select="val", test_every_epoch=False), CPU, run_dir=tmp_path,
+                   desc="fit")
+    assert result.selected_epoch == 2 and _same(_state(model), scripted.snapshots[1])
+    assert len(result.history) == 4
+    for row in result.history:
+        assert "test_acc" not in row and "test_loss" not in row and "val_acc" in row
+    assert loaders.test.passes == 1  # once, at the end
+    expected = evaluate(model, loaders.test.loader, CPU)  # the kept (epoch-2) weights
+    assert result.final_metrics["test_acc"] == expected["acc"]
+    assert result.final_metrics["test_loss"] == expected["loss"]
+    assert result.final_metrics["val_acc"] == result.history[1]["val_acc"]
+    with open(tmp_path / "fit_metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and all(r["test_acc"] == "" and r["val_acc"] != "" for r in rows)
+
+
+def test_select_test_still_evaluates_test_every_epoch():
+    model = _mlp()
+    loaders = _loaders()
+    loaders.test = _CountingLoader(loaders.test)
+    result = train(model, loaders, _cfg(epochs=3, select="test", test_every_epoch=False), CPU)
+    assert loaders.test.passes == 3
+    assert all("test_acc" in row for row in result.history)
+    best = max(range(3), key=lambda i: (result.history[i]["test_acc"], -i))
+    assert result.selected_epoch == best + 1
+    assert result.final_metrics["test_acc"] == result.history[best]["test_acc"]
+
+
+def test_after_backward_runs_once_per_batch_between_backward_and_step():
+    model = _mlp()
+    loaders = _loaders(batch_size=32)  # 256 samples -> 8 batches
+    calls = []
+
+    def hook(m):
+        calls.append(m)
+        assert all(p.grad is not None for p in m.parameters())  # after the backward
+        for p in m.parameters():  # before the step: zeroed gradients leave the weights where they are
+            p.grad.zero_()
+
+    before = _state(model)
+    cfg = _cfg(epochs=2, momentum=0.0, weight_decay=0.0)
+    train(model, loaders, cfg, CPU, after_backward=hook)
+    assert len(calls) == 2 * 8 and all(m is model for m in calls)
+    params = dict(model.named_parameters())
+    for name in params:
+        assert torch.equal(params[name].detach(), before[name]), name
+    # with max_batches_per_epoch, once per batch actually trained
+    calls.clear()
+    train(_mlp(), loaders, _cfg(epochs=2, max_batches_per_epoch=3), CPU, after_backward=calls.append)
+    assert len(calls) == 2 * 3
