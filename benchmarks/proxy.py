@@ -220,14 +220,16 @@ def _budget_lines(cfg: DictConfig, seeds: list[int], targets: list[float], meta:
     steps = (meta.get("epochs") or 0) * len(meta.get("train_data_models") or [])
     return [
         f"- Task `{task.name}`: {task.model}, dataset {task.dataset.name} at {list(task.input_size)} "
-        f"(training subset {task.dataset.get('train_size') or 'all'} images, validation {task.dataset.val_size} "
-        f"images carved from the training set, full test set).",
+        f"(training subset: {task.dataset.get('train_size') or 'all'} images; validation: "
+        f"{task.dataset.val_size} {'of the' if isinstance(task.dataset.val_size, float) else ''} training images, "
+        "carved from the training set; full test set).",
         f"- Data models: {len(meta.get('train_data_models') or [])} for meta-training, "
         f"{len(meta.get('val_data_models') or [])} for selection; each trained {task.train.epochs} epochs, "
         f"init-pruned to {task.initial_speed_up}x, fine-tuned {ft.after_init_pruning.epochs} epochs.",
         f"- Meta-training: {meta.get('epochs')} epochs = {steps} optimiser steps (AdamW lr {mt.lr}, milestones "
         f"{list(mt.milestones)}), pruner_reg {mt.pruner_reg}, alpha {mt.alpha}, reference_batches "
-        f"{mt.reference_batches}, {mt.batches_per_step} batches of {mt.batch_size} per step; metanetwork "
+        f"{mt.reference_batches}, {mt.batches_per_step or 'all'} batches of {mt.batch_size or task.batch_size} "
+        "images per step; metanetwork "
         f"{OmegaConf.to_container(cfg.metanetwork)}.",
         f"- Selection: checkpoints scored by `{select.get('score_kind')}` of validation accuracy (no fine-tune "
         f"after pruning) up to {cfg.select.max_speed_up}x on the validation data model(s) "

@@ -140,11 +140,11 @@ def test_baselines_are_grouped_and_labelled_by_what_ran_before_pruning(tmp_path)
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
             for line in table.splitlines() if line.startswith("| ") and not line.startswith("| Method")}
     labels = {label: next(k for k in rows if label in k) for label in
-              ("control", "sparse learning (reg 0.01)", "sparse learning (reg 0.5)", "baseline", "Meta-Pruning")}
+              ("control", "sparse learning (reg 0.01,", "sparse learning (reg 0.5,", "baseline", "Meta-Pruning")}
     assert len(set(labels.values())) == 5 == len(rows)
     assert "sparse learning" not in labels["control"] and "control" not in labels["baseline"]
     assert rows[labels["baseline"]][2] == "90.00 ± 0.00" and rows[labels["control"]][2] == "91.00 ± 0.00"
-    assert rows[labels["sparse learning (reg 0.01)"]][2] == "92.00 ± 0.00"
-    assert rows[labels["sparse learning (reg 0.5)"]][2] == "94.00 ± 0.00"
-    for label in ("control", "sparse learning (reg 0.01)", "baseline"):
+    assert rows[labels["sparse learning (reg 0.01,"]][2] == "92.00 ± 0.00"
+    assert rows[labels["sparse learning (reg 0.5,"]][2] == "94.00 ± 0.00"
+    for label in ("control", "sparse learning (reg 0.01,", "baseline"):
         assert rows[labels[label]][-1] == "7, 8"

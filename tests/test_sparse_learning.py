@@ -198,3 +198,21 @@ def test_training_with_the_hook_shrinks_the_weak_groups():
         order = start_norms.argsort()
         quarter = max(1, len(order) // 4)
         assert ratio[order[:quarter]].mean() < ratio[order[-quarter:]].mean()
+
+
+def test_degenerate_groups_get_a_finite_pull_not_nan():
+    # a layer pruned to one channel: torch-pruning's regularize writes NaN there (0/0 in gamma); the hook
+    # gives such a group gamma = 1 (the plain reg * w pull), so training goes on
+    torch.manual_seed(3)
+    model = build_model("resnet8", 10, widths=[8, 1, 8, 7, 16, 3, 32], in_channels=1).double()
+    example = torch.ones(1, 1, 8, 8, dtype=torch.float64)
+    hook = SparseLearning(model, example, METHOD, reg=5e-4, alpha=16.0)
+    model.train()
+    F.cross_entropy(model(torch.randn(4, 1, 8, 8, dtype=torch.float64)), torch.tensor([0, 1, 2, 3])).backward()
+    before = {k: p.grad.clone() for k, p in model.named_parameters()}
+    hook(model)
+    for key, param in model.named_parameters():
+        assert torch.isfinite(param.grad).all(), key
+    one = model.layer1[0].conv1.weight  # the one-channel layer's out-row is pulled by reg * 1 * w (and more
+    added = one.grad - before["layer1.0.conv1.weight"]  # from its in-column groups): nonzero and finite
+    assert added.abs().sum() > 0

@@ -292,6 +292,8 @@ def pretrain_final_run(cfg: DictConfig, run_dir: Path) -> dict:
         summary["run"] = "pretrain_final"
         model_file = "model.pt"
         if cfg.final.get("init_prune", False):
+            # results.json marks a finished stage: not before the init-pruned model exists too
+            (Path(run_dir) / "results.json").unlink(missing_ok=True)
             summary["init_pruned"] = _init_prune_saved(cfg, Path(run_dir))
             model_file = INIT_PRUNED_CHECKPOINT
         write_json(Path(run_dir) / "results.json", summary)

@@ -94,7 +94,7 @@ def _group_key(result: dict) -> tuple:
     sparse = result.get("sparse_learning") or {}
     return (result["run"], result["task"], result.get("architecture"), target, result["method"],
             result.get("metanetwork"), _epochs_text(result["finetune_epochs"]), result["protocol"],
-            result.get("selection"), result.get("pre_pruning") or "", sparse.get("reg"))
+            result.get("selection"), result.get("pre_pruning") or "none", sparse.get("reg"), sparse.get("alpha"))
 
 
 def group_results(results: Iterable[dict]) -> list[Group]:
@@ -106,7 +106,7 @@ def group_results(results: Iterable[dict]) -> list[Group]:
     for group in groups.values():
         group.runs.sort(key=lambda r: (r["seed"], r["_path"]))
     def order(group: Group) -> tuple:
-        run, task, architecture, target, method, metanetwork, epochs, protocol, _selection, pre, _reg = group.key
+        run, task, architecture, target, method, metanetwork, epochs, protocol, _selection, pre, _reg, _a = group.key
         # per task and target: baseline first, then metanetwork runs, honest before paper protocol
         return (run, task, str(architecture), target, method, metanetwork is not None, str(metanetwork), pre,
                 protocol == "paper", epochs)
@@ -150,7 +150,7 @@ def _method_label(result: dict, metanetwork_ids: dict[str, int]) -> str:
         label = _BASELINE_LABELS.get(result.get("pre_pruning") or "none", "No metanetwork (baseline)")
         sparse = result.get("sparse_learning")
         if sparse:
-            label += f" (reg {sparse['reg']:g})"
+            label += f" (reg {sparse['reg']:g}, alpha {sparse['alpha']:g})"
     if result["method"] != DEFAULT_METHOD:
         label += f", {result['method']}"
     if result["protocol"] == "paper":

@@ -7,9 +7,11 @@ in [1, alpha], larger for less important channels; see ``utils.regularizer`` for
 is the same pull the metanetwork's meta-training uses). Their CIFAR recipe: reg 5e-4, 100 epochs, lr 0.01,
 milestones 60/80.
 
-Here the regulariser is torch-pruning's own method, called on a pruner built with the run's pruning
-method (group-L2, max-normalised, global; the classifier ignored), so the baseline and the final pruning
-share groups and importance. ``pruning_final`` with ``final.pre_pruning=sparse_learning`` trains with it for
+Here the regulariser is computed on a torch-pruning pruner built with the run's pruning method (group-L2,
+max-normalised, global; the classifier ignored), so the baseline and the final pruning share groups and
+importance. The gradient is ``utils.regularizer.GroupL2Regularizer``'s: equal to ``regularize`` on every
+group (tests/test_sparse_learning.py), except that a degenerate group (one channel, or all channels equally
+important, common after pruning) gets ``gamma = 1`` where torch-pruning writes NaN into the gradients. ``pruning_final`` with ``final.pre_pruning=sparse_learning`` trains with it for
 the ``after_metanetwork`` recipe (the metanetwork path's budget), then prunes and fine-tunes as usual.
 """
 from __future__ import annotations
@@ -20,10 +22,11 @@ import torch
 from torch import nn as tnn
 
 from utils.pruning import build_pruner
+from utils.regularizer import GroupL2Regularizer
 
 
 class SparseLearning:
-    """``after_backward`` hook of :func:`utils.training.train`: ``pruner.regularize(model, alpha, bias)``.
+    """``after_backward`` hook of :func:`utils.training.train`: adds ``pruner.regularize``'s gradient.
 
     Built once on the (unpruned-by-this-stage) model: the groups depend on the architecture and widths,
     which sparse learning does not change. ``reg`` and ``alpha`` are DepGraph's knobs
@@ -39,6 +42,7 @@ class SparseLearning:
         was_training = model.training
         model.eval()
         self.pruner = build_pruner(model, example_inputs, method, reg=float(reg), iterative_steps=iterative_steps)
+        self.regularizer = GroupL2Regularizer(self.pruner, model)
         model.train(was_training)
         self.model = model
         self.reg, self.alpha, self.bias = float(reg), float(alpha), bool(bias)
@@ -46,7 +50,13 @@ class SparseLearning:
     def __call__(self, model: tnn.Module) -> None:
         if model is not self.model:
             raise ValueError("SparseLearning was built on another model than the one being trained")
-        self.pruner.regularize(model, alpha=self.alpha, bias=self.bias)
+        params = dict(model.named_parameters())
+        for key, grad in self.regularizer.gradient({}, alpha=self.alpha, bias=self.bias).items():
+            param = params[key]
+            if param.grad is None:
+                param.grad = grad
+            else:
+                param.grad.add_(grad)
 
     def describe(self) -> dict:
         return {"reg": self.reg, "alpha": self.alpha, "bias": self.bias}
