@@ -56,7 +56,7 @@ def _fill_shard(cfg: DictConfig, run_dir: Path, writer: ShardWriter, device: tor
     method = OmegaConf.to_container(cfg.method, resolve=True)
     config = OmegaConf.to_container(cfg, resolve=True)
     produced = []
-    for position in tqdm(range(cfg.num), desc=f"data models (shard {cfg.index})"):
+    for position in tqdm(range(cfg.num), desc=f"data models (shard {cfg.index})", disable=None):
         if position in done:
             continue
         seed = derive_seed(cfg.seed, cfg.index, position)

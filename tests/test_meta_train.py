@@ -301,6 +301,36 @@ def test_step_diagnostics_are_those_of_the_generated_weights():
     assert math.isnan(plain.weight_change) and plain.ce == result.ce and plain.reg == result.reg
 
 
+def test_batch_bn_mode_uses_batch_statistics_and_never_touches_the_running_ones():
+    model = data_model(11)
+    with torch.no_grad():  # running statistics far from any batch's, so the two modes must differ
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(3.0)
+                m.running_var.fill_(9.0)
+    entry = make_entry(model)
+    saved = {k: v.clone() for k, v in entry.buffers.items()}
+    batch = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))]
+    net = tiny_metanetwork(entry)
+    eval_ce = meta_train.meta_gradient(net, entry, batch, reference_batches=1, alpha=16.0).ce
+    net.zero_grad()
+    batch_ce = meta_train.meta_gradient(net, entry, batch, reference_batches=1, alpha=16.0, bn_mode="batch").ce
+    assert batch_ce != pytest.approx(eval_ce)
+    for key, value in entry.buffers.items():  # running stats and the batch counter unchanged
+        assert torch.equal(value, saved[key]), key
+    assert not model.training
+    # batch mode equals a train-mode forward of a copy carrying the generated weights
+    with torch.no_grad():
+        generated = entry.codec.decode(net(entry.codec.encode(model)))
+        copy_ = data_model(11)
+        copy_.load_state_dict({**model.state_dict(), **generated})
+        copy_.train()
+        expected = torch.nn.functional.cross_entropy(copy_(batch[0][0]), batch[0][1]).item()
+    assert batch_ce == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="bn_mode"):
+        meta_train.meta_gradient(net, entry, batch, reference_batches=1, alpha=16.0, bn_mode="train")
+
+
 def test_settings_errors_name_the_config_key():
     from omegaconf import OmegaConf
 

@@ -125,7 +125,9 @@ CSV_COLUMNS = ("epoch", "lr", "ce", "reg", *DIAGNOSTIC_COLUMNS, "grad_norm", "se
 _CHECKPOINT_RE = re.compile(r"^epoch_(\d+)\.pt$")
 # task.meta_train values that a resumed run must share with the checkpoint (epochs may grow)
 _RESUME_KEYS = ("lr", "weight_decay", "milestones", "gamma", "pruner_reg", "alpha", "bias", "train_split",
-                "reference_batches", "batches_per_step", "batch_size")
+                "reference_batches", "batches_per_step", "batch_size", "bn_mode")
+BN_MODES = ("eval", "batch")
+_RESUME_DEFAULTS = {"bn_mode": "eval"}  # keys added later: what older checkpoints ran with
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,6 +149,9 @@ class MetaTrainSettings:
     reference_batches: int | None
     batches_per_step: int | None
     batch_size: int
+    # BatchNorm in the CE forward: "eval" (the reference: the data model's running statistics) or "batch"
+    # (each batch's statistics, as the after_metanetwork fine-tune will see them; running stats untouched)
+    bn_mode: str = "eval"
 
     @classmethod
     def from_task(cls, task: DictConfig) -> "MetaTrainSettings":
@@ -173,7 +178,10 @@ class MetaTrainSettings:
             reference_batches=None if section.reference_batches is None else int(section.reference_batches),
             batches_per_step=None if section.get("batches_per_step") is None else int(section.batches_per_step),
             batch_size=int(section.get("batch_size") or task.batch_size),
+            bn_mode=str(section.get("bn_mode", "eval")),
         )
+        if settings.bn_mode not in BN_MODES:
+            raise ValueError(f"{where}: task.meta_train.bn_mode={settings.bn_mode!r}; valid: {', '.join(BN_MODES)}")
         for key in ("epochs", "batch_size", "reference_batches", "batches_per_step"):
             value = getattr(settings, key)
             if value is not None and value < 1:
@@ -238,7 +246,8 @@ def build_entry(index: int, model: nn.Module, example: Tensor, method: Mapping[s
 
 def meta_gradient(metanetwork: nn.Module, entry: DataModelEntry, batches: Iterable[tuple[Tensor, Tensor]],
                   reference_batches: int | None, alpha: float, bias: bool = False,
-                  device: torch.device | str | None = None, diagnostics: bool = True) -> StepResult:
+                  device: torch.device | str | None = None, diagnostics: bool = True,
+                  bn_mode: str = "eval") -> StepResult:
     """Accumulate the meta-training gradient of one data model into the metanetwork's ``.grad``.
 
     ``batches``: (images [B, C, H, W], labels [B]) pairs, moved to ``device`` (default: the model's).
@@ -247,7 +256,11 @@ def meta_gradient(metanetwork: nn.Module, entry: DataModelEntry, batches: Iterab
     docstring; ``reference_batches=None``: the plain sum over batches). One backward through the GNN.
     Does not zero existing gradients and does not step the optimiser. ``diagnostics``: also fill the
     result's ``small_group_share``, ``small_group_share_input`` and ``weight_change`` (:func:`step_diagnostics`).
+    ``bn_mode="batch"``: BatchNorm normalises with each batch's statistics (train-mode forward on copies of
+    the running buffers, so the data model's statistics never change); ``"eval"`` (the reference) uses them.
     """
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"meta_gradient: bn_mode={bn_mode!r}; valid: {', '.join(BN_MODES)}")
     model = entry.model
     device = torch.device(device) if device is not None else next(model.parameters()).device
     with torch.no_grad():
@@ -262,7 +275,15 @@ def meta_gradient(metanetwork: nn.Module, entry: DataModelEntry, batches: Iterab
         labels = labels.to(device, non_blocking=True)
         if images.is_floating_point():
             images = images.to(next(iter(leaves.values())).dtype)
-        logits = torch.func.functional_call(model, (entry.buffers, leaves), (images,))
+        if bn_mode == "batch":
+            model.train()  # BatchNorm only (no dropout in these models); updates go to throw-away copies
+            try:
+                buffers = {k: v.clone() for k, v in entry.buffers.items()}
+                logits = torch.func.functional_call(model, (buffers, leaves), (images,))
+            finally:
+                model.eval()
+        else:
+            logits = torch.func.functional_call(model, (entry.buffers, leaves), (images,))
         loss = _cross_entropy(logits, labels)
         loss.backward()  # accumulates dCE_b/dθ' into the leaves; the GNN graph is not touched
         ce_sum += loss.detach().to(torch.float64)
@@ -589,19 +610,20 @@ def run_meta_train(cfg: DictConfig, run_dir: Path) -> dict:
 
     metrics_path = run_dir / METRICS_CSV
     stream = _BatchStream(loader)
-    for epoch in tqdm(range(start_epoch + 1, settings.epochs + 1), desc="meta_train epochs",
+    for epoch in tqdm(range(start_epoch + 1, settings.epochs + 1), desc="meta_train epochs", disable=None,
                       initial=start_epoch, total=settings.epochs):
         epoch_started = time.time()
         lr = float(optimizer.param_groups[0]["lr"])
         stream.restart()
         records = []
-        bar = tqdm(_epoch_order(train_idx, cfg.seed, epoch), desc=f"epoch {epoch} data models", leave=False)
+        bar = tqdm(_epoch_order(train_idx, cfg.seed, epoch), desc=f"epoch {epoch} data models", leave=False,
+                   disable=None)
         for index in bar:
             entry = entries(index)
             metanetwork.train()
             optimizer.zero_grad(set_to_none=True)
             result = meta_gradient(metanetwork, entry, stream.take(batches_per_step), settings.reference_batches,
-                                   settings.alpha, settings.bias, device)
+                                   settings.alpha, settings.bias, device, bn_mode=settings.bn_mode)
             norm = grad_norm(metanetwork)
             bad = [what for what, v in (("cross-entropy", result.ce), ("regulariser", result.reg),
                                         ("metanetwork gradient norm", norm)) if not math.isfinite(v)]
@@ -682,7 +704,7 @@ def _check_resumable(path: Path, checkpoint: Mapping[str, Any], meta: Mapping[st
                                                                                "options", "seed")
              if saved.get(k) != meta[k]]
     diffs += [f"task.meta_train.{k}: checkpoint {saved['settings'].get(k)!r}, now {v!r}"
-              for k, v in meta["settings"].items() if saved["settings"].get(k) != v]
+              for k, v in meta["settings"].items() if saved["settings"].get(k, _RESUME_DEFAULTS.get(k)) != v]
     if diffs:
         raise ValueError(f"cannot resume from {path}: the run was started with other settings ({'; '.join(diffs)}). "
                          "Use a fresh hydra.run.dir, or restore the original settings (only task.meta_train.epochs "

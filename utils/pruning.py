@@ -198,4 +198,5 @@ def prune_to_speed_up(
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="pruning", disable=not enabled, leave=False)
+    # a bar on a terminal only (disable=None); the caller logs one line per pruning
+    return tqdm(total=total, desc="pruning", disable=None if enabled else True, leave=False)
