@@ -221,7 +221,7 @@ def _budget_lines(cfg: DictConfig, seeds: list[int], targets: list[float], meta:
     return [
         f"- Task `{task.name}`: {task.model}, dataset {task.dataset.name} at {list(task.input_size)} "
         f"(training subset: {task.dataset.get('train_size') or 'all'} images; validation: "
-        f"{task.dataset.val_size} {'of the' if isinstance(task.dataset.val_size, float) else ''} training images, "
+        f"{task.dataset.val_size}{' of the' if isinstance(task.dataset.val_size, float) else ''} training images, "
         "carved from the training set; full test set).",
         f"- Data models: {len(meta.get('train_data_models') or [])} for meta-training, "
         f"{len(meta.get('val_data_models') or [])} for selection; each trained {task.train.epochs} epochs, "
@@ -276,13 +276,17 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
     lines += [f"![accuracy vs speed-up]({plot.name})", ""]
     curves = out / "select" / "curves.png"
     lines += ["## Selection (validation data models, validation images)", ""]
+    def num(value, sign=""):
+        return "-" if value is None else f"{value:{sign}.4f}"
+
+    sparse_scores = ", ".join(f"reg {reg}: {num(v)}" for reg, v in (select.get("sparse_learning_scores") or {}).items())
     lines += [f"- chosen checkpoint: epoch {select['epoch']} with {select['score_kind']} {select['score']:.4f}",
-              f"- control (same fine-tune, no metanetwork): {select.get('control_score')}; gain "
-              f"{select.get('gain_over_control')}",
-              f"- sparse learning by strength: {select.get('sparse_learning_scores')}; chosen reg "
-              f"{select.get('best_sparse_reg')}; gain of the metanetwork over it "
-              f"{select.get('gain_over_sparse_learning')}",
-              f"- untouched data model (no fine-tune): {select.get('origin_score')}", ""]
+              f"- control (same fine-tune, no metanetwork): {num(select.get('control_score'))}; gain of the chosen "
+              f"checkpoint {num(select.get('gain_over_control'), '+')}",
+              f"- DepGraph sparse learning (same fine-tune + regulariser): {sparse_scores or '-'}; chosen reg "
+              f"{select.get('best_sparse_reg')}; gain of the chosen checkpoint over it "
+              f"{num(select.get('gain_over_sparse_learning'), '+')}",
+              f"- untouched data model (no fine-tune): {num(select.get('origin_score'))}", ""]
     lines += ["| checkpoint | score |", "|---|---|"]
     lines += [f"| epoch {r['epoch']} | {r['score']:.4f} |" for r in sorted(select["ranking"], key=lambda r: r["epoch"])]
     if curves.exists():
@@ -301,6 +305,9 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
         for row in json.loads(ablation.read_text()):
             lines.append(f"| {row['name']} | `{' '.join(row['overrides'])}` | {row['epoch']} | {row['score']:.4f} | "
                          f"{row['control_score']:.4f} | {row['gain_over_control']:+.4f} | {row['seconds']:.0f} |")
+    notes = results_dir / f"{name}_notes.md"  # the written reading of these numbers, kept beside them
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
     lines += ["", "## Wall time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
     lines += [f"| total | {sum(timings.values()):.0f} |", ""]
