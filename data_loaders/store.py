@@ -51,6 +51,8 @@ import h5py
 import numpy as np
 import torch
 
+from utils.checkpoint import fsync_dir
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 1: one HDF5 file per shard (read, and converted by writers); 2: one file per data model
@@ -129,20 +131,6 @@ def _size(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in ``path`` durable (best effort: some filesystems refuse)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -537,8 +525,8 @@ class ShardWriter:
                 full = " (the disk is full)" if _is_disk_full(err) else ""
                 raise StoreError(f"cannot write shard {self.index} of data-model store {self.store_dir}{full} "
                                  f"({err.__class__.__name__}: {err})") from None
-            _fsync_dir(self.path)
-            _fsync_dir(self.store_dir)
+            fsync_dir(self.path)
+            fsync_dir(self.store_dir)
         if legacy.is_file():
             self._convert_legacy(legacy)
 
@@ -553,7 +541,7 @@ class ShardWriter:
                 r = _read_legacy_model(legacy, name)
                 self._publish(position, r.state_dict, r.spec, r.metrics, r.speed_up, r.seed, r.config, None)
         os.remove(legacy)
-        _fsync_dir(self.store_dir)
+        fsync_dir(self.store_dir)
         log.info("converted old-layout shard %s to the folder %s", legacy, self.path)
 
     # -- appending ----------------------------------------------------------------------------------
@@ -607,7 +595,7 @@ class ShardWriter:
             if rescue:
                 err.add_note(rescue)
             raise
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         return final
 
     def _rescue(self, rescue_dir: str | os.PathLike | None, position: int, state_dict: Mapping[str, torch.Tensor],

@@ -23,13 +23,7 @@ WIDTHS = [8, 5, 8, 7, 16, 3, 32]  # resnet8, non-uniform as after pruning
 TINY_NET = {"num_layer": 2, "hiddim": 8, "node_res_ratio": 0.01, "edge_res_ratio": 0.01}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: one thread avoids oversubscribing the shared CPU (and keeps results thread-count independent)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data_model(seed, widths=WIDTHS, dtype=torch.float32, in_channels=1):

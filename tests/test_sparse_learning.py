@@ -18,12 +18,7 @@ METHOD = {"name": "group_l2_norm_max_normalizer", "kind": "structured", "importa
 ALPHA = 16.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(seed, dtype=torch.float64):

@@ -96,11 +96,11 @@ def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tens
         if os.path.exists(tmp_name):
             os.remove(tmp_name)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
     try:
         fd = os.open(directory, os.O_RDONLY)

@@ -273,6 +273,16 @@ def _finish(ctx: _Context, model: nn.Module, summary: dict, started: float) -> d
     return summary
 
 
+def _accuracy_summary(base: dict, final: dict, ft_prune: TrainResult) -> dict:
+    """The accuracy fields every final run reports: start vs final stage, and how the last epoch was kept."""
+    return {"base_acc": base["test_acc"], "base_val_acc": base.get("val_acc"),
+            "pruned_acc": final["test_acc"], "pruned_val_acc": final.get("val_acc"),
+            "base": {k: v for k, v in base.items() if k.endswith(("_acc", "_loss"))},
+            "pruned": {k: v for k, v in final.items() if k.endswith(("_acc", "_loss"))},
+            "selection": ft_prune.selection, "selected_epoch": ft_prune.selected_epoch,
+            "protocol_note": ft_prune.protocol_note}
+
+
 def _common_summary(ctx: _Context, run: str, source: str | None, mn_info: dict | None) -> dict:
     return {"run": run, "task": ctx.task.name, "architecture": ctx.task.model, "method": ctx.method.get("name"),
             "seed": ctx.cfg.seed, "protocol": ctx.cfg.protocol, "source_model": source,
@@ -413,7 +423,7 @@ def _pre_pruning(model: nn.Module, kind: str, mn_path: Path | None, stages: list
         log.info("sparse learning (DepGraph): %s for task.finetune.after_metanetwork's %d epochs", sparse,
                  ctx.recipe("after_metanetwork").epochs)
     result = train(model, ctx.loaders, ctx.recipe("after_metanetwork"), ctx.device, run_dir=ctx.run_dir,
-                   desc=f"finetune_after_metanetwork" if kind != "sparse_learning" else "sparse_learning",
+                   desc="sparse_learning" if kind == "sparse_learning" else "finetune_after_metanetwork",
                    after_backward=hook)
     _stage(stages, "after_sparse_learning" if kind == "sparse_learning" else "after_metanetwork_finetune", model,
            ctx, base_macs)
@@ -438,8 +448,7 @@ def run_pruning_final(cfg: DictConfig, run_dir: Path) -> tuple[dict, nn.Module]:
     template = task_model(ctx.task, ctx.splits).to(ctx.device)  # the unpruned architecture: MACs/params reference
     base_macs, base_params = count_macs(template, ctx.example), num_params(template)
     mn_info = _check_metanetwork(mn_path, template, ctx)
-    for target in targets:
-        _check_reachable(copy.deepcopy(template), target, base_macs, ctx)
+    _check_reachable(template, max(targets), base_macs, ctx)  # reaching the largest reaches every other
     del template
 
     model, source = _start_model(ctx, given)
@@ -493,13 +502,8 @@ def run_pruning_final(cfg: DictConfig, run_dir: Path) -> tuple[dict, nn.Module]:
             # params of the UNPRUNED architecture (not of the init-pruned model, reference defect §11.16)
             "params": {"unpruned": base_params, "start": base["params"], "pruned": num_params(pruned)},
             "params_left_percent": 100.0 * num_params(pruned) / base_params,
-            "base_acc": base["test_acc"], "base_val_acc": base.get("val_acc"),
             "pre_pruning_acc": prepared["test_acc"], "pre_pruning_val_acc": prepared.get("val_acc"),
-            "pruned_acc": final["test_acc"], "pruned_val_acc": final.get("val_acc"),
-            "base": {k: v for k, v in base.items() if k.endswith(("_acc", "_loss"))},
-            "pruned": {k: v for k, v in final.items() if k.endswith(("_acc", "_loss"))},
-            "selection": ft_prune.selection, "selected_epoch": ft_prune.selected_epoch,
-            "protocol_note": ft_prune.protocol_note,
+            **_accuracy_summary(base, final, ft_prune),
             "finetune_epochs": {"after_init_pruning": ft_init.epochs if ft_init else 0,
                                 "after_metanetwork": ft_mn.epochs if ft_mn else 0,
                                 "after_pruning": ft_prune.epochs},
@@ -589,12 +593,7 @@ def run_unstructured_pruning_final(cfg: DictConfig, run_dir: Path) -> tuple[dict
         "dense_macs": macs["dense_macs"], "sparse_macs": macs["sparse_macs"],
         "macs_reduction_percent": macs["macs_reduction_percent"],
         "params": {"unpruned": base_params, "pruned_nonzero": num_params(model) - zeros["zeros"]},
-        "base_acc": base["test_acc"], "base_val_acc": base.get("val_acc"),
-        "pruned_acc": final["test_acc"], "pruned_val_acc": final.get("val_acc"),
-        "base": {k: v for k, v in base.items() if k.endswith(("_acc", "_loss"))},
-        "pruned": {k: v for k, v in final.items() if k.endswith(("_acc", "_loss"))},
-        "selection": ft_prune.selection, "selected_epoch": ft_prune.selected_epoch,
-        "protocol_note": ft_prune.protocol_note,
+        **_accuracy_summary(base, final, ft_prune),
         "finetune_epochs": {"after_metanetwork": ft_mn.epochs if ft_mn else 0, "after_pruning": ft_prune.epochs},
         "finetune": {"after_metanetwork": _finetune_record(ft_mn), "after_pruning": _finetune_record(ft_prune)},
         "stages": stages,
