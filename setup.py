@@ -1,7 +1,9 @@
 """Install the meta-pruning research code base.
 
-``pip install -e .`` makes the top-level packages ``data_loaders``, ``generate_dataset``, ``nn`` and
-``utils`` importable from anywhere, so the Hydra entry scripts run from any directory.
+``pip install -e .`` makes the top-level packages importable from anywhere, so the Hydra entry scripts run
+from any directory. Every package is listed in ``packages`` (``tests/test_layout.py`` checks that none is
+missing), in dependency order: glue, then data / models / codec and metanetwork, then pruning and training,
+then the stages.
 """
 from setuptools import setup
 
@@ -11,11 +13,14 @@ setup(
     description="Meta pruning via graph metanetworks (Liu, Wang, Zhang; arXiv 2506.12041), reimplemented",
     python_requires=">=3.11",
     packages=[
+        "utils",
         "data_loaders",
         "generate_dataset",
         "generate_dataset.models",
         "nn",
-        "utils",
+        "pruning",
+        "training",
+        "stages",
     ],
     install_requires=[
         "torch==2.14.1",

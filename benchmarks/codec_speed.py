@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:  # allow running from a checkout that is not pip-i
 from generate_dataset.models import build_model  # noqa: E402
 from nn import graph as graph_mod  # noqa: E402
 from nn.graph import GraphCodec  # noqa: E402
+from utils.io import atomic_write  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "codec_speed.md"
 HEADER = """# Codec speed: `GraphCodec` encode + decode vs cloning the state dict
@@ -187,9 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         text = out.read_text().rstrip("\n") + "\n\n" + table
     else:
         text = HEADER + "\n" + table
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    atomic_write(out, text)
     print(f"wrote {out}")
 
 

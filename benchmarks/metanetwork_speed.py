@@ -41,6 +41,13 @@ import torch
 from torch_geometric.data import Data
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # allow running from a checkout that is not pip-installed
+    sys.path.insert(0, str(ROOT))
+
+from generate_dataset.models import build_model  # noqa: E402
+from nn.graph import GraphCodec  # noqa: E402
+from nn.metanetwork import MetaNetwork  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "metanetwork_speed.md"
 
 
@@ -99,9 +106,6 @@ def synthetic_graph(sizes, blocks, node_dim: int, edge_dim: int, seed: int = 0) 
 
 def build_graph(name: str, source: str) -> tuple[Data, int, dict]:
     if name == "resnet56" and source == "codec":
-        from generate_dataset.models import build_model
-        from nn.graph import GraphCodec
-
         model = build_model("resnet56", 10)
         codec = GraphCodec(model)
         with torch.no_grad():  # plain input features: the graph is reused across passes
@@ -137,9 +141,6 @@ def _status_kib(field: str) -> int:
 
 
 def worker(args) -> None:
-    sys.path.insert(0, str(ROOT))
-    from nn.metanetwork import MetaNetwork
-
     graph, node_dim, edge_dims = build_graph(args.graph, args.source)
     torch.manual_seed(0)
     ours = MetaNetwork(node_dim, edge_dims, args.layers, args.hiddim, 0.01, 0.01)

@@ -57,10 +57,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from termcolor import colored  # noqa: E402
 
-from utils.experiment import write_json  # noqa: E402
-from utils.pipeline import generate_stage, run_stage  # noqa: E402
-from utils.report import find_results, mean_std  # noqa: E402
-from utils.runs import execute  # noqa: E402,F401  (registers every run mode)
+from stages.pipeline import generate_stage, run_stage  # noqa: E402
+from stages.report import find_results, mean_std  # noqa: E402
+from utils.io import write_json  # noqa: E402
 
 log = logging.getLogger("proxy")
 
@@ -187,6 +186,7 @@ def _hardware() -> str:
 
 
 def plot_results(table: dict, path: Path, title: str) -> Path:
+    # lazily: matplotlib costs about a second at import and only the report needs it
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,7 +347,7 @@ def run_ablation(cfg: DictConfig, out: Path, name: str, overrides: list[str], re
     started = time.time()
     run_stage("meta_train", "meta_train", cfg, folder / "meta_train", store=str(store))
     # the reference curves (origin, control, sparse learning) do not depend on the metanetwork: reuse the
-    # newest earlier select's curves where their settings match (utils.selection's cache checks them)
+    # newest earlier select's curves where their settings match (stages.select's cache checks them)
     earlier = sorted(out.glob("**/select/curves.json"), key=lambda p: p.stat().st_mtime)
     selection = run_stage("select", "select", cfg, folder / "select", store=str(store),
                           **{"select.meta_train_dir": str(folder / "meta_train"),

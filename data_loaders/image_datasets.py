@@ -39,8 +39,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torchvision.transforms as T
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
+from torchvision.datasets import CIFAR10, CIFAR100, SVHN, FashionMNIST, ImageFolder
 
 from utils.seed import make_generator, seed_worker
 
@@ -200,13 +202,6 @@ class TensorImageDataset(Dataset):
 # --------------------------------------------------------------------------------------------------
 # Transforms
 # --------------------------------------------------------------------------------------------------
-def _transforms():
-    # Imported lazily: torchvision's import costs ~1 s and digits/synthetic do not need PIL pipelines.
-    import torchvision.transforms as T
-
-    return T
-
-
 def _resize_for(image_size: int) -> int:
     """Resize side before a centre/random crop of ``image_size`` (256 for 224, as in ImageNet)."""
     return int(round(image_size * 256 / 224))
@@ -220,7 +215,6 @@ def _small_image_transforms(native: int, image_size: Optional[int], mean, std, f
     With ``image_size`` other than ``native`` it is the original "CIFAR10(224)" recipe instead:
     train = Resize(s*256/224) + RandomCrop(s) [+ HFlip], eval = Resize(s*256/224) + CenterCrop(s).
     """
-    T = _transforms()
     to_tensor = [T.ToTensor()] if from_pil else []
     normalize = T.Normalize(mean, std)
     flips = [T.RandomHorizontalFlip()] if flip else []
@@ -272,15 +266,11 @@ def _build_cifar(cls, name: str, mean, std, root: PathLike, download: bool, imag
 
 @register_dataset("CIFAR10")
 def _cifar10(root: PathLike, download: bool, image_size: Optional[int]) -> _Source:
-    from torchvision.datasets import CIFAR10
-
     return _build_cifar(CIFAR10, "CIFAR10", CIFAR10_MEAN, CIFAR10_STD, root, download, image_size)
 
 
 @register_dataset("CIFAR100")
 def _cifar100(root: PathLike, download: bool, image_size: Optional[int]) -> _Source:
-    from torchvision.datasets import CIFAR100
-
     return _build_cifar(CIFAR100, "CIFAR100", CIFAR100_MEAN, CIFAR100_STD, root, download, image_size)
 
 
@@ -290,8 +280,6 @@ def _cifar100(root: PathLike, download: bool, image_size: Optional[int]) -> _Sou
 @register_dataset("SVHN")
 def _svhn(root: PathLike, download: bool, image_size: Optional[int], use_extra: bool = False) -> _Source:
     """SVHN train ('train' [+ 'extra' when ``use_extra``]) and test ('test'); labels 10 -> 0 (torchvision)."""
-    from torchvision.datasets import SVHN
-
     directory = Path(root)
     splits = ["train", "test"] + (["extra"] if use_extra else [])
     names = [SVHN.split_list[s][1] for s in splits]
@@ -323,9 +311,6 @@ def _imagenet(root: PathLike, download: bool, image_size: Optional[int]) -> _Sou
 
     train: RandomResizedCrop(s, bilinear) + HFlip; eval: Resize(s*256/224) + CenterCrop(s); s = 224 by default.
     """
-    from torchvision.datasets import ImageFolder
-
-    T = _transforms()
     size = image_size or 224
     how = ("ImageNet cannot be downloaded automatically; arrange it as "
            f"{Path(root)}/train/<class>/*.JPEG and {Path(root)}/val/<class>/*.JPEG (the validation images "
@@ -415,8 +400,6 @@ def _fashion_mnist(root: PathLike, download: bool, image_size: Optional[int],
     directories = [raw_dir] + ([Path(debian_dir)] if debian_dir else [])
     files = _find_idx_dir(directories)
     if files is None and download:
-        from torchvision.datasets import FashionMNIST
-
         how = f"Place the idx files in {raw_dir}."
         _torchvision_call(lambda: FashionMNIST(str(root), train=True, download=True), "FashionMNIST", raw_dir,
                           how, True)
@@ -468,6 +451,7 @@ def _digits(root: PathLike, download: bool, image_size: Optional[int]) -> _Sourc
 
     Pixels 0..16 are scaled to [0, 1] then normalised; train: RandomCrop(8, pad 1). ``root`` is unused.
     """
+    # lazily: scikit-learn's import costs about 2 s and only this dataset needs it
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -507,7 +491,6 @@ def _synthetic(root: PathLike, download: bool, image_size: Optional[int], num_cl
     roughly zero-mean/unit-std, so no normalisation; train: RandomCrop(pad max(1, s//16)).
     ``image_size`` defaults to 32. Same arguments -> same data.
     """
-    T = _transforms()
     size = image_size or 32
     for key, value in (("num_classes", num_classes), ("in_channels", in_channels), ("train_size", train_size),
                        ("test_size", test_size), ("image_size", size)):

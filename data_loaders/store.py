@@ -51,7 +51,9 @@ import h5py
 import numpy as np
 import torch
 
-from utils.checkpoint import fsync_dir
+from generate_dataset.models import model_from_state_dict
+from nn.graph import GraphCodec
+from utils.io import atomic_path, atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +90,6 @@ class DataModelRecord:
 
     def build_model(self) -> torch.nn.Module:
         """The network itself, in eval mode, with exactly the stored weights."""
-        from generate_dataset.models import model_from_state_dict
-
         return model_from_state_dict(self.spec["name"], self.state_dict, self.spec["num_classes"])
 
 
@@ -131,16 +131,6 @@ def _size(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file ``path`` (never an existing one) and fsync it."""
-    view = memoryview(data)
-    with open(path, "xb", buffering=0) as handle:
-        while view:
-            written = handle.write(view)
-            view = view[written:]
-        os.fsync(handle.fileno())
 
 
 def _is_disk_full(err: BaseException | None) -> bool:
@@ -368,15 +358,8 @@ def _read_legacy_model(path: Path, name: str) -> DataModelRecord:
 def save_rescue(path: Path, payload: Mapping[str, Any]) -> Path:
     """``torch.save`` a data model that could not be stored (atomically: temporary file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{_host()}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path, durable=True) as tmp:
         torch.save(dict(payload), tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -515,18 +498,12 @@ class ShardWriter:
             content = {"format_version": FORMAT_VERSION, "identity": self.identity}
             try:
                 self.path.mkdir(exist_ok=True)
-                tmp = self.path / f".{SHARD_META}.{_host()}.{os.getpid()}.tmp"
-                try:
-                    _write_durably(tmp, (json.dumps(content, indent=1) + "\n").encode())
-                    os.replace(tmp, self.path / SHARD_META)
-                finally:
-                    tmp.unlink(missing_ok=True)
+                atomic_write(self.path / SHARD_META, json.dumps(content, indent=1) + "\n", durable=True)
             except OSError as err:
                 full = " (the disk is full)" if _is_disk_full(err) else ""
                 raise StoreError(f"cannot write shard {self.index} of data-model store {self.store_dir}{full} "
                                  f"({err.__class__.__name__}: {err})") from None
-            fsync_dir(self.path)
-            fsync_dir(self.store_dir)
+            fsync_dir(self.store_dir)  # the new shard folder itself
         if legacy.is_file():
             self._convert_legacy(legacy)
 
@@ -566,17 +543,12 @@ class ShardWriter:
                  metrics: Mapping[str, float], speed_up: float, seed: int, config: Mapping[str, Any],
                  rescue_dir: str | os.PathLike | None) -> Path:
         final = model_path(self.store_dir, self.index, position)
-        tmp = self.path / f".{final.name}.{_host()}.{os.getpid()}.tmp"
         needed = sum(t.numel() * t.element_size() for t in state_dict.values())
         try:
             image = _model_image(_metadata(self.identity, position, spec, metrics, speed_up, seed, config),
                                  state_dict)
             needed = len(image)
-            try:
-                _write_durably(tmp, image)
-                os.replace(tmp, final)
-            finally:
-                tmp.unlink(missing_ok=True)
+            atomic_write(final, image, durable=True)  # a failure leaves no temporary file behind
         except Exception as err:
             rescue = self._rescue(rescue_dir, position, state_dict, spec, metrics, speed_up, seed, config)
             if _is_disk_full(err):
@@ -595,7 +567,6 @@ class ShardWriter:
             if rescue:
                 err.add_note(rescue)
             raise
-        fsync_dir(self.path)
         return final
 
     def _rescue(self, rescue_dir: str | os.PathLike | None, position: int, state_dict: Mapping[str, torch.Tensor],
@@ -743,8 +714,6 @@ class DataModelStore(Sequence[DataModelRecord]):
                           shuffle_seed: int | None = None) -> Iterator[tuple[torch.nn.Module, Any, DataModelRecord]]:
         """Yield ``(model, graph, record)`` ready for meta-training: the model in eval mode on ``device``
         and its graph from :class:`nn.graph.GraphCodec` (structure analysis cached per architecture)."""
-        from nn.graph import GraphCodec
-
         order = list(range(len(self))) if indices is None else list(indices)
         if shuffle_seed is not None:
             generator = torch.Generator().manual_seed(shuffle_seed)

@@ -3,13 +3,13 @@
     python main/main.py                          # default job on the offline default task
     python main/main.py run=MODE task=TASK ...   # any run mode; `run=help` lists them
 
-All logic lives in ``utils.runs``; this script only parses the config and hands over the run directory.
+All logic lives in the ``stages`` package; this script only parses the config and hands over the run directory.
 """
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from utils.runs import execute
+from stages import execute
 
 
 @hydra.main(config_path="../configs", config_name="main", version_base="1.3")

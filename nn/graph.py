@@ -419,70 +419,14 @@ def _compile(model: tnn.Module, plan: _Plan) -> _FastPath:
     order = list(model.state_dict(keep_vars=True))
     keys = [k for k in order if k in plan.shapes]
     pos = {k: i for i, k in enumerate(keys)}
-
-    # Module walk: every module on the path to an encoded tensor, parents first.
-    steps: list[tuple[int, str]] = []
-    mod_index: dict[str, int] = {"": 0}
-    items: list[tuple[int, str, str]] = []
-    for key in keys:
-        path, _, attr = key.rpartition(".")
-        parts = path.split(".") if path else []
-        for depth in range(len(parts)):
-            prefix = ".".join(parts[:depth + 1])
-            if prefix not in mod_index:
-                steps.append((mod_index[".".join(parts[:depth])], parts[depth]))
-                mod_index[prefix] = len(steps)
-        module = model.get_submodule(path) if path else model
-        where = "_parameters" if attr in module._parameters else "_buffers"
-        items.append((mod_index[path], where, attr))
+    steps, items = _module_walk(model, keys)
 
     edge_enc: OrderedDict[str, list[tuple]] = OrderedDict()
     for t, pieces in plan.edge_pieces.items():
         edge_enc[t] = [(p.op, pos.get(p.key, -1), p.shape, p.pad) for p in pieces]
 
-    # Node parameters: gather rows*F+col positions of x, each parameter padded to an aligned offset.
-    F_ = plan.node_dim
-    node_idx: list[Tensor] = []
-    node_sizes: list[int] = []
-    node_keys: list[str] = []
-    special: list[_Decoder] = []
-    flat_decs: dict[str, list[_Decoder]] = {t: [] for t in plan.edge_dims}
-    for d in plan.decoders:
-        if d.source == "x":
-            rows = torch.arange(d.start, d.stop) * F_ + d.col
-            idx = torch.cat([rows + j for j in range(3)]) if d.op == "qkv_bias" else rows
-            # Per-channel vectors feed elementwise ops only, so they need no alignment padding.
-            node_idx.append(idx)
-            node_sizes.append(idx.numel())
-            node_keys.append(d.key)
-        elif d.op == "flat":
-            flat_decs[d.source].append(d)
-        else:
-            special.append(d)
-    node_index = torch.cat(node_idx) if node_idx else torch.empty(0, dtype=torch.long)
-
-    # Edge weights stored as is: cat(row blocks of the type, zero pads), split into the parameters.
-    edge_dec: OrderedDict[str, tuple[list[int], list[Tensor], list[str]]] = OrderedDict()
-    for t, decs in flat_decs.items():
-        if not decs:
-            continue
-        dim = plan.edge_dims[t]
-        n_pieces = len(plan.edge_pieces[t])
-        unit = _ALIGN // math.gcd(dim, _ALIGN)  # rows per aligned step
-        sel: list[int] = []
-        templates: list[Tensor] = []
-        slots: list[bool] = []  # True where the template is a parameter (False: alignment padding)
-        for d in decs:
-            rows = d.stop - d.start
-            k = (-rows) % unit
-            sel.append(d.piece)
-            templates.append(torch.empty(d.shape, device="meta"))
-            slots.append(True)
-            if k:
-                sel.append(n_pieces + k)
-                templates.append(torch.empty(k * dim, device="meta"))
-                slots.append(False)
-        edge_dec[t] = (sel, templates, [d.key for d in decs], slots)
+    node_index, node_sizes, node_keys, flat_decs, special = _split_decoders(plan)
+    edge_dec = _edge_decoding(plan, flat_decs)
 
     decoded = {d.key for d in plan.decoders}
     return _FastPath(
@@ -503,9 +447,135 @@ def _compile(model: tnn.Module, plan: _Plan) -> _FastPath:
     )
 
 
+def _module_walk(model: tnn.Module, keys: list[str]) -> tuple[list[tuple[int, str]], list[tuple[int, str, str]]]:
+    """Every module on the path to an encoded tensor, parents first: ``(steps, items)`` of :class:`_FastPath`."""
+    steps: list[tuple[int, str]] = []
+    mod_index: dict[str, int] = {"": 0}
+    items: list[tuple[int, str, str]] = []
+    for key in keys:
+        path, _, attr = key.rpartition(".")
+        parts = path.split(".") if path else []
+        for depth in range(len(parts)):
+            prefix = ".".join(parts[:depth + 1])
+            if prefix not in mod_index:
+                steps.append((mod_index[".".join(parts[:depth])], parts[depth]))
+                mod_index[prefix] = len(steps)
+        module = model.get_submodule(path) if path else model
+        where = "_parameters" if attr in module._parameters else "_buffers"
+        items.append((mod_index[path], where, attr))
+    return steps, items
+
+
+def _split_decoders(plan: _Plan) -> tuple[Tensor, list[int], list[str], dict[str, list[_Decoder]], list[_Decoder]]:
+    """Node parameters: the gather index of their rows*F+col positions of ``x`` (with sizes and keys); edge
+    weights stored as is, per type (``flat``); the rest (``special``)."""
+    F_ = plan.node_dim
+    node_idx: list[Tensor] = []
+    node_sizes: list[int] = []
+    node_keys: list[str] = []
+    special: list[_Decoder] = []
+    flat_decs: dict[str, list[_Decoder]] = {t: [] for t in plan.edge_dims}
+    for d in plan.decoders:
+        if d.source == "x":
+            rows = torch.arange(d.start, d.stop) * F_ + d.col
+            idx = torch.cat([rows + j for j in range(3)]) if d.op == "qkv_bias" else rows
+            # Per-channel vectors feed elementwise ops only, so they need no alignment padding.
+            node_idx.append(idx)
+            node_sizes.append(idx.numel())
+            node_keys.append(d.key)
+        elif d.op == "flat":
+            flat_decs[d.source].append(d)
+        else:
+            special.append(d)
+    node_index = torch.cat(node_idx) if node_idx else torch.empty(0, dtype=torch.long)
+    return node_index, node_sizes, node_keys, flat_decs, special
+
+
+def _edge_decoding(plan: _Plan, flat_decs: Mapping[str, list[_Decoder]]
+                   ) -> OrderedDict[str, tuple[list[int], list[Tensor], list[str], list[bool]]]:
+    """Edge weights stored as is: cat(row blocks of the type, zero pads), split into the parameters, each
+    parameter padded to an aligned offset."""
+    edge_dec: OrderedDict[str, tuple[list[int], list[Tensor], list[str], list[bool]]] = OrderedDict()
+    for t, decs in flat_decs.items():
+        if not decs:
+            continue
+        dim = plan.edge_dims[t]
+        n_pieces = len(plan.edge_pieces[t])
+        unit = _ALIGN // math.gcd(dim, _ALIGN)  # rows per aligned step
+        sel: list[int] = []
+        templates: list[Tensor] = []
+        slots: list[bool] = []  # True where the template is a parameter (False: alignment padding)
+        for d in decs:
+            rows = d.stop - d.start
+            k = (-rows) % unit
+            sel.append(d.piece)
+            templates.append(torch.empty(d.shape, device="meta"))
+            slots.append(True)
+            if k:
+                sel.append(n_pieces + k)
+                templates.append(torch.empty(k * dim, device="meta"))
+                slots.append(False)
+        edge_dec[t] = (sel, templates, [d.key for d in decs], slots)
+    return edge_dec
+
+
 def _layout(model: tnn.Module, b: gh.Builder, identity_edges: str | None, edge_layout: str,
             legacy_fc: bool) -> _Plan:
+    """The plan of one architecture + widths: node rows, node columns, edge types, edge rows and indices."""
     shapes_all = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    nodes = _node_layers(model, b)
+    columns, defaults, col_of = _node_columns(b)
+    features = _node_features(b, nodes, defaults, col_of, shapes_all)
+    types = _edge_types(b, edge_layout, identity_edges, legacy_fc)
+    edges = _edge_pieces(b, nodes, types, legacy_fc, shapes_all, features)
+    edge_index, edge_type = _edge_indices(b, nodes, types, edges)
+
+    encoded = set(features.shapes)
+    param_keys = [k for k, _ in model.named_parameters()]
+    unencoded = [k for k in param_keys if k not in encoded]
+    layout = {
+        "version": LAYOUT_VERSION,
+        "family": f"{type(model).__module__}.{type(model).__qualname__}",
+        "node_dim": len(columns),
+        "edge_dims": dict(types.edge_dims),
+        "edge_layout": types.edge_layout,
+        "identity_edges": types.identity_edges,
+        "legacy_fc_permutation": bool(legacy_fc),
+        "node_features": columns,
+    }
+    return _Plan(
+        num_nodes=nodes.num_nodes,
+        node_dim=len(columns),
+        node_features=columns,
+        edge_dims=types.edge_dims,
+        edge_counts=edges.counts,
+        edge_index=edge_index,
+        edge_type=edge_type,
+        x_consts=features.consts,
+        x_sources=features.x_sources,
+        x_index=features.x_index.reshape(-1),
+        edge_pieces=edges.pieces,
+        decoders=features.decoders,
+        shapes=features.shapes,
+        layer_slices=nodes.layer_slices,
+        edge_blocks=edges.edge_blocks,
+        unencoded_keys=unencoded,
+        layout=layout,
+    )
+
+
+# ---------------------------------------------------------------- node rows
+@dataclass
+class _NodeLayers:
+    """The node layers (merged ones removed) and their first node rows."""
+
+    layers: list  # gh layers in node order
+    offset: dict[int, int]  # layer id -> first node row
+    layer_slices: "OrderedDict[str, tuple[int, int]]"  # layer name -> node rows
+    num_nodes: int
+
+
+def _node_layers(model: tnn.Module, b: gh.Builder) -> _NodeLayers:
     layers = [l for l in b.layers if l.merged_into is None]
     if len(layers) < 2:
         raise GraphCodecError(f"GraphCodec: {type(model).__name__} has no Conv2d/Linear layer on its input path")
@@ -517,9 +587,12 @@ def _layout(model: tnn.Module, b: gh.Builder, identity_edges: str | None, edge_l
         name = l.name if l.name not in layer_slices else f"{l.name}#{l.id}"  # a module called twice
         layer_slices[name] = (n, n + l.size)
         n += l.size
-    num_nodes = n
+    return _NodeLayers(layers, offset, layer_slices, n)
 
-    # ---------------------------------------------------------------- node columns
+
+# ---------------------------------------------------------------- node columns
+def _node_columns(b: gh.Builder) -> tuple[list[str], list[float], dict[tuple[str, str], int]]:
+    """Column names, their identity defaults and ``(group, role) -> column`` (module docstring, "Nodes")."""
     def norm_width(group: str) -> int:
         fields = {p.field for p in b.node_params if p.group == group}
         return 4 if "bn" in fields else 2 if "ln" in fields else 0
@@ -549,16 +622,30 @@ def _layout(model: tnn.Module, b: gh.Builder, identity_edges: str | None, edge_l
         col_of[("main", "qkv_bias")] = len(columns)
         columns += ["q_bias", "k_bias", "v_bias"]
         defaults += [0.0, 0.0, 0.0]
-    node_dim = len(columns)
-    if node_dim == 0:  # no normalisation and no bias anywhere: keep one (identity-scale) column
+    if not columns:  # no normalisation and no bias anywhere: keep one (identity-scale) column
         columns, defaults = ["norm.weight"], [1.0]
-        node_dim = 1
+    return columns, defaults, col_of
 
-    # x = cat(consts, sources...)[x_index]; consts = [0, 1]
+
+# ---------------------------------------------------------------- node features
+@dataclass
+class _NodeFeatures:
+    """``x = cat(consts, sources...)[x_index]``, and how node parameters are decoded."""
+
+    consts: Tensor  # [0, 1]
+    x_index: Tensor  # long [num_nodes, node_dim]
+    x_sources: list[str]
+    decoders: list[_Decoder]  # node decoders; the edge decoders are appended by _edge_pieces
+    shapes: dict[str, tuple[int, ...]]  # every encoded key -> shape (edge weights added by _edge_pieces)
+
+
+def _node_features(b: gh.Builder, nodes: _NodeLayers, defaults: list[float], col_of: dict[tuple[str, str], int],
+                   shapes_all: Mapping[str, tuple[int, ...]]) -> _NodeFeatures:
+    offset = nodes.offset
     consts = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    x_index = torch.empty((num_nodes, node_dim), dtype=torch.long)
+    x_index = torch.empty((nodes.num_nodes, len(defaults)), dtype=torch.long)
     x_index[:] = torch.tensor([1 if d == 1.0 else 0 for d in defaults], dtype=torch.long)
-    for l in layers:
+    for l in nodes.layers:
         if l.zero_default:
             x_index[offset[l.id]:offset[l.id] + l.size] = 0
     x_sources: list[str] = []
@@ -593,8 +680,35 @@ def _layout(model: tnn.Module, b: gh.Builder, identity_edges: str | None, edge_l
             place(p.keys["bias"], layer, col_of[(p.group, "conv_bias")], b.layers[layer].size, True)
         elif p.field == "qkv_bias":
             place(p.keys["bias"], layer, col_of[("main", "qkv_bias")], 3 * b.layers[layer].size, True, qkv=True)
+    return _NodeFeatures(consts, x_index, x_sources, decoders, shapes)
 
-    # ---------------------------------------------------------------- edge types
+
+# ---------------------------------------------------------------- edge types
+@dataclass
+class _EdgeTypes:
+    """The resolved edge layout: one feature size per edge type, and each edge block's type."""
+
+    edge_layout: str  # padded | by_kernel
+    identity_edges: str  # dense | sparse
+    kmax: int  # largest conv kernel side
+    has_attention: bool
+    edge_dims: "OrderedDict[str, int]"  # by decreasing feature size, then first appearance
+
+    def type_of(self, e: gh.EdgeBlock) -> tuple[str, int]:
+        kmax = self.kmax
+        if self.edge_layout == "padded":
+            return "kernel", kmax * kmax
+        if e.kind == "conv":
+            kh, kw = e.kernel
+            if self.has_attention:
+                return "patch", kh * kw
+            return f"k{kh}x{kw}", kh * kw
+        if e.kind == "qkv":
+            return "qkv", 3
+        return ("linear" if self.has_attention else "k1x1"), 1
+
+
+def _edge_types(b: gh.Builder, edge_layout: str, identity_edges: str | None, legacy_fc: bool) -> _EdgeTypes:
     conv_kernels = [e.kernel for e in b.edges if e.kind == "conv"]
     kmax = max([max(k) for k in conv_kernels], default=1)
     fits_padded = (
@@ -615,44 +729,51 @@ def _layout(model: tnn.Module, b: gh.Builder, identity_edges: str | None, edge_l
     if legacy_fc and edge_layout != "padded":
         raise GraphCodecError("GraphCodec: legacy_fc_permutation reproduces the padded (CIFAR) layout only")
 
-    one_dim = "linear" if b.has_attention else "k1x1"
-
-    def type_of(e: gh.EdgeBlock) -> tuple[str, int]:
-        if edge_layout == "padded":
-            return "kernel", kmax * kmax
-        if e.kind == "conv":
-            kh, kw = e.kernel
-            if b.has_attention:
-                return "patch", kh * kw
-            return f"k{kh}x{kw}", kh * kw
-        if e.kind == "qkv":
-            return "qkv", 3
-        return one_dim, 1
-
+    types = _EdgeTypes(edge_layout, identity_edges, kmax, b.has_attention, OrderedDict())
     first_seen: dict[str, int] = {}
     dims: dict[str, int] = {}
     for i, e in enumerate(b.edges):
-        t, d = type_of(e)
+        t, d = types.type_of(e)
         if t in dims and dims[t] != d:
             raise GraphCodecError(f"GraphCodec: edge type '{t}' has inconsistent sizes {dims[t]} and {d}")
         dims[t] = d
         first_seen.setdefault(t, i)
     type_names = sorted(dims, key=lambda t: (-dims[t], first_seen[t]))
-    edge_dims = OrderedDict((t, dims[t]) for t in type_names)
+    types.edge_dims = OrderedDict((t, dims[t]) for t in type_names)
+    return types
 
-    last_layer = layers[-1].id
+
+# ---------------------------------------------------------------- edge rows
+@dataclass
+class _EdgePieces:
+    """Pass 1 over the edge blocks: feature recipes per type, and where each block's rows go."""
+
+    pieces: "OrderedDict[str, list[_EdgePiece]]"
+    counts: "OrderedDict[str, int]"  # edges per type
+    blocks: list[tuple[int, int, gh.EdgeBlock]]  # (type index, first edge row overall, block)
+    edge_blocks: list[dict]
+    total: int  # edges of all types
+
+
+def _edge_pieces(b: gh.Builder, nodes: _NodeLayers, types: _EdgeTypes, legacy_fc: bool,
+                 shapes_all: Mapping[str, tuple[int, ...]], features: _NodeFeatures) -> _EdgePieces:
+    """Edge rows and feature recipes per block, grouped by type; appends the edge decoders and weight shapes to
+    ``features``."""
+    offset, kmax, identity_edges = nodes.offset, types.kmax, types.identity_edges
+    type_names = list(types.edge_dims)
+    last_layer = nodes.layers[-1].id
+    decoders, shapes = features.decoders, features.shapes
     pieces: OrderedDict[str, list[_EdgePiece]] = OrderedDict((t, []) for t in type_names)
     counts: OrderedDict[str, int] = OrderedDict()
     identity_cache: dict[tuple, Tensor] = {}
-    # Pass 1: edge rows and feature recipes per block, grouped by type; pass 2 fills the indices.
-    blocks: list[tuple[int, int, gh.EdgeBlock]] = []  # (type index, first edge row overall, block)
+    blocks: list[tuple[int, int, gh.EdgeBlock]] = []
     edge_blocks: list[dict] = []
     total = 0
     for ti, t in enumerate(type_names):
-        dim = edge_dims[t]
+        dim = types.edge_dims[t]
         row = 0
         for e in b.edges:
-            if type_of(e)[0] != t:
+            if types.type_of(e)[0] != t:
                 continue
             o_size, i_size = b.size(e.out_layer), b.size(e.in_layer)
             if e.kind == "identity":
@@ -698,15 +819,21 @@ def _layout(model: tnn.Module, b: gh.Builder, identity_edges: str | None, edge_l
             row += rows
             total += rows
         counts[t] = row
+    return _EdgePieces(pieces, counts, blocks, edge_blocks, total)
 
-    edge_index = torch.empty((2, total), dtype=torch.long)
-    edge_type = torch.empty(total, dtype=torch.long)
-    for (ti, start, e), piece in zip(blocks, [p for t in type_names for p in pieces[t]]):
+
+def _edge_indices(b: gh.Builder, nodes: _NodeLayers, types: _EdgeTypes, edges: _EdgePieces) -> tuple[Tensor, Tensor]:
+    """Pass 2: ``edge_index`` [2, E] and ``edge_type`` [E] of every block's rows."""
+    offset = nodes.offset
+    edge_index = torch.empty((2, edges.total), dtype=torch.long)
+    edge_type = torch.empty(edges.total, dtype=torch.long)
+    in_order = [p for t in types.edge_dims for p in edges.pieces[t]]
+    for (ti, start, e), piece in zip(edges.blocks, in_order):
         stop = start + piece.rows
         o_off, i_off = offset[b.resolve(e.out_layer)], offset[b.resolve(e.in_layer)]
         out_row, in_row = edge_index[0, start:stop], edge_index[1, start:stop]
         edge_type[start:stop] = ti
-        if e.kind == "identity" and identity_edges == "sparse":
+        if e.kind == "identity" and types.identity_edges == "sparse":
             torch.arange(o_off, o_off + piece.rows, out=out_row)
             torch.arange(i_off, i_off + piece.rows, out=in_row)
             continue
@@ -718,39 +845,7 @@ def _layout(model: tnn.Module, b: gh.Builder, identity_edges: str | None, edge_l
         out_row.view(o_size, ig).copy_(torch.arange(o_off, o_off + o_size).unsqueeze(1).expand(o_size, ig))
         first_in = (torch.arange(g) * ig + i_off).view(g, 1, 1) + torch.arange(ig).view(1, 1, ig)
         in_row.view(g, og, ig).copy_(first_in.expand(g, og, ig))
-
-    encoded = set(shapes)
-    param_keys = [k for k, _ in model.named_parameters()]
-    unencoded = [k for k in param_keys if k not in encoded]
-    layout = {
-        "version": LAYOUT_VERSION,
-        "family": f"{type(model).__module__}.{type(model).__qualname__}",
-        "node_dim": node_dim,
-        "edge_dims": dict(edge_dims),
-        "edge_layout": edge_layout,
-        "identity_edges": identity_edges,
-        "legacy_fc_permutation": bool(legacy_fc),
-        "node_features": columns,
-    }
-    return _Plan(
-        num_nodes=num_nodes,
-        node_dim=node_dim,
-        node_features=columns,
-        edge_dims=edge_dims,
-        edge_counts=counts,
-        edge_index=edge_index,
-        edge_type=edge_type,
-        x_consts=consts,
-        x_sources=x_sources,
-        x_index=x_index.reshape(-1),
-        edge_pieces=pieces,
-        decoders=decoders,
-        shapes=shapes,
-        layer_slices=layer_slices,
-        edge_blocks=edge_blocks,
-        unencoded_keys=unencoded,
-        layout=layout,
-    )
+    return edge_index, edge_type
 
 
 # ====================================================================================================

@@ -1,4 +1,5 @@
-"""Fixtures shared by the test files."""
+"""Fixtures shared by the test files; plain shared helpers (paths, composing configs, tiny overrides, the
+paper's pruning method, a tiny metanetwork checkpoint) are in ``tests/helpers.py`` (``from helpers import ...``)."""
 import pytest
 import torch
 

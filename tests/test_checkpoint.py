@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 import utils.checkpoint as ckpt
-from utils.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from generate_dataset import models
+from generate_dataset.models import load_model
+from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 SPEC = {"name": "tiny", "num_classes": 3, "in_channels": 4, "widths": [5]}
 
@@ -170,7 +172,6 @@ def test_save_rejects_module_as_state_dict_and_reserved_keys(tmp_path):
 
 
 def test_load_model_rebuilds_resnet_with_equal_outputs(tmp_path):
-    models = pytest.importorskip("generate_dataset.models")
     torch.manual_seed(0)
     net = models.build_model("resnet8", num_classes=5)
     net.train()

@@ -1,11 +1,13 @@
 """Every task composes with every primary config, and every recipe in it is valid for the code that reads it."""
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from data_loaders.image_datasets import list_datasets
+from generate_dataset.models import list_models
+from helpers import CONFIG_DIR, compose_cfg
+from stages import UnknownRunError, execute, list_runs
+from stages.common import recipe
+
 PRIMARY = ["main", "generate", "imagenet"]
 TASKS = sorted(p.stem for p in (CONFIG_DIR / "task").glob("*.yaml"))
 METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
@@ -15,11 +17,6 @@ PAPER_TASKS = {
 }
 
 
-def compose_cfg(primary: str, overrides: list[str]):
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose(primary, overrides=overrides, return_hydra_config=False)
-
-
 def test_all_required_tasks_exist():
     assert PAPER_TASKS | {"resnet20_on_digits", "resnet20_on_FashionMNIST"} <= set(TASKS)
 
@@ -27,7 +24,7 @@ def test_all_required_tasks_exist():
 @pytest.mark.parametrize("primary", PRIMARY)
 @pytest.mark.parametrize("task", TASKS)
 def test_task_composes_with_primary(primary, task):
-    cfg = compose_cfg(primary, [f"task={task}"])
+    cfg = compose_cfg([f"task={task}"], primary=primary)
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert resolved["task"]["name"] == task
     assert set(resolved["metanetwork"]) >= {"num_layer", "hiddim", "node_res_ratio", "edge_res_ratio"}
@@ -35,17 +32,13 @@ def test_task_composes_with_primary(primary, task):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_methods_compose(method):
-    cfg = compose_cfg("main", [f"method={method}"])
+    cfg = compose_cfg([f"method={method}"])
     assert cfg.method.name == method
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_task_recipes_are_valid(task):
-    from data_loaders.image_datasets import list_datasets
-    from generate_dataset.models import list_models
-    from utils.experiment import recipe
-
-    cfg = compose_cfg("main", [f"task={task}"])
+    cfg = compose_cfg([f"task={task}"])
     assert cfg.task.model in list_models()
     assert cfg.task.dataset.name in list_datasets()
     sections = [cfg.task.train, *cfg.task.finetune.values()]
@@ -57,9 +50,7 @@ def test_task_recipes_are_valid(task):
 
 
 def test_paper_protocol_switches_validation_selection_to_test():
-    from utils.experiment import recipe
-
-    cfg = compose_cfg("main", ["task=resnet56_on_CIFAR10"])
+    cfg = compose_cfg(["task=resnet56_on_CIFAR10"])
     assert recipe(cfg.task.finetune.after_pruning, "validation").select == "val"
     assert recipe(cfg.task.finetune.after_pruning, "paper").select == "test"
     # a recipe that keeps the last epoch is not changed by the protocol
@@ -68,36 +59,34 @@ def test_paper_protocol_switches_validation_selection_to_test():
 
 def test_paper_recipe_numbers():
     """Spot-check the reference's recipe numbers (reference §7.5, §5.4, §10)."""
-    c = compose_cfg("main", ["task=resnet56_on_CIFAR10"])
+    c = compose_cfg(["task=resnet56_on_CIFAR10"])
     assert (c.task.train.epochs, c.task.train.lr, list(c.task.train.milestones)) == (200, 0.1, [100, 150, 180])
     assert c.task.initial_speed_up == 1.32
     assert list(c.task.finetune.after_pruning.milestones) == [80, 120]
     assert (c.metanetwork.num_layer, c.metanetwork.hiddim, c.metanetwork.node_res_ratio) == (8, 64, 0.01)
     assert (c.task.meta_train.lr, list(c.task.meta_train.milestones), c.task.meta_train.pruner_reg) == (1e-3, [3], 10)
-    v = compose_cfg("main", ["task=VGG19_on_CIFAR100"])
+    v = compose_cfg(["task=VGG19_on_CIFAR100"])
     assert v.task.initial_speed_up == 2.0 and v.task.finetune.after_pruning.epochs == 2000
     assert (v.metanetwork.hiddim, v.metanetwork.edge_res_ratio) == (32, 0.05)
-    r = compose_cfg("imagenet", ["task=resnet50_on_ImageNet"])
+    r = compose_cfg(["task=resnet50_on_ImageNet"], primary="imagenet")
     assert r.task.pruning.target_speed_up == 2.3095 and r.metanetwork.num_layer == 6
 
 
 def test_metanetwork_choice_follows_task_and_command_line_wins():
-    assert compose_cfg("main", ["task=VGG19_on_CIFAR100"]).metanetwork.hiddim == 32
-    assert compose_cfg("main", ["task=resnet56_on_CIFAR10"]).metanetwork.hiddim == 64
-    small = compose_cfg("main", ["task=resnet56_on_CIFAR10", "metanetwork=small"]).metanetwork
+    assert compose_cfg(["task=VGG19_on_CIFAR100"]).metanetwork.hiddim == 32
+    assert compose_cfg(["task=resnet56_on_CIFAR10"]).metanetwork.hiddim == 64
+    small = compose_cfg(["task=resnet56_on_CIFAR10", "metanetwork=small"]).metanetwork
     assert small.hiddim != 64
 
 
 def test_default_main_config_is_the_offline_quickstart():
-    cfg = compose_cfg("main", [])
+    cfg = compose_cfg([])
     assert cfg.task.name == "resnet20_on_digits"
     assert cfg.protocol == "validation"
 
 
 def test_unknown_run_mode_lists_valid_modes(tmp_path):
-    from utils.runs import UnknownRunError, execute, list_runs
-
-    cfg = compose_cfg("main", ["run=does_not_exist"])
+    cfg = compose_cfg(["run=does_not_exist"])
     with pytest.raises(UnknownRunError) as err:
         execute(cfg, tmp_path)
     for name in list_runs():

@@ -1,6 +1,7 @@
 """Image dataset loaders: each test writes tiny files in the real on-disk format and loads them through
 the production code (torchvision classes included)."""
 import gzip
+import importlib
 import os
 import pickle
 import struct
@@ -8,7 +9,10 @@ import struct
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
+from scipy.io import savemat
+from torch.utils.data.distributed import DistributedSampler
 
 import data_loaders.image_datasets as ids
 from data_loaders.image_datasets import (
@@ -28,8 +32,6 @@ T = pytest.importorskip("torchvision.transforms")
 def _existence_only(monkeypatch, module_name):
     """torchvision verifies the md5 of the *real* files; tiny test files cannot match it. Replace the
     check by an existence check in the given torchvision module for this test only."""
-    import importlib
-
     module = importlib.import_module(f"torchvision.datasets.{module_name}")
     monkeypatch.setattr(module, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
 
@@ -177,8 +179,6 @@ def test_cifar_checksum_failure_is_a_data_not_found_error(tmp_path):
 # SVHN
 # --------------------------------------------------------------------------------------------------
 def _write_svhn(root, split, n, seed):
-    from scipy.io import savemat
-
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
     y = rng.integers(1, 11, (n, 1)).astype(np.uint8)  # 10 stands for digit 0
@@ -314,6 +314,7 @@ def test_fashion_mnist_real_debian_package(tmp_path):
 # digits and synthetic
 # --------------------------------------------------------------------------------------------------
 def test_digits_fixed_split_and_normalisation():
+    # lazily, as in data_loaders.image_datasets: scikit-learn's import costs about 2 s
     from sklearn.datasets import load_digits
 
     full = build_datasets("digits", "unused", val_size=0)
@@ -438,9 +439,6 @@ def test_seeded_loader_with_workers_reproduces_augmented_batches():
 
 
 def test_distributed_loaders_use_distributed_sampler(tmp_path):
-    import torch.distributed as dist
-    from torch.utils.data.distributed import DistributedSampler
-
     splits = _synthetic(val_size=10)
     with pytest.raises(RuntimeError, match="init_process_group"):
         build_loaders(splits, 8, 8, distributed=True)

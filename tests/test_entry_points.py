@@ -3,12 +3,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from generate_dataset.models import load_model
+from helpers import REPO
+from stages import list_runs
 
 
 def run_script(args, cwd, extra_env=None, timeout=600):
@@ -30,12 +31,18 @@ def test_main_train_run_from_another_directory(tmp_path):
     assert (run_dir / "train_metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
     assert (run_dir / "config.yaml").exists()
 
-    from utils.checkpoint import load_model
-
     model, checkpoint = load_model(run_dir / "model.pt")
     assert checkpoint["spec"] == results["model"]
     x = torch.randn(4, 1, 8, 8)
     assert model(x).shape == (4, 10)
+
+
+def test_help_lists_the_run_modes_and_runs_nothing(tmp_path):
+    proc = run_script([sys.executable, str(REPO / "main" / "main.py"), "run=help",
+                       f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "valid run modes: " + ", ".join(list_runs()) in proc.stdout
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "results.json").exists()
 
 
 def test_unknown_run_mode_is_one_clear_error(tmp_path):
@@ -63,7 +70,5 @@ def test_imagenet_entry_runs_under_torchrun_with_two_cpu_ranks(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["epochs"] == 1
-    from utils.checkpoint import load_model
-
     model, _ = load_model(run_dir / "model.pt")
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)

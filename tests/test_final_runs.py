@@ -5,41 +5,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from utils import final_runs  # noqa: F401  (registers the run modes)
-from generate_dataset.models import build_model, model_from_state_dict, model_spec
-from nn.graph import GraphCodec
-from utils.checkpoint import load_model, save_checkpoint
-from utils.experiment import task_data
-from utils.final_runs import (FinalRunConfigError, UnreachableTargetError, metanetwork_setting, resolve_metanetwork,
-                              run_pruning_final)
-from utils.metanet_io import LayoutMismatchError, build_metanetwork, save_metanetwork
-from utils.pruning import SpeedUpNotReachedError, count_macs
-from utils.runs import execute
+from generate_dataset.models import build_model, load_model, model_from_state_dict, model_spec
+from helpers import CONFIG_DIR, FINETUNE_STAGES, compose_cfg, recorded, save_tiny_metanetwork, tiny_cfg
+from nn.apply import LayoutMismatchError
+from pruning.depgraph import SpeedUpNotReachedError, count_macs
+from stages import analyse, execute, final
+from stages.analyse import effective_rank
+from stages.common import FinalRunConfigError, task_data
+from stages.final import UnreachableTargetError, metanetwork_setting, resolve_metanetwork
+from training.loop import evaluate
+from utils.checkpoint import save_checkpoint
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
-STAGES = ("after_init_pruning", "after_metanetwork", "after_pruning")
-# 40 pruning steps of 2.5 % instead of 200 of 0.5 %: same code path, a few steps per pruning
-TINY = (["task=resnet20_on_digits", "task.model=resnet8", "device=cpu", "task.train.epochs=1",
-         "+task.train.max_batches_per_epoch=2", "task.pruning.iterative_steps=40"]
-        + [f"task.finetune.{s}.epochs=1" for s in STAGES]
-        + [f"+task.finetune.{s}.max_batches_per_epoch=2" for s in STAGES])
-MN_OPTIONS = {"num_layer": 2, "hiddim": 8, "node_res_ratio": 0.5, "edge_res_ratio": 0.5}
-
-
-def compose_cfg(overrides=(), tiny=True, hydra_cfg=False):
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("main", overrides=(TINY if tiny else []) + list(overrides), return_hydra_config=hydra_cfg)
-
-
-def save_tiny_metanetwork(path, architecture="resnet8", task="resnet20_on_digits"):
-    torch.manual_seed(0)
-    codec = GraphCodec(build_model(architecture, 10, in_channels=1), input_shape=(1, 8, 8))
-    net = build_metanetwork(codec, MN_OPTIONS)
-    return save_metanetwork(path, net, codec, MN_OPTIONS, task=task, epoch=3)
 
 
 def csv_files(run_dir):
@@ -50,8 +29,8 @@ def csv_files(run_dir):
 def metanetwork_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("final_mn")
     mn = save_tiny_metanetwork(root / "metanetwork.pt")
-    cfg = compose_cfg(["run=pruning_final", f"final.metanetwork={mn}", "seed=8"])
-    summary, model = run_pruning_final(cfg, root / "run")
+    cfg = tiny_cfg(["run=pruning_final", f"final.metanetwork={mn}", "seed=8"])
+    summary, model = recorded(final.pruning_final, cfg, root / "run")
     return cfg, root / "run", summary, model, mn
 
 
@@ -80,7 +59,7 @@ def test_pruning_final_with_metanetwork_results(metanetwork_run):
     for key in ("base_acc", "pruned_acc", "base_val_acc", "pruned_val_acc"):
         assert 0.0 <= results[key] <= 1.0
     assert results["pruned_acc"] == results["pruned"]["test_acc"] == stages["final"]["test_acc"]
-    assert csv_files(run_dir) == [f"finetune_{s}_metrics.csv" for s in STAGES] + ["pretrain_metrics.csv"]
+    assert csv_files(run_dir) == [f"finetune_{s}_metrics.csv" for s in FINETUNE_STAGES] + ["pretrain_metrics.csv"]
 
 
 def test_pruned_model_reloads_with_identical_outputs(metanetwork_run):
@@ -95,19 +74,17 @@ def test_pruned_model_reloads_with_identical_outputs(metanetwork_run):
         expected = model(x)
         assert torch.equal(loaded(x), expected) and torch.equal(rebuilt(x), expected)
     _splits, loaders = task_data(cfg.task, cfg.seed)
-    from utils.training import evaluate
-
     assert evaluate(loaded, loaders.test, "cpu")["acc"] == summary["pruned_acc"]
 
 
 def test_baseline_without_metanetwork_under_paper_protocol(tmp_path):
     # a pretrain_final model shared by the final run
-    pre_cfg = compose_cfg(["run=pretrain_final"])
+    pre_cfg = tiny_cfg(["run=pretrain_final"])
     pre = execute(pre_cfg, tmp_path / "pretrain")
     assert pre["run"] == "pretrain_final"
     assert json.loads((tmp_path / "pretrain" / "results.json").read_text())["run"] == "pretrain_final"
     model_path = tmp_path / "pretrain" / "model.pt"
-    cfg = compose_cfg(["run=pruning_final", "protocol=paper", f"final.model={model_path}",
+    cfg = tiny_cfg(["run=pruning_final", "protocol=paper", f"final.model={model_path}",
                        "final.target_speed_up=1.6"])
     results = execute(cfg, tmp_path / "run")
     assert results["metanetwork"] is None and results["source_model"] == str(model_path.resolve())
@@ -121,13 +98,11 @@ def test_baseline_without_metanetwork_under_paper_protocol(tmp_path):
     # base accuracy is that of the given (unpruned) model
     loaded, _ = load_model(model_path)
     _splits, loaders = task_data(cfg.task, cfg.seed)
-    from utils.training import evaluate
-
     assert results["base_acc"] == evaluate(loaded, loaders.test, "cpu")["acc"]
 
 
 def test_finetune_without_metanetwork_option(tmp_path):
-    cfg = compose_cfg(["run=pruning_final", "final.finetune_without_metanetwork=true",
+    cfg = tiny_cfg(["run=pruning_final", "final.finetune_without_metanetwork=true",
                        "task.finetune.after_init_pruning.epochs=0", "task.train.epochs=0"])
     results = execute(cfg, tmp_path)
     assert results["finetune_epochs"] == {"after_init_pruning": 0, "after_metanetwork": 1, "after_pruning": 1}
@@ -135,7 +110,7 @@ def test_finetune_without_metanetwork_option(tmp_path):
 
 def test_metanetwork_of_another_architecture_is_refused_before_training(tmp_path):
     mn = save_tiny_metanetwork(tmp_path / "vgg_mn.pt", architecture="vgg19", task="VGG19_on_CIFAR100")
-    cfg = compose_cfg(["run=pruning_final", f"final.metanetwork={mn}"])
+    cfg = tiny_cfg(["run=pruning_final", f"final.metanetwork={mn}"])
     with pytest.raises(LayoutMismatchError) as info:
         execute(cfg, tmp_path / "run")
     message = str(info.value)
@@ -144,7 +119,7 @@ def test_metanetwork_of_another_architecture_is_refused_before_training(tmp_path
 
 
 def test_unreachable_speed_up_fails_before_training_with_best_reached(tmp_path):
-    cfg = compose_cfg(["run=pruning_final", "final.target_speed_up=1000"])
+    cfg = tiny_cfg(["run=pruning_final", "final.target_speed_up=1000"])
     with pytest.raises(UnreachableTargetError) as info:
         execute(cfg, tmp_path)
     err = info.value
@@ -159,14 +134,14 @@ def test_unreachable_speed_up_fails_before_training_with_best_reached(tmp_path):
 ])
 def test_bad_settings_are_clear_errors(tmp_path, overrides, match):
     with pytest.raises(FinalRunConfigError, match=match):
-        execute(compose_cfg(["run=pruning_final", *overrides]), tmp_path)
+        execute(tiny_cfg(["run=pruning_final", *overrides]), tmp_path)
 
 
 def test_model_of_another_task_is_refused(tmp_path):
     other = build_model("resnet20", 10, in_channels=1)
     path = save_checkpoint(tmp_path / "m.pt", other.state_dict(), model_spec("resnet20", other, 10))
     with pytest.raises(FinalRunConfigError, match="resnet20"):
-        execute(compose_cfg(["run=pruning_final", f"final.model={path}"]), tmp_path / "run")
+        execute(tiny_cfg(["run=pruning_final", f"final.model={path}"]), tmp_path / "run")
 
 
 def test_metanetwork_setting_resolves_select_dirs(tmp_path):
@@ -185,7 +160,7 @@ def test_analyse_writes_statistics_for_model_and_metanetwork_version(tmp_path):
     model = build_model("resnet8", 10, in_channels=1)
     path = save_checkpoint(tmp_path / "model.pt", model.state_dict(), model_spec("resnet8", model, 10))
     mn = save_tiny_metanetwork(tmp_path / "mn.pt")
-    cfg = compose_cfg(["run=analyse", f"final.model={path}", f"final.metanetwork={mn}"])
+    cfg = tiny_cfg(["run=analyse", f"final.model={path}", f"final.metanetwork={mn}"])
     summary = execute(cfg, tmp_path / "run")
     run_dir = tmp_path / "run"
     assert (run_dir / "layer_statistics.png").stat().st_size > 0
@@ -207,16 +182,16 @@ def test_analyse_writes_statistics_for_model_and_metanetwork_version(tmp_path):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment):
-    cfg = compose_cfg([f"experiment={experiment}"], tiny=False, hydra_cfg=True)
+    cfg = compose_cfg([f"experiment={experiment}"], hydra_cfg=True)
     assert cfg.name == experiment
     assert cfg.run in ("pruning_final", "unstructured_pruning_final")
     assert str(cfg.hydra.sweeper.params.seed) == "7,8,9"
-    cfg = compose_cfg([f"experiment={experiment}"], tiny=False)
+    cfg = compose_cfg([f"experiment={experiment}"])
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves (??? stays a marker)
     # the metanetwork must be given: forgetting it is one clear error, null is the baseline
     with pytest.raises(FileNotFoundError, match="final.metanetwork=<required.*or null for the baseline"):
         metanetwork_setting(cfg)
-    assert metanetwork_setting(compose_cfg([f"experiment={experiment}", "final.metanetwork=null"], tiny=False)) is None
+    assert metanetwork_setting(compose_cfg([f"experiment={experiment}", "final.metanetwork=null"])) is None
     if cfg.run == "pruning_final":
         assert cfg.method.kind == "structured"
         assert cfg.final.target_speed_up > cfg.task.initial_speed_up
@@ -225,24 +200,22 @@ def test_every_experiment_composes(experiment):
 
 
 def test_paper_rows_have_the_paper_targets():
-    targets = {e: compose_cfg([f"experiment={e}"], tiny=False) for e in
+    targets = {e: compose_cfg([f"experiment={e}"]) for e in
                ("resnet56_cifar10_2.3x", "resnet56_cifar10_2.9x", "resnet56_cifar10_3.0x", "vgg19_cifar100_8.95x")}
     assert {e: (c.task.name, c.final.target_speed_up) for e, c in targets.items()} == {
         "resnet56_cifar10_2.3x": ("resnet56_on_CIFAR10", 2.3), "resnet56_cifar10_2.9x": ("resnet56_on_CIFAR10", 2.9),
         "resnet56_cifar10_3.0x": ("resnet56_on_CIFAR10", 3.0), "vgg19_cifar100_8.95x": ("VGG19_on_CIFAR100", 8.95)}
     # a CLI group override wins over the experiment's defaults (N:M instead of L1)
-    assert compose_cfg(["experiment=resnet56_cifar10_unstructured_0.8", "method=nm_sparsity"],
-                       tiny=False).method.name == "nm_sparsity"
+    assert compose_cfg(["experiment=resnet56_cifar10_unstructured_0.8", "method=nm_sparsity"]).method.name == \
+        "nm_sparsity"
 
 
 def test_effective_rank_bounds():
-    from utils.analyse import effective_rank
-
     assert effective_rank(torch.eye(4)) == pytest.approx(4.0)
     assert effective_rank(torch.outer(torch.arange(1.0, 4.0), torch.ones(5))) == pytest.approx(1.0)
     assert effective_rank(torch.zeros(3, 3)) == 0.0
     with pytest.raises(FinalRunConfigError, match="final.model"):
-        final_runs.analyse_run(compose_cfg(["run=analyse"]), Path("/nonexistent-run-dir"))
+        analyse.run(tiny_cfg(["run=analyse"]), Path("/nonexistent-run-dir"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,7 +236,7 @@ def stage(results, name):
 def shared_start(tmp_path_factory):
     """pretrain_final with final.init_prune=true: model.pt and init_pruned_model.pt shared by the runs below."""
     root = tmp_path_factory.mktemp("shared_start")
-    summary = execute(compose_cfg(["run=pretrain_final", "final.init_prune=true"]), root)
+    summary = execute(tiny_cfg(["run=pretrain_final", "final.init_prune=true"]), root)
     return root, summary
 
 
@@ -274,8 +247,8 @@ def control_and_baseline(shared_start, tmp_path_factory):
     root = tmp_path_factory.mktemp("control")
     model = shared_start[0] / "model.pt"
     common = ["run=pruning_final", f"final.model={model}", "task.finetune.after_metanetwork.epochs=2"]
-    control = execute(compose_cfg(common + ["final.finetune_without_metanetwork=true"]), root / "control")
-    baseline = execute(compose_cfg(common), root / "baseline")
+    control = execute(tiny_cfg(common + ["final.finetune_without_metanetwork=true"]), root / "control")
+    baseline = execute(tiny_cfg(common), root / "baseline")
     return root, control, baseline
 
 
@@ -307,7 +280,7 @@ def test_control_runs_the_after_metanetwork_finetune_and_the_baseline_does_not(c
 
 def test_sparse_learning_pre_pruning(shared_start, control_and_baseline, tmp_path):
     _root, control, _baseline = control_and_baseline
-    cfg = compose_cfg(["run=pruning_final", f"final.model={shared_start[0] / 'model.pt'}",
+    cfg = tiny_cfg(["run=pruning_final", f"final.model={shared_start[0] / 'model.pt'}",
                        "task.finetune.after_metanetwork.epochs=2", "final.sparse_learning.enabled=true",
                        "final.sparse_learning.reg=0.5", "final.sparse_learning.alpha=8"])
     results = execute(cfg, tmp_path)
@@ -329,7 +302,7 @@ def test_sparse_learning_pre_pruning(shared_start, control_and_baseline, tmp_pat
 
 def test_sparse_learning_with_a_metanetwork_is_refused_before_training(tmp_path):
     mn = save_tiny_metanetwork(tmp_path / "mn.pt")
-    cfg = compose_cfg(["run=pruning_final", f"final.metanetwork={mn}", "final.sparse_learning.enabled=true"])
+    cfg = tiny_cfg(["run=pruning_final", f"final.metanetwork={mn}", "final.sparse_learning.enabled=true"])
     with pytest.raises(FinalRunConfigError, match="sparse_learning"):
         execute(cfg, tmp_path / "run")
     assert csv_files(tmp_path / "run") == [] and not (tmp_path / "run" / "results.json").exists()
@@ -337,7 +310,7 @@ def test_sparse_learning_with_a_metanetwork_is_refused_before_training(tmp_path)
 
 def test_several_targets_share_one_prepared_model(shared_start, control_and_baseline, tmp_path):
     # the control's settings (its single target is 2.0) with two targets
-    cfg = compose_cfg(["run=pruning_final", f"final.model={shared_start[0] / 'model.pt'}",
+    cfg = tiny_cfg(["run=pruning_final", f"final.model={shared_start[0] / 'model.pt'}",
                        "task.finetune.after_metanetwork.epochs=2", "final.finetune_without_metanetwork=true",
                        "final.target_speed_up=[1.5,2.0]"])
     execute(cfg, tmp_path)
@@ -378,7 +351,7 @@ def test_several_targets_share_one_prepared_model(shared_start, control_and_base
 
 def test_pretrain_final_init_prune_gives_a_start_that_skips_init_pruning(shared_start, tmp_path):
     root, summary = shared_start
-    cfg = compose_cfg([])
+    cfg = tiny_cfg([])
     assert json.loads((root / "results.json").read_text())["init_pruned"] == json.loads(
         json.dumps(summary["init_pruned"]))
     info = summary["init_pruned"]
@@ -390,7 +363,7 @@ def test_pretrain_final_init_prune_gives_a_start_that_skips_init_pruning(shared_
     assert unpruned.widths == build_model("resnet8", 10, in_channels=1).widths  # model.pt stays unpruned
     assert speed_up >= cfg.task.initial_speed_up and speed_up == pytest.approx(info["speed_up"])
 
-    results = execute(compose_cfg(["run=pruning_final", f"final.model={root / 'init_pruned_model.pt'}"]), tmp_path)
+    results = execute(tiny_cfg(["run=pruning_final", f"final.model={root / 'init_pruned_model.pt'}"]), tmp_path)
     assert results["finetune_epochs"]["after_init_pruning"] == 0 and results["finetune"]["after_init_pruning"] is None
     assert "init_pruned" not in stage_names(results)
     assert stage_names(results)[0] == "start" and stage_names(results)[1] == "pruned"
@@ -406,5 +379,5 @@ def test_pretrain_final_init_prune_gives_a_start_that_skips_init_pruning(shared_
 ])
 def test_bad_targets_are_config_errors(tmp_path, target, match):
     with pytest.raises(FinalRunConfigError, match=match):
-        execute(compose_cfg(["run=pruning_final", f"final.target_speed_up={target}"]), tmp_path)
+        execute(tiny_cfg(["run=pruning_final", f"final.target_speed_up={target}"]), tmp_path)
     assert csv_files(tmp_path) == [] and not (tmp_path / "results.json").exists()

@@ -21,7 +21,7 @@ from generate_dataset.models import build_model
 from nn.graph import GraphCodec, GraphCodecError, UnsupportedModuleError
 
 from nn.metanetwork import MetaNetwork
-from utils.pruning import architecture_options, classifier_module, pruner_step
+from pruning.depgraph import architecture_options, classifier_module, pruner_step
 
 torch.set_num_threads(1)
 

@@ -3,22 +3,21 @@ exact resumption, NaN stop, the per-epoch diagnostics, and a run composed throug
 import csv
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
-from data_loaders.store import ShardWriter
+from data_loaders.store import DataModelStore, ShardWriter
 from generate_dataset.models import build_model, model_spec
-from utils import meta_train  # registers run=meta_train
-from utils.metanet_io import build_metanetwork, load_metanetwork
-from utils.regularizer import build_regularizer, group_gamma, relative_change, small_share
-from utils.runs import execute
+from helpers import METHOD, compose_cfg
+from nn.apply import LayoutMismatchError, build_metanetwork, load_metanetwork
+from nn.graph import GraphCodec
+from pruning.regularizer import build_regularizer, group_gamma, relative_change, small_share
+from stages import execute, meta_train
+from stages.common import codec_options
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-METHOD = {"name": "group_l2_norm_max_normalizer", "kind": "structured", "importance": "group_magnitude", "p": 2,
-          "group_reduction": "mean", "normalizer": "max", "global_pruning": True}
 WIDTHS = [8, 5, 8, 7, 16, 3, 32]  # resnet8, non-uniform as after pruning
 TINY_NET = {"num_layer": 2, "hiddim": 8, "node_res_ratio": 0.01, "edge_res_ratio": 0.01}
 
@@ -326,8 +325,6 @@ def test_batch_bn_mode_uses_batch_statistics_and_never_touches_the_running_ones(
 
 
 def test_settings_errors_name_the_config_key():
-    from omegaconf import OmegaConf
-
     task = OmegaConf.create({"name": "t", "batch_size": 64, "meta_train": {
         "epochs": 1, "lr": 1e-3, "weight_decay": 0.0, "milestones": "3,5", "gamma": 0.1, "pruner_reg": 10.0,
         "alpha": 16.0, "bias": False, "train_split": 0.8}})
@@ -344,13 +341,6 @@ def test_settings_errors_name_the_config_key():
 # ------------------------------------------------------------------------------------------------
 # Runs through Hydra on a tiny store
 # ------------------------------------------------------------------------------------------------
-def compose(overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose("main", overrides=overrides)
-
-
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("store")
@@ -365,7 +355,7 @@ def store_dir(tmp_path_factory):
 
 
 def run_cfg(store, epochs=2, extra=()):
-    return compose([
+    return compose_cfg([
         "run=meta_train", "task=resnet20_on_digits", "task.model=resnet8", f"store={store}", "device=cpu",
         f"task.meta_train.epochs={epochs}", "task.meta_train.batches_per_step=2", "task.meta_train.batch_size=32",
         "task.meta_train.milestones=[1]", "task.meta_train.lr=0.01", "metanetwork.num_layer=2",
@@ -407,9 +397,6 @@ def test_hydra_run_writes_checkpoints_metrics_and_results(full_run, store_dir):
     assert ck["spec"]["epoch"] == 2 and len(ck["steps"]) == 4  # 2 epochs x 2 training data models
     assert {s[1] for s in ck["steps"]} == {0, 1}
     # the metanetwork loads for a data model of other widths (one codec per data model)
-    from data_loaders.store import DataModelStore
-    from nn.graph import GraphCodec
-
     other = DataModelStore(store_dir)[1].build_model()
     net, _ = load_metanetwork(meta_train.checkpoint_path(run_dir, 2), GraphCodec(other, input_shape=(1, 8, 8)))
     assert net.hiddim == 8 and len(net.convs) == 2
@@ -475,3 +462,26 @@ def test_nan_loss_stops_with_floating_point_error_and_keeps_last_good_checkpoint
     assert all(torch.isfinite(p).all() for p in net.parameters()) and ck["spec"]["epoch"] == 1
     rows = list(csv.DictReader((tmp_path / "meta_train_metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1]
+
+
+def test_codec_config_keys_reach_the_codec_and_a_mismatch_is_refused(store_dir, tmp_path):
+    """`codec.*` (configs/main.yaml) is what the stages build their GraphCodecs with; the metanetwork checkpoint
+    records it, and applying it with other codec options is refused (the graphs would differ silently)."""
+    cfg = run_cfg(store_dir, epochs=1, extra=["codec.identity_edges=sparse"])
+    assert codec_options(cfg) == {"input_shape": (1, 8, 8), "identity_edges": "sparse", "edge_layout": "auto",
+                                  "legacy_fc_permutation": False}
+    default = codec_options(run_cfg(store_dir))
+    assert default["identity_edges"] is None and default["edge_layout"] == "auto"
+    assert not default["legacy_fc_permutation"]
+    execute(cfg, tmp_path)
+    path = meta_train.checkpoint_path(tmp_path, 1)
+    layout = torch.load(path, weights_only=True)["spec"]["layout"]
+    assert layout["identity_edges"] == "sparse" and layout["edge_layout"] == "padded"
+    model = DataModelStore(store_dir)[0].build_model()
+    dense, sparse = GraphCodec(model, **default), GraphCodec(model, **codec_options(cfg))
+    assert sparse.num_edges < dense.num_edges and sparse.edge_dims == dense.edge_dims  # same sizes, other graph
+    load_metanetwork(path, sparse)
+    with pytest.raises(LayoutMismatchError, match="identity_edges"):
+        load_metanetwork(path, dense)
+    legacy = compose_cfg(["task=resnet20_on_digits", "codec.legacy_fc_permutation=true"])
+    assert GraphCodec(model, **codec_options(legacy)).layout["legacy_fc_permutation"] is True

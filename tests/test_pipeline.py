@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from data_loaders.image_datasets import build_datasets, build_loaders
+from generate_dataset.models import load_model
+from helpers import REPO
+from training.loop import evaluate
+
 # Same stages and code paths as the default command, with fewer epochs so CI stays fast.
 SHORT = [
     "pipeline.num_data_models=3", "task.train.epochs=3", "task.finetune.after_init_pruning.epochs=1",
@@ -40,10 +44,6 @@ def test_default_pipeline_end_to_end_and_resume(tmp_path):
         assert result["protocol"] == "validation"
 
     # the saved pruned model reloads and computes exactly what the run measured
-    from data_loaders.image_datasets import build_datasets, build_loaders
-    from utils.checkpoint import load_model
-    from utils.training import evaluate
-
     model, checkpoint = load_model(run_dir / "final" / "metanetwork" / "pruned_model.pt")
     assert checkpoint["spec"]["widths"] != [16] * 7 + [32] * 6 + [64] * 6  # actually pruned
     splits = build_datasets("digits", root=str(tmp_path), val_size=0.15, split_seed=0)

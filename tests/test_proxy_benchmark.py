@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 TARGETS = (1.5, 2.0)
 METHOD_LABELS = {  # benchmarks/proxy.py LABELS, in table order
     "metanetwork": "Meta-pruning (metanetwork)",

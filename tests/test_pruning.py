@@ -1,20 +1,24 @@
-"""utils.pruning: MACs speed-up targets, first-step stopping, classifier exclusion, clear errors."""
+"""pruning.depgraph: MACs speed-up targets, first-step stopping, classifier exclusion, clear errors, and the
+one progressive pruning loop (pruning_steps) shared with the accuracy curves."""
 import copy
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from utils.pruning import (
+from generate_dataset.models import build_model, model_from_state_dict
+from helpers import METHOD
+from pruning.curves import accuracy_speed_up_curve
+from pruning.depgraph import (
     SpeedUpNotReachedError,
+    architecture_options,
     build_pruner,
     classifier_module,
     count_macs,
     prune_to_speed_up,
+    pruning_steps,
 )
-
-METHOD = {"name": "group_l2_norm_max_normalizer", "kind": "structured", "importance": "group_magnitude",
-          "p": 2, "group_reduction": "mean", "normalizer": "max", "global_pruning": True}
 
 
 class TinyNet(nn.Module):
@@ -109,9 +113,6 @@ def test_bad_method_and_target_are_clear_errors():
 
 
 def test_vit_prunes_to_a_speed_up_and_stays_runnable_and_rebuildable():
-    from generate_dataset.models import build_model, model_from_state_dict
-    from utils.pruning import architecture_options
-
     torch.manual_seed(0)
     vit = build_model("vit_tiny", 10).eval()
     example = torch.ones(1, 3, 32, 32)
@@ -125,3 +126,18 @@ def test_vit_prunes_to_a_speed_up_and_stays_runnable_and_rebuildable():
     assert vit.hidden_dim == vit.conv_proj.out_channels and vit.hidden_dim % 2 == 0
     rebuilt = model_from_state_dict("vit_tiny", vit.state_dict(), 10)
     assert torch.equal(rebuilt(x), out)
+
+
+def test_prune_to_speed_up_and_the_curve_walk_the_same_pruning_steps():
+    """pruning_steps is the one progressive pruning loop: prune_to_speed_up stops at its first step reaching the
+    target, and an accuracy curve has one point per step of it."""
+    base = count_macs(make_net(), EXAMPLE)
+    speed_ups = [base / macs for macs in pruning_steps(make_net(), EXAMPLE, METHOD, iterative_steps=20)]
+    assert len(speed_ups) == 20 and speed_ups == sorted(speed_ups) and speed_ups[0] > 1.0
+    target = (speed_ups[5] + speed_ups[6]) / 2  # reached at step 7, not before
+    assert speed_ups[5] < target <= speed_ups[6]
+    assert prune_to_speed_up(make_net(), target, METHOD, EXAMPLE, iterative_steps=20) == speed_ups[6]
+    loader = DataLoader(TensorDataset(torch.randn(8, 3, 16, 16), torch.randint(10, (8,))), batch_size=4)
+    points = accuracy_speed_up_curve(make_net(), loader, "cpu", METHOD, EXAMPLE, max_speed_up=target,
+                                     iterative_steps=20, progress=False)
+    assert [x for x, _ in points] == [1.0] + speed_ups[:7]

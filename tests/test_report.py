@@ -4,11 +4,9 @@ import statistics
 
 import pytest
 
-from utils import report  # noqa: F401  (registers the run mode)
-from utils.report import ReportError, build_report, find_results, format_stat, group_results
-from utils.runs import execute
-
-from test_final_runs import compose_cfg
+from helpers import tiny_cfg
+from stages import execute
+from stages.report import ReportError, build_report, find_results, format_stat, group_results
 
 EPOCHS = {"after_init_pruning": 80, "after_metanetwork": 100, "after_pruning": 140}
 
@@ -103,7 +101,7 @@ def test_format_stat_single_value_has_no_std():
 
 def test_report_run_writes_markdown(sweep, tmp_path_factory, capsys):
     out = tmp_path_factory.mktemp("report")
-    summary = execute(compose_cfg(["run=report", f"report.dir={sweep}"]), out)
+    summary = execute(tiny_cfg(["run=report", f"report.dir={sweep}"]), out)
     text = (out / "report.md").read_text()
     assert summary["runs"] == 5 and "| Meta-Pruning | 93.51 ± 0.00 | 93.82 ± 0.26 |" in text
     assert "93.82 ± 0.26" in capsys.readouterr().out
@@ -115,7 +113,7 @@ def test_report_errors_are_clear(tmp_path):
     with pytest.raises(ReportError, match="not a folder"):
         find_results(tmp_path / "missing")
     with pytest.raises(ReportError, match="report.dir"):
-        execute(compose_cfg(["run=report"]), tmp_path / "out")
+        execute(tiny_cfg(["run=report"]), tmp_path / "out")
 
 
 def test_baselines_are_grouped_and_labelled_by_what_ran_before_pruning(tmp_path):

@@ -12,32 +12,28 @@ import re
 import shutil
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from matplotlib.colors import to_rgba
 from omegaconf import OmegaConf, open_dict
 
-from data_loaders.store import ShardWriter
+import nn.apply
+from data_loaders.store import DataModelStore, ShardWriter
 from generate_dataset.models import build_model, model_spec
+from helpers import METHOD, compose_cfg
+from nn.apply import LayoutMismatchError, build_metanetwork, save_metanetwork
 from nn.graph import GraphCodec
-from utils import curves
-from utils import selection  # registers run=select and run=visualize
-from utils.curves import accuracy_at, accuracy_speed_up_curve, area_under_curve, mean_curve, plot_curves
-from utils.metanet_io import LayoutMismatchError, build_metanetwork, save_metanetwork
-from utils.runs import execute
-from utils.selection import SelectionError, chosen_checkpoint, list_checkpoints, parse_checkpoints
-from utils.training import TrainConfig, evaluate, train
+from pruning import curves
+from pruning.curves import accuracy_at, accuracy_speed_up_curve, area_under_curve, mean_curve, plot_curves
+from stages import execute, select
+from stages.common import task_data
+from stages.select import SelectionError, checkpoints_by_epoch, chosen_checkpoint, parse_checkpoints
+from training.config import TrainConfig
+from training.loop import evaluate, train
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TASK = "resnet20_on_digits"
 BASE_SPEED_UP = 1.25  # recorded speed-up of the validation data model (as if init-pruned)
-METHOD = {"name": "group_l2_norm_max_normalizer", "kind": "structured", "importance": "group_magnitude", "p": 2,
-          "group_reduction": "mean", "normalizer": "max", "global_pruning": True}
-
-
-def compose_cfg(overrides):
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("main", overrides=overrides, return_hydra_config=False)
 
 
 def make_cfg(env, run="select", **select):
@@ -70,8 +66,6 @@ def _save_metanet(path, codec, ratio, seed, epoch, **extra):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Store (model 0 meta-trains, model 1 validates), data loaders and a meta_train dir with two checkpoints."""
-    from utils.experiment import task_data
-
     root = tmp_path_factory.mktemp("selection")
     cfg = compose_cfg([f"task={TASK}", "task.model=resnet8"])
     splits, loaders = task_data(cfg.task, 0)
@@ -98,9 +92,7 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def select_dir(env):
     """One run=select over both checkpoints, with a test split that raises if it is ever read."""
-    import utils.experiment as experiment
-
-    real = experiment.task_data
+    real = select.task_data
 
     def task_data_without_test(task, seed, distributed=False):
         splits, loaders = real(task, seed, distributed)
@@ -115,14 +107,14 @@ def select_dir(env):
     run_dir = env["root"] / "select_run"
     env["select_warnings"] = []
     handler = Collect(level=logging.WARNING)
-    logging.getLogger(selection.__name__).addHandler(handler)
+    logging.getLogger(select.__name__).addHandler(handler)
     mp = pytest.MonkeyPatch()
-    mp.setattr(experiment, "task_data", task_data_without_test)
+    mp.setattr(select, "task_data", task_data_without_test)
     try:
         execute(make_cfg(env), run_dir)
     finally:
         mp.undo()
-        logging.getLogger(selection.__name__).removeHandler(handler)
+        logging.getLogger(select.__name__).removeHandler(handler)
     return run_dir
 
 
@@ -190,11 +182,8 @@ def test_control_is_the_checkpoints_finetune_without_a_metanetwork(env, select_d
 
 
 def test_control_runs_the_finetune_but_never_the_metanetwork(env, tmp_path, monkeypatch):
-    import utils.metanet_io
-    import utils.training
-
     applied, trained = [], []
-    real_apply, real_train = utils.metanet_io.apply_metanetwork, utils.training.train
+    real_apply, real_train = nn.apply.apply_metanetwork, select.train
 
     def counting_apply(model, net, codec=None):
         applied.append(float(net.node_res_ratio))
@@ -204,8 +193,8 @@ def test_control_runs_the_finetune_but_never_the_metanetwork(env, tmp_path, monk
         trained.append(kwargs.get("desc"))
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(utils.metanet_io, "apply_metanetwork", counting_apply)
-    monkeypatch.setattr(utils.training, "train", counting_train)
+    monkeypatch.setattr(nn.apply, "apply_metanetwork", counting_apply)
+    monkeypatch.setattr(select, "train", counting_train)
     quick = {"checkpoints": "[1]", "finetune_epochs": 0, "max_speed_up": 1.5, "cache": None}
     result = execute(make_cfg(env, run="visualize", **quick), tmp_path / "a")
     assert set(result["scores"]) == {"origin", "control", "epoch_1"} and result["curves_computed"] == 3
@@ -221,13 +210,11 @@ def test_control_runs_the_finetune_but_never_the_metanetwork(env, tmp_path, monk
 # run=visualize and the cache
 # ----------------------------------------------------------------------------------------------
 def _forbid_computation(monkeypatch):
-    import utils.training
-
     def boom(*args, **kwargs):
         raise AssertionError("recomputed although the cache covers the request")
 
     monkeypatch.setattr(curves, "accuracy_speed_up_curve", boom)
-    monkeypatch.setattr(utils.training, "train", boom)
+    monkeypatch.setattr(select, "train", boom)
 
 
 def test_visualize_replots_from_the_select_cache_without_recomputing(env, select_dir, tmp_path, monkeypatch):
@@ -246,7 +233,7 @@ def test_visualize_replots_from_the_select_cache_without_recomputing(env, select
     full = next(e["points"] for e in saved if e["label"] == "epoch_2")
     assert full[-1][0] >= 3.0  # the cache keeps the longest curve, not the cut
     assert cut["scores"]["epoch_2"] == pytest.approx(area_under_curve(full, 2.0))
-    cached = selection.CurveCache.load(tmp_path / "vis2" / "curves.json")
+    cached = select.CurveCache.load(tmp_path / "vis2" / "curves.json")
     entry, points = cached.find(next(e["settings"] for e in saved if e["label"] == "epoch_2"), 2.0)
     assert points[-1][0] >= 2.0 > points[-2][0] and points == full[:len(points)]
     assert cached.find(entry["settings"], 3.5) is None  # a longer curve than cached must be computed
@@ -361,8 +348,6 @@ def test_mean_curve_and_plot(tmp_path):
 
 def _plotted_lines(monkeypatch, *args, **kwargs):
     """Call plot_curves and return ``{label: Line2D}`` of the figure it drew (caught before it is closed)."""
-    import matplotlib.pyplot as plt
-
     figures = []
     real_close = plt.close
     monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
@@ -371,8 +356,6 @@ def _plotted_lines(monkeypatch, *args, **kwargs):
 
 
 def test_plot_gives_every_curve_its_own_colour(tmp_path, monkeypatch):
-    from matplotlib.colors import to_rgba
-
     # 12 curves: more than matplotlib's 10-colour default cycle
     data = {"origin": CURVE, "control": CURVE} | {f"epoch_{k}": CURVE for k in range(1, 11)}
     lines = _plotted_lines(monkeypatch, data, tmp_path / "many.png", 3.0)
@@ -394,7 +377,7 @@ def test_plot_gives_every_curve_its_own_colour(tmp_path, monkeypatch):
 # Checkpoint lists and clear errors
 # ----------------------------------------------------------------------------------------------
 def test_checkpoint_specs(env):
-    available = list_checkpoints(env["meta"])
+    available = checkpoints_by_epoch(env["meta"])
     assert list(available) == [1, 2]
     assert [k for k, _ in parse_checkpoints("all", available)] == [1, 2]
     assert [k for k, _ in parse_checkpoints("1:2", available)] == [1, 2]
@@ -463,19 +446,17 @@ def test_select_refuses_data_models_the_checkpoint_was_meta_trained_on(env, tmp_
 
 
 def test_held_out_check_warns_without_a_record_and_for_visualize(env, caplog):
-    from data_loaders.store import DataModelStore
-
     store = DataModelStore(env["store"])
     path = Path("epoch_0001.pt")
     with caplog.at_level(logging.WARNING):
-        assert selection.check_held_out(path, {"spec": {}}, store, [1])  # an old checkpoint: warn, go on
+        assert select.check_held_out(path, {"spec": {}}, store, [1])  # an old checkpoint: warn, go on
     assert "records no meta_train store/train_indices" in caplog.text
     # a relative spelling of the same store is the same store
     relative = Path(os.path.relpath(env["store"]))
-    assert selection.check_held_out(path, {"meta": {"store": str(relative), "train_indices": [0]}}, store, [1])
+    assert select.check_held_out(path, {"meta": {"store": str(relative), "train_indices": [0]}}, store, [1])
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert not selection.check_held_out(path, {"meta": {"store": str(env["store"]), "train_indices": [1]}},
+        assert not select.check_held_out(path, {"meta": {"store": str(env["store"]), "train_indices": [1]}},
                                             store, [1], strict=False)
     assert "run=select refuses" in caplog.text
 
@@ -490,8 +471,6 @@ def test_chosen_checkpoint_errors(tmp_path):
 
 def test_unstructured_method_is_refused_before_any_work(env, tmp_path):
     cfg = make_cfg(env)
-    from omegaconf import open_dict
-
     with open_dict(cfg):
         cfg.method = {"name": "unstructured_l1_norm", "kind": "unstructured", "importance": "l1"}
     with pytest.raises(SelectionError, match="unstructured_l1_norm is unstructured"):

@@ -1,5 +1,5 @@
-"""DepGraph sparse learning (utils/sparse_learning.py): the after_backward hook adds exactly the group-norm
-regulariser gradient of utils.regularizer (torch-pruning's GroupNormPruner.regularize), and training with it
+"""DepGraph sparse learning (pruning/sparse_learning.py): the after_backward hook adds exactly the group-norm
+regulariser gradient of pruning.regularizer (torch-pruning's GroupNormPruner.regularize), and training with it
 shrinks the weak channel groups."""
 import math
 
@@ -9,12 +9,12 @@ import torch.nn.functional as F
 
 from data_loaders.image_datasets import build_datasets, build_loaders
 from generate_dataset.models import build_model
-from utils.regularizer import build_regularizer, group_gamma
-from utils.sparse_learning import SparseLearning
-from utils.training import TrainConfig, train
+from helpers import METHOD
+from pruning.regularizer import build_regularizer, group_gamma
+from pruning.sparse_learning import SparseLearning
+from training.config import TrainConfig
+from training.loop import train
 
-METHOD = {"name": "group_l2_norm_max_normalizer", "kind": "structured", "importance": "group_magnitude", "p": 2,
-          "group_reduction": "mean", "normalizer": "max", "global_pruning": True}
 ALPHA = 16.0
 
 
@@ -125,7 +125,7 @@ def test_hook_matches_an_independent_recomputation():
     w = p["layer1.0.conv1.weight"].detach()
     both = reg * (inner_gamma.view(-1, 1, 1, 1) + gamma.view(1, -1, 1, 1)) * w
     torch.testing.assert_close(added["layer1.0.conv1.weight"], both, rtol=1e-5, atol=1e-12)
-    # the same gammas come out of utils.regularizer.group_gamma on the pruner's importance
+    # the same gammas come out of pruning.regularizer.group_gamma on the pruner's importance
     groups = hook.pruner._groups
     first = [group_gamma(hook.pruner.estimate_importance(g).sqrt(), ALPHA) for g in groups
              if next(iter(g))[0].target.module is model.layer1[0].conv1]

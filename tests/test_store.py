@@ -8,16 +8,21 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import h5py
 import pytest
 import torch
 
-from data_loaders.store import DataModelStore, ShardWriter, StoreError, model_path, shard_path
+import data_loaders.store as store_module
+import utils.io
+from data_loaders.store import DataModelStore, ShardWriter, StoreError, model_path, shard_path, verify_store
+from data_loaders.store import main as store_cli
 from generate_dataset.models import build_model, model_spec
+from helpers import REPO, compose_cfg
+from nn.graph import GraphCodec
+from stages import generate
+from utils.seed import derive_seed
 
-REPO = Path(__file__).resolve().parents[1]
 IDENTITY = {"task": "resnet8_on_test", "architecture": "resnet8", "num_classes": 10, "method": "group_l2"}
 
 
@@ -119,7 +124,7 @@ def test_interrupted_append_leaves_previous_shard_intact(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr("data_loaders.store.os.replace", crash)
+    monkeypatch.setattr("utils.io.os.replace", crash)  # the rename of utils.io.atomic_path
     with pytest.raises(KeyboardInterrupt):
         writer.append(1, model.state_dict(), model_spec("resnet8", model, 10), {}, 1.0, 0, {})
     assert model_path(tmp_path, 0, 0).read_bytes() == before
@@ -234,8 +239,6 @@ def test_generator_survives_sigkill_and_resumes_without_duplicates(tmp_path):
 
 
 def test_models_and_graphs_yields_ready_pairs_in_seeded_order(tmp_path):
-    from nn.graph import GraphCodec
-
     _, models = add_models(tmp_path, 0, range(4))
     store = DataModelStore(tmp_path)
     train_idx, _ = store.split(0.75)
@@ -322,18 +325,16 @@ def test_append_writes_only_the_new_model(tmp_path):
 
 
 def test_disk_full_is_a_clean_error_and_the_model_is_rescued(tmp_path, monkeypatch):
-    import data_loaders.store as store_module
-
     store_dir, run_dir = tmp_path / "store", tmp_path / "run"
     writer, _ = add_models(store_dir, 0, [0], keep_open=True)
-    real_write = store_module._write_durably
+    real_write = utils.io.write_bytes
 
     def disk_full(path, data):  # half of the file fits, then the disk is full
         with open(path, "xb") as handle:
             handle.write(bytes(data[: len(data) // 2]))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(store_module, "_write_durably", disk_full)
+    monkeypatch.setattr(utils.io, "write_bytes", disk_full)
     model = pruned_like_model(1)
     with pytest.raises(StoreError) as err:
         append(writer, 1, model, rescue_dir=run_dir)
@@ -346,7 +347,7 @@ def test_disk_full_is_a_clean_error_and_the_model_is_rescued(tmp_path, monkeypat
     # the trained model is kept, and stores without retraining once there is space
     saved = store_module.load_rescued(rescued)
     assert_same_weights(saved["state_dict"], model)
-    monkeypatch.setattr(store_module, "_write_durably", real_write)
+    monkeypatch.setattr(utils.io, "write_bytes", real_write)
     writer.append(1, saved["state_dict"], saved["spec"], saved["metrics"], saved["speed_up"], saved["seed"],
                   saved["config"])
     writer.close()
@@ -356,16 +357,9 @@ def test_disk_full_is_a_clean_error_and_the_model_is_rescued(tmp_path, monkeypat
 
 
 def test_generator_stores_a_rescued_model_without_retraining(tmp_path, monkeypatch):
-    from hydra import compose, initialize_config_dir
-
-    import data_loaders.store as store_module
-    import generate_dataset.generation as generation
-    from utils.seed import derive_seed
-
     store_dir, run_dir = tmp_path / "store", tmp_path / "run"
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("generate", overrides=[*FAST, "num=1", f"store={store_dir}", "device=cpu"])
-    identity = generation.shard_identity(cfg) | {"num_classes": 10}
+    cfg = compose_cfg([*FAST, "num=1", f"store={store_dir}", "device=cpu"], primary="generate")
+    identity = generate.shard_identity(cfg) | {"num_classes": 10}
     seed = derive_seed(cfg.seed, cfg.index, 0)
     torch.manual_seed(0)
     model = build_model("resnet8", 10, in_channels=1).eval()
@@ -375,7 +369,7 @@ def test_generator_stores_a_rescued_model_without_retraining(tmp_path, monkeypat
 
     def rescue(seed):  # a run that trained the model but found the disk full
         with ShardWriter(store_dir, cfg.index, identity) as writer, monkeypatch.context() as patch:
-            patch.setattr(store_module, "_write_durably", disk_full)
+            patch.setattr(utils.io, "write_bytes", disk_full)
             with pytest.raises(StoreError, match="is full"):
                 writer.append(0, model.state_dict(), model_spec("resnet8", model, 10), {"test_acc": 0.3}, 1.4, seed,
                               {"seed": cfg.seed}, rescue_dir=run_dir)
@@ -383,12 +377,12 @@ def test_generator_stores_a_rescued_model_without_retraining(tmp_path, monkeypat
     def no_training(*args, **kwargs):
         raise AssertionError("a rescued data model must not be retrained")
 
-    monkeypatch.setattr(generation, "train", no_training)
+    monkeypatch.setattr(generate, "train", no_training)
     rescue(seed + 1)  # another seed: not this run's data model
     with pytest.raises(StoreError, match="other settings.*seed"):
-        generation.generate_shard(cfg, run_dir)
+        generate.run(cfg, run_dir)
     rescue(seed)
-    summary = generation.generate_shard(cfg, run_dir)
+    summary = generate.run(cfg, run_dir)
     assert summary["produced"] == [0]
     assert not store_module.rescue_path(run_dir, cfg.index, 0).exists()
     record = DataModelStore(store_dir)[0]
@@ -397,8 +391,6 @@ def test_generator_stores_a_rescued_model_without_retraining(tmp_path, monkeypat
 
 
 def test_flipped_bytes_are_detected_on_read_and_by_verify(tmp_path):
-    from data_loaders.store import main as store_cli, verify_store
-
     add_models(tmp_path, 0, [0, 1, 2])
     assert verify_store(tmp_path) == 3
     path = model_path(tmp_path, 0, 1)
@@ -462,6 +454,4 @@ def test_old_single_file_layout_is_read_and_converted_by_its_writer(tmp_path):
 
 
 def verify_store_count(path):
-    from data_loaders.store import verify_store
-
     return verify_store(path)

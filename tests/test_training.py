@@ -1,5 +1,6 @@
 """Training loop, evaluation, schedules, epoch selection, seeding and device helpers (CPU, tiny)."""
 import csv
+import logging
 import math
 from types import SimpleNamespace
 
@@ -7,11 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from training.config import TrainConfig
+from training.loop import CSV_COLUMNS, _BatchMixer, evaluate, train
 from utils.device import resolve_device
+from utils.logging_utils import setup_logging
 from utils.seed import derive_seed, make_generator, seed_everything
-from utils.training import CSV_COLUMNS, TrainConfig, evaluate, train
 
 CPU = torch.device("cpu")
 NUM_CLASSES = 4
@@ -206,8 +210,6 @@ def test_evaluate_is_exact_sample_weighted_and_restores_mode():
 
 
 def test_config_from_dict_and_validation():
-    from omegaconf import OmegaConf
-
     cfg = TrainConfig.from_dict(OmegaConf.create({"epochs": 3, "lr": "1e-3", "milestones": "60, 90"}))
     assert cfg.milestones == [60, 90] and cfg.lr == 1e-3 and cfg.select == "val"
     assert TrainConfig.from_dict({"epochs": 1, "lr": 0.1, "clip_grad_norm": 0}).clip_grad_norm is None
@@ -235,16 +237,12 @@ def test_adamw_clipping_and_cuda_only_flags_on_cpu():
 
 
 def test_setup_logging_writes_run_log_once(tmp_path):
-    import logging
-
-    from utils.logging_utils import setup_logging
-
     root = logging.getLogger()
     before, level = list(root.handlers), root.level
     try:
         setup_logging(tmp_path)
         setup_logging(tmp_path)  # idempotent: no duplicated handlers
-        logging.getLogger("utils.training").info("hello run log")
+        logging.getLogger("training.loop").info("hello run log")
         assert (tmp_path / "run.log").read_text().count("hello run log") == 1
     finally:
         for handler in [h for h in root.handlers if h not in before]:
@@ -294,8 +292,6 @@ def test_resolve_device():
 # MixUp / CutMix (ViT recipe)
 # ----------------------------------------------------------------------------------------------
 def test_batch_mixer_off_is_identity_and_on_mixes_with_matching_soft_label_loss():
-    from utils.training import _BatchMixer
-
     torch.manual_seed(0)
     x, y = torch.randn(8, 3, 6, 6), torch.arange(8) % 4
     same, y_b, lam = _BatchMixer(0.0, 0.0)(x, y)
@@ -314,8 +310,6 @@ def test_batch_mixer_off_is_identity_and_on_mixes_with_matching_soft_label_loss(
 
 
 def test_cutmix_lambda_is_the_kept_area():
-    from utils.training import _BatchMixer
-
     torch.manual_seed(3)
     x = torch.zeros(4, 1, 10, 10)
     x[1:] = 1.0  # sample 0 is all zeros, the others all ones
@@ -337,8 +331,6 @@ def test_training_with_mixup_runs_and_reports_hard_label_accuracy(tmp_path):
 
 
 def _mixup_loaders():
-    from types import SimpleNamespace
-
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 3, 6, 6, generator=g), torch.randint(4, (64,), generator=g)
     data = torch.utils.data.TensorDataset(x, y)

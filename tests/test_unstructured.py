@@ -5,15 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from utils import final_runs  # noqa: F401  (registers the run modes)
-from generate_dataset.models import build_model
-from utils.checkpoint import load_model
-from utils.final_runs import FinalRunConfigError, run_unstructured_pruning_final
-from utils.runs import execute
-from utils.unstructured import (MaskedGradients, MaskViolationError, check_masks, count_sparse_macs, global_l1_prune,
-                                nm_mask, nm_prune, prunable_layers, sparsity)
-
-from test_final_runs import compose_cfg, save_tiny_metanetwork
+from generate_dataset.models import build_model, load_model
+from helpers import recorded, save_tiny_metanetwork, tiny_cfg
+from pruning.unstructured import (MaskedGradients, MaskViolationError, check_masks, count_sparse_macs,
+                                  global_l1_prune, nm_mask, nm_prune, prunable_layers, sparsity)
+from stages import execute, final
+from stages.common import FinalRunConfigError
 
 
 def tiny_net(seed=0):
@@ -102,9 +99,9 @@ def test_sparse_macs_count_nonzero_weights_per_output_position():
 
 def test_unstructured_final_l1_with_metanetwork(tmp_path):
     mn = save_tiny_metanetwork(tmp_path / "mn.pt")
-    cfg = compose_cfg(["run=unstructured_pruning_final", "method=unstructured_l1_norm", "final.amount=0.8",
+    cfg = tiny_cfg(["run=unstructured_pruning_final", "method=unstructured_l1_norm", "final.amount=0.8",
                        f"final.metanetwork={mn}"])
-    summary, model, masks = run_unstructured_pruning_final(cfg, tmp_path / "run")
+    summary, model, masks = recorded(final.unstructured_pruning_final, cfg, tmp_path / "run")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     total = sum(m.weight.numel() for _, m in prunable_layers(build_model("resnet8", 10, in_channels=1)))
     # exact global sparsity, still exact after the masked fine-tune (pruned weights stayed zero)
@@ -123,7 +120,7 @@ def test_unstructured_final_l1_with_metanetwork(tmp_path):
 
 
 def test_unstructured_final_nm_pattern_holds(tmp_path):
-    cfg = compose_cfg(["run=unstructured_pruning_final", "method=nm_sparsity", "final.metanetwork=null"])
+    cfg = tiny_cfg(["run=unstructured_pruning_final", "method=nm_sparsity", "final.metanetwork=null"])
     results = execute(cfg, tmp_path)
     assert results["pruning"] == "2:4" and results["finetune_epochs"]["after_metanetwork"] == 0
     loaded, _ = load_model(tmp_path / "pruned_model.pt")
@@ -140,4 +137,4 @@ def test_unstructured_final_nm_pattern_holds(tmp_path):
 
 def test_structured_method_is_refused(tmp_path):
     with pytest.raises(FinalRunConfigError, match="unstructured method"):
-        execute(compose_cfg(["run=unstructured_pruning_final"]), tmp_path)
+        execute(tiny_cfg(["run=unstructured_pruning_final"]), tmp_path)

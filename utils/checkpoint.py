@@ -12,13 +12,14 @@ would need arbitrary code to unpickle (a checkpoint from a stranger must not be 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from utils.io import atomic_path
 
 FORMAT_VERSION = 1
 _RESERVED_KEYS = ("state_dict", "spec", "format_version")
@@ -83,35 +84,11 @@ def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tens
     for key, value in payload.items():
         _check_plain(value, f"checkpoint {path}: {key!r}")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        # Any failure (including KeyboardInterrupt) leaves the previous file untouched.
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-        raise
-    fsync_dir(path.parent)
+    # utils.io.atomic_path: temporary file, fsync, os.replace, fsync of the folder; a failure (even
+    # KeyboardInterrupt) removes the temporary file and leaves the previous checkpoint untouched.
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as handle:
+        torch.save(payload, handle)
     return path
-
-
-def fsync_dir(directory: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
@@ -149,25 +126,3 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             f"{FORMAT_VERSION}. Update the code base or re-save the checkpoint"
         )
     return checkpoint
-
-
-def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model stored in a checkpoint; returns ``(model in eval mode, checkpoint)``.
-
-    The architecture comes from ``spec["name"]`` and ``spec["num_classes"]``; widths are inferred
-    from the tensor shapes, so pruned checkpoints load too.
-    """
-    checkpoint = load_checkpoint(path, map_location=map_location)
-    spec = checkpoint["spec"]
-    missing = [key for key in ("name", "num_classes") if key not in spec]
-    if missing:
-        raise CheckpointError(f"{path}: spec lacks {missing}; cannot tell which architecture to rebuild")
-    # Imported here: generate_dataset.models pulls in every architecture, which plain
-    # checkpoint I/O does not need.
-    from generate_dataset.models import model_from_state_dict
-
-    model = model_from_state_dict(spec["name"], checkpoint["state_dict"], spec["num_classes"])
-    if isinstance(map_location, (str, torch.device)):
-        model = model.to(map_location)
-    model.eval()
-    return model, checkpoint

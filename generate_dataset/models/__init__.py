@@ -2,7 +2,8 @@
 
 Every architecture is built at arbitrary per-layer widths, so a torch-pruning-pruned state dict can be
 turned back into a model (:func:`model_from_state_dict`) and described by a small JSON spec
-(:func:`model_spec`). Importing this package registers all architectures.
+(:func:`model_spec`); :func:`load_model` rebuilds the model of a saved checkpoint. Importing this package
+registers all architectures.
 """
 from .registry import (
     ArchitectureMismatchError,
@@ -11,6 +12,7 @@ from .registry import (
     build_model,
     get_builder,
     list_models,
+    load_model,
     model_from_state_dict,
     model_spec,
     register_model,
@@ -33,6 +35,7 @@ __all__ = [
     "get_builder",
     "build_model",
     "model_from_state_dict",
+    "load_model",
     "model_spec",
     "widths_from_state_dict",
     "CifarBasicBlock",

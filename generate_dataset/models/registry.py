@@ -7,7 +7,8 @@ its flat ``widths`` list. That single table is all that is needed to
 
 * read the widths of a live (possibly torch-pruning-pruned) model or of a state dict,
 * rebuild a model of identical shapes with :func:`model_from_state_dict`,
-* produce a JSON spec with :func:`model_spec` that :func:`build_model` turns back into the same shapes.
+* produce a JSON spec with :func:`model_spec` that :func:`build_model` turns back into the same shapes,
+* rebuild the model saved in a weights-only checkpoint (``utils.checkpoint``) with :func:`load_model`.
 
 Structure (which blocks exist, where projection shortcuts are) is fixed by the *name*, never by the
 widths: the set of state-dict keys of an architecture does not depend on its widths. The expected key
@@ -16,11 +17,14 @@ set is taken from a template built on the ``meta`` device (no memory, no initial
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from utils.checkpoint import CheckpointError, load_checkpoint
 
 __all__ = [
     "ArchitectureMismatchError",
@@ -230,3 +234,21 @@ def model_spec(name: str, model_or_state_dict: nn.Module | Mapping[str, torch.Te
     state_dict = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
     _, widths, in_channels, _ = _inspect(name, state_dict, num_classes)
     return {"name": name, "num_classes": int(num_classes), "in_channels": in_channels, "widths": widths}
+
+
+def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model stored in a checkpoint; returns ``(model in eval mode, checkpoint)``.
+
+    The architecture comes from ``spec["name"]`` and ``spec["num_classes"]``; widths are inferred
+    from the tensor shapes, so pruned checkpoints load too.
+    """
+    checkpoint = load_checkpoint(path, map_location=map_location)
+    spec = checkpoint["spec"]
+    missing = [key for key in ("name", "num_classes") if key not in spec]
+    if missing:
+        raise CheckpointError(f"{path}: spec lacks {missing}; cannot tell which architecture to rebuild")
+    model = model_from_state_dict(spec["name"], checkpoint["state_dict"], spec["num_classes"])
+    if isinstance(map_location, (str, torch.device)):
+        model = model.to(map_location)
+    model.eval()
+    return model, checkpoint

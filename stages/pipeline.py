@@ -1,10 +1,11 @@
-"""``run=pipeline``: generate -> meta_train -> select -> pretrain_final -> pruning_final (with and without
+"""Run mode ``pipeline``: generate -> meta_train -> select -> pretrain_final -> pruning_final (with and without
 the metanetwork) -> report, in one command, every stage in its own sub-folder of the run dir.
 
 Stages connect by path (no copying files by hand): the store the generator writes is the one
 meta-training reads, the selection run names the checkpoint the final run loads. A stage whose
 ``results.json`` already exists is skipped, so re-running the same command (same ``hydra.run.dir``)
-after a crash resumes where it stopped.
+after a crash resumes where it stopped. Each stage runs with the per-run boilerplate of every run
+(``stages.common.run_recorded``: ``config.yaml``, timing, ``results.json``).
 """
 from __future__ import annotations
 
@@ -15,11 +16,19 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from generate_dataset.generation import generate_shard
-from utils.experiment import write_json
-from utils.run_registry import get_run, register_run
+from stages import final, generate, meta_train, report, select, train
+from stages.common import RESULTS_FILE, RunFn, run_recorded
 
 log = logging.getLogger(__name__)
+
+# The run modes the pipeline chains, by name (the same functions as in stages.RUNS; tests/test_layout.py checks).
+CHAINED_RUNS: dict[str, RunFn] = {
+    "meta_train": meta_train.run,
+    "select": select.run_select,
+    "pretrain_final": train.run_pretrain_final,
+    "pruning_final": final.run_pruning_final,
+    "report": report.run,
+}
 
 
 def stage_config(cfg: DictConfig, run: str, **updates) -> DictConfig:
@@ -33,51 +42,42 @@ def stage_config(cfg: DictConfig, run: str, **updates) -> DictConfig:
 
 
 def run_stage(name: str, run: str, cfg: DictConfig, stage_dir: Path, **updates) -> dict:
-    done = stage_dir / "results.json"
+    """Run mode ``run`` (one of :data:`CHAINED_RUNS`) in ``stage_dir`` with ``updates``; a stage that finished
+    before (its ``results.json`` exists) is skipped and its summary read back."""
+    done = stage_dir / RESULTS_FILE
     if done.exists():
         log.info("pipeline: stage %s already finished in %s; skipping", name, stage_dir)
         return json.loads(done.read_text())
     log.info("pipeline: stage %s -> %s", name, stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    stage = stage_config(cfg, run, **updates)
-    (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(stage))
-    summary = get_run(run)(stage, stage_dir)
-    if not done.exists():  # stages that write no results.json of their own get one, to mark completion
-        write_json(done, summary)
-    return summary
+    return run_recorded(CHAINED_RUNS[run], stage_config(cfg, run, **updates), stage_dir)
 
 
 def generate_stage(cfg: DictConfig, store: Path, stage_dir: Path) -> dict:
-    done = stage_dir / "results.json"
+    """``cfg.pipeline.num_data_models`` data models into ``store`` (one shard; resumes inside the shard)."""
+    done = stage_dir / RESULTS_FILE
     if done.exists():
         return json.loads(done.read_text())
-    stage_dir.mkdir(parents=True, exist_ok=True)
     gen = stage_config(cfg, "generate", num=cfg.pipeline.num_data_models, index=0, store=str(store),
-                     no_init_pruning=False)
-    summary = generate_shard(gen, stage_dir)  # resumes inside the shard after a crash
-    write_json(done, summary)
-    return summary
+                       no_init_pruning=False)
+    return run_recorded(generate.run, gen, stage_dir)
 
 
-@register_run("pipeline")
-def pipeline_run(cfg: DictConfig, run_dir: Path) -> dict:
+def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole method on one task; the report stage prints the result table, the curve plot of the
     selection stage is copied to ``run_dir/curves.png``."""
     store = run_dir / "store"
     generate_stage(cfg, store, run_dir / "generate")
     run_stage("meta_train", "meta_train", cfg, run_dir / "meta_train", store=str(store))
     run_stage("select", "select", cfg, run_dir / "select", store=str(store),
-               **{"select.meta_train_dir": str(run_dir / "meta_train")})
+              **{"select.meta_train_dir": str(run_dir / "meta_train")})
     for name in ("curves.png",):
         if (run_dir / "select" / name).exists():
             shutil.copyfile(run_dir / "select" / name, run_dir / name)
     run_stage("pretrain_final", "pretrain_final", cfg, run_dir / "pretrain")
     model = str(run_dir / "pretrain" / "model.pt")
     run_stage("pruning_final (metanetwork)", "pruning_final", cfg, run_dir / "final" / "metanetwork",
-               **{"final.model": model, "final.metanetwork": str(run_dir / "select")})
+              **{"final.model": model, "final.metanetwork": str(run_dir / "select")})
     run_stage("pruning_final (baseline)", "pruning_final", cfg, run_dir / "final" / "baseline",
-               **{"final.model": model, "final.metanetwork": None})
-    report = run_stage("report", "report", cfg, run_dir / "report", **{"report.dir": str(run_dir / "final")})
-    summary = {"run": "pipeline", "task": cfg.task.name, "run_dir": str(run_dir), "report": report}
-    write_json(run_dir / "results.json", summary)
-    return summary
+              **{"final.model": model, "final.metanetwork": None})
+    summary = run_stage("report", "report", cfg, run_dir / "report", **{"report.dir": str(run_dir / "final")})
+    return {"run": "pipeline", "task": cfg.task.name, "run_dir": str(run_dir), "report": summary}

@@ -1,4 +1,10 @@
-"""Per-layer weight and BatchNorm statistics of one or more models, as a CSV and plots (reference §8, `analyse`).
+"""Run mode ``analyse``: per-layer weight and BatchNorm statistics of one or more models, as a CSV and plots
+(reference §8).
+
+``python main/main.py run=analyse final.model=<checkpoint .pt> [final.compare_model=...] [final.metanetwork=...]``
+analyses ``final.model`` (and ``final.compare_model``, and ``final.model`` after ``final.metanetwork``):
+``layer_statistics.csv``, ``layer_statistics.png``, and per model its parameters, MACs and (with
+``final.analyse_evaluate``) validation/test accuracy in ``results.json``.
 
 Used to see *what* a metanetwork changes (reviewers asked which parameter statistics move): for every
 Conv2d / Linear the weight L1/L2 norms, the spread of its per-output-channel L2 norms (what group-L2
@@ -9,13 +15,25 @@ Rows are plain dicts (one per layer), so several models can be written to one CS
 """
 from __future__ import annotations
 
+import copy
 import csv
+import logging
 import math
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
-from torch import nn
+from omegaconf import DictConfig
+from torch import nn as tnn
+
+from generate_dataset.models import load_model
+from nn.apply import apply_saved_metanetwork
+from pruning.depgraph import count_macs
+from stages.common import FinalRunConfigError, codec_options, example_input, num_params, setup, task_data
+from stages.final import metanetwork_setting
+from training.loop import evaluate_splits
+
+log = logging.getLogger(__name__)
 
 WEIGHT_COLUMNS = ("weight_l1", "weight_l1_mean", "weight_l2", "weight_rms", "zero_fraction",
                   "channel_l2_mean", "channel_l2_std", "channel_l2_min", "channel_l2_max",
@@ -42,7 +60,7 @@ def effective_rank(matrix: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def layer_statistics(model: nn.Module, label: str = "model", rank: bool = True) -> list[dict]:
+def layer_statistics(model: tnn.Module, label: str = "model", rank: bool = True) -> list[dict]:
     """One row per Conv2d / Linear (``kind`` conv|linear) and per BatchNorm (``kind`` bn), in module order.
 
     Weight rows: ``weight_l1 = Σ|w|``, ``weight_l1_mean = mean |w|``, ``weight_l2 = ||w||_2``, ``weight_rms``,
@@ -53,11 +71,11 @@ def layer_statistics(model: nn.Module, label: str = "model", rank: bool = True) 
     rows: list[dict] = []
     for name, module in model.named_modules():
         row: dict = {"model": label, "index": len(rows), "layer": name}
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, (tnn.Conv2d, tnn.Linear)):
             weight = module.weight.detach().double().cpu()
             flat = weight.reshape(weight.shape[0], -1)  # [out, in * kh * kw]
             channel = flat.norm(dim=1)  # [out]
-            row.update(kind="conv" if isinstance(module, nn.Conv2d) else "linear",
+            row.update(kind="conv" if isinstance(module, tnn.Conv2d) else "linear",
                        out_channels=flat.shape[0], in_features=flat.shape[1], numel=weight.numel(),
                        weight_l1=float(weight.abs().sum()), weight_l1_mean=float(weight.abs().mean()),
                        weight_l2=float(weight.norm()), weight_rms=float(weight.pow(2).mean().sqrt()),
@@ -67,7 +85,7 @@ def layer_statistics(model: nn.Module, label: str = "model", rank: bool = True) 
                        channel_l2_min=float(channel.min()), channel_l2_max=float(channel.max()),
                        channel_l2_min_over_max=float(channel.min() / channel.max()) if channel.max() > 0 else 0.0,
                        effective_rank=effective_rank(flat) if rank else None)
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+        elif isinstance(module, tnn.modules.batchnorm._BatchNorm) and module.weight is not None:
             gamma = module.weight.detach().double().cpu()
             beta = module.bias.detach().double().cpu()
             largest = float(gamma.abs().max())
@@ -112,6 +130,7 @@ def plot_statistics(rows_by_model: Mapping[str, Sequence[Mapping]], path: str | 
                     channel_norms: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Overview PNG: one panel per statistic (x = layer position, one line per model), plus a histogram
     of max-normalised output-channel L2 norms per model when ``channel_norms`` is given."""
+    # lazily: matplotlib costs about a second at import and only the plot needs it
     import matplotlib
 
     matplotlib.use("Agg")  # headless; figures are only saved
@@ -150,11 +169,11 @@ def plot_statistics(rows_by_model: Mapping[str, Sequence[Mapping]], path: str | 
 
 
 @torch.no_grad()
-def normalised_channel_norms(model: nn.Module) -> torch.Tensor:
+def normalised_channel_norms(model: tnn.Module) -> torch.Tensor:
     """Per-output-channel L2 norms of every Conv/Linear weight divided by their layer's max, concatenated [C]."""
     parts = []
     for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, (tnn.Conv2d, tnn.Linear)):
             norms = module.weight.detach().double().cpu().reshape(module.weight.shape[0], -1).norm(dim=1)
             if norms.max() > 0:
                 parts.append(norms / norms.max())
@@ -163,3 +182,48 @@ def normalised_channel_norms(model: nn.Module) -> torch.Tensor:
 
 def _kind(row: Mapping) -> str:
     return "bn" if row.get("kind") == "bn" else "weight"
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run mode ``analyse``: ``layer_statistics.csv`` and ``.png`` of ``final.model`` (+ ``final.compare_model``,
+    + ``final.model`` after ``final.metanetwork``); returns ``results.json`` (per model: params, MACs, accuracy)."""
+    device = setup(cfg)
+    run_dir = Path(run_dir)
+    final = cfg.final
+    if not final.get("model"):
+        raise FinalRunConfigError("run=analyse needs final.model=<checkpoint .pt> (e.g. a pretrain_final model.pt "
+                                  "or a pruning_final pruned_model.pt)")
+    models: dict[str, tuple[tnn.Module, str]] = {}
+    model, _ = load_model(final.model, map_location=device)
+    models["model"] = (model, str(final.model))
+    if final.get("compare_model"):
+        models["compare_model"] = (load_model(final.compare_model, map_location=device)[0], str(final.compare_model))
+    mn_path = metanetwork_setting(cfg)
+    if mn_path is not None:
+        changed = copy.deepcopy(model)
+        apply_saved_metanetwork(changed, mn_path, map_location=device, **codec_options(cfg))
+        models["model + metanetwork"] = (changed, f"{final.model} + {mn_path}")
+
+    rank = bool(final.get("effective_rank", True))
+    rows_by_model = {label: layer_statistics(m, label, rank=rank) for label, (m, _src) in models.items()}
+    csv_path = write_csv([row for rows in rows_by_model.values() for row in rows], run_dir / "layer_statistics.csv")
+    plot_path = plot_statistics(rows_by_model, run_dir / "layer_statistics.png",
+                                channel_norms={label: normalised_channel_norms(m) for label, (m, _s) in models.items()})
+    summary_models: dict[str, dict] = {}
+    loaders = None
+    if final.get("analyse_evaluate", True):
+        _splits, loaders = task_data(cfg.task, cfg.seed)
+    example = example_input(cfg.task, device)
+    for label, (m, src) in models.items():
+        info: dict[str, Any] = {"source": src, "params": num_params(m), "macs": count_macs(m, example)}
+        if loaders is not None:
+            info.update(evaluate_splits(m, loaders, device))
+        summary_models[label] = info
+        log.info("%s: %s", label, {k: v for k, v in info.items() if k != "source"})
+    summary = {"run": "analyse", "task": cfg.task.name, "models": summary_models, "csv": csv_path.name,
+               "plot": plot_path.name}
+    print(f"[{cfg.task.name}] analyse: {csv_path} and {plot_path}")
+    return summary

@@ -1,4 +1,4 @@
-"""Meta-training of the graph metanetwork (run mode ``meta_train``; reference §6, checkpoints as §9).
+"""Run mode ``meta_train``: meta-training of the graph metanetwork (reference §6, checkpoints as §9).
 
 One optimiser step per training data model, data models in a seeded random order every epoch::
 
@@ -7,7 +7,7 @@ One optimiser step per training data model, data models in a seeded random order
     leaves  = θ'.detach().requires_grad_()
     for each of the step's n batches b (task training loader, BN in eval mode):
         CE_b = cross_entropy(functional_call(model, leaves + BN buffers, x_b), y_b); CE_b.backward()
-    grad    = (ref_batches / n) * sum_b dCE_b/dθ'  +  dR/dθ'    # R: pruning regulariser (utils.regularizer)
+    grad    = (ref_batches / n) * sum_b dCE_b/dθ'  +  dR/dθ'    # R: pruning regulariser (pruning.regularizer)
     torch.autograd.backward(θ', grad)                           # ONE backward through decoder + GNN
     optimizer.step()                                            # AdamW; MultiStepLR stepped per epoch
 
@@ -35,13 +35,13 @@ when exhausted and at every epoch start. The loader's order and its workers' see
 seeded generator (workers are not persistent), so that generator's state fixes every later batch.
 
 Outputs under the run dir: ``checkpoints/epoch_{k:04d}.pt`` every epoch (1-based, via
-``utils.metanet_io.save_metanetwork``, with optimizer + scheduler state, RNG states and the loss
+``nn.apply.save_metanetwork``, with optimizer + scheduler state, RNG states and the loss
 history, so a run resumes exactly), ``meta_train_metrics.csv`` (per epoch: lr, mean CE, mean
 regulariser value, the diagnostics below, mean metanetwork gradient norm, seconds),
 ``meta_train_diagnostics.png`` (rewritten every epoch) and ``results.json``.
 
 Diagnostics (per step from the step's generated weights, no extra metanetwork forward; the epoch's row is
-the mean over its training data models; see ``utils.regularizer``, "Diagnostics"):
+the mean over its training data models; see ``pruning.regularizer``, "Diagnostics"):
 
 * ``small_group_share``: share of the channels of all the pruner's dependency groups whose group norm
   ``sqrt(sum over the group's members of ||slice_c||^2)`` (un-normalised, biases excluded) is at most
@@ -73,7 +73,6 @@ import csv
 import io
 import logging
 import math
-import os
 import random
 import re
 import time
@@ -86,18 +85,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import Tensor
+from torch import nn as tnn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data_loaders.store import DataModelStore
-from generate_dataset.generation import example_input
+from nn.apply import build_metanetwork, save_metanetwork
 from nn.graph import GraphCodec, GraphCodecError
+from pruning.regularizer import build_regularizer, relative_change, small_share
+from stages.common import codec_options, example_input, setup, task_data
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.experiment import setup, task_data, write_json
-from utils.metanet_io import build_metanetwork, save_metanetwork
-from utils.regularizer import build_regularizer, relative_change, small_share
-from utils.run_registry import register_run
+from utils.io import atomic_path, atomic_write
 from utils.seed import derive_seed, seed_worker
 
 log = logging.getLogger(__name__)
@@ -110,7 +109,7 @@ __all__ = [
     "build_entry",
     "meta_loader",
     "grad_norm",
-    "run_meta_train",
+    "run",
     "plot_diagnostics",
     "checkpoint_path",
     "list_checkpoints",
@@ -205,9 +204,9 @@ class DataModelEntry:
 
     index: int
     name: str  # "shard_0000.h5#3", for messages
-    model: nn.Module  # on the device, eval mode, the data model's own weights (never modified)
+    model: tnn.Module  # on the device, eval mode, the data model's own weights (never modified)
     codec: GraphCodec
-    regularizer: Any  # utils.regularizer.GroupL2Regularizer | SignRegularizer
+    regularizer: Any  # pruning.regularizer.GroupL2Regularizer | SignRegularizer
     buffers: dict[str, Tensor]
     cache: dict = field(default_factory=dict)  # values of the (never modified) own weights, e.g. the input share
 
@@ -229,22 +228,26 @@ def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def build_entry(index: int, model: nn.Module, example: Tensor, method: Mapping[str, Any], settings: MetaTrainSettings,
-                input_shape: tuple[int, ...] | None = None, iterative_steps: int = 200, name: str = "") -> DataModelEntry:
+def build_entry(index: int, model: tnn.Module, example: Tensor, method: Mapping[str, Any], settings: MetaTrainSettings,
+                input_shape: tuple[int, ...] | None = None, iterative_steps: int = 200, name: str = "",
+                **codec_options: Any) -> DataModelEntry:
     """Codec + regulariser (torch-pruning dependency graph) for ``model`` (already on the device).
+
+    ``codec_options``: further ``GraphCodec`` keywords (``identity_edges``, ``edge_layout``,
+    ``legacy_fc_permutation``; config section ``codec``).
 
     ``model`` is put in eval mode and its parameters stop requiring gradients (after the pruner's tracing,
     which needs them): meta-training never updates a data model.
     """
     model.eval()
-    codec = GraphCodec(model, input_shape=input_shape)
+    codec = GraphCodec(model, input_shape=input_shape, **codec_options)
     regularizer = build_regularizer(model, example, method, reg=settings.pruner_reg, iterative_steps=iterative_steps)
     model.requires_grad_(False)
     return DataModelEntry(index=index, name=name or str(index), model=model, codec=codec, regularizer=regularizer,
                           buffers=dict(model.named_buffers()))
 
 
-def meta_gradient(metanetwork: nn.Module, entry: DataModelEntry, batches: Iterable[tuple[Tensor, Tensor]],
+def meta_gradient(metanetwork: tnn.Module, entry: DataModelEntry, batches: Iterable[tuple[Tensor, Tensor]],
                   reference_batches: int | None, alpha: float, bias: bool = False,
                   device: torch.device | str | None = None, diagnostics: bool = True,
                   bn_mode: str = "eval") -> StepResult:
@@ -329,7 +332,7 @@ def step_diagnostics(entry: DataModelEntry, generated: Mapping[str, Tensor]) -> 
     return share, entry.cache["small_group_share_input"], change
 
 
-def grad_norm(module: nn.Module) -> float:
+def grad_norm(module: tnn.Module) -> float:
     """Global L2 norm of the parameters' gradients (NaN/inf propagate)."""
     norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64) for p in module.parameters()
              if p.grad is not None]
@@ -438,9 +441,7 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
     writer.writeheader()
     for row in history:
         writer.writerow(row)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)
+    atomic_write(path, buffer.getvalue())
 
 
 def plot_diagnostics(history: list[Mapping[str, Any]], path: str | Path) -> Path:
@@ -449,6 +450,7 @@ def plot_diagnostics(history: list[Mapping[str, Any]], path: str | Path) -> Path
     Rows lacking a column (an older checkpoint's history) are plotted as gaps. Saved as a PNG at ``path``
     (written to a temporary file, then renamed, so a reader never sees a half-written image).
     """
+    # lazily: matplotlib costs about a second at import and only the plot needs it
     import matplotlib
 
     matplotlib.use("Agg")  # headless; a no-op if already selected
@@ -484,9 +486,8 @@ def plot_diagnostics(history: list[Mapping[str, Any]], path: str | Path) -> Path
             ax.set_xlabel("epoch")
         fig.suptitle("meta-training diagnostics (mean over the epoch's training data models)")
         fig.tight_layout()
-        tmp = path.with_name(path.stem + ".tmp.png")
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
     return path
@@ -513,8 +514,9 @@ class _EntryCache:
     """Store index -> :class:`DataModelEntry`, built on first use without touching the global RNG."""
 
     def __init__(self, store: DataModelStore, device: torch.device, task: DictConfig, method: Mapping[str, Any],
-                 settings: MetaTrainSettings):
+                 settings: MetaTrainSettings, codec: Mapping[str, Any]):
         self.store, self.device, self.task, self.method, self.settings = store, device, task, method, settings
+        self.codec = dict(codec)  # GraphCodec keywords (stages.common.codec_options), input_shape included
         self.entries: dict[int, DataModelEntry] = {}
         self.layout: dict | None = None
 
@@ -528,9 +530,8 @@ class _EntryCache:
             name = f"{record.shard}#{record.position}"
             model = record.build_model().to(self.device)
             entry = build_entry(index, model, example_input(self.task, self.device), self.method, self.settings,
-                                input_shape=tuple(self.task.input_size),
                                 iterative_steps=int(self.task.get("pruning", {}).get("iterative_steps", 200)),
-                                name=name)
+                                name=name, **self.codec)
         if self.layout is None:
             self.layout = entry.codec.layout
         else:
@@ -552,25 +553,39 @@ def _newest_checkpoint(run_dir: Path) -> tuple[int, Path, dict] | None:
     return None
 
 
-@register_run("meta_train")
-def run_meta_train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Meta-train the metanetwork on the store's training data models (module docstring)."""
-    started = time.time()
-    run_dir = Path(run_dir)
-    device = setup(cfg)
-    task = cfg.task
-    settings = MetaTrainSettings.from_task(task)
-    method = OmegaConf.to_container(cfg.method, resolve=True)
-    options = OmegaConf.to_container(cfg.metanetwork, resolve=True)
-    resume = bool(cfg.get("meta_train", {}).get("resume", True))
+@dataclass
+class _Training:
+    """The state of a meta-training run: what every epoch updates and every checkpoint saves."""
 
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    settings: MetaTrainSettings
+    store: DataModelStore
+    train_idx: list[int]
+    loader: DataLoader
+    batches_per_step: int
+    entries: _EntryCache
+    first: DataModelEntry  # the first training data model: its codec sizes the metanetwork and its layout is saved
+    options: dict  # the metanetwork's constructor knobs (configs/metanetwork)
+    metanetwork: tnn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    meta: dict  # what a resumed run must share with the checkpoint (_check_resumable)
+    history: list[dict] = field(default_factory=list)  # one row per epoch (meta_train_metrics.csv)
+    steps: list[list] = field(default_factory=list)  # [epoch, store index, CE, R, |grad|] per step
+
+
+def _meta_train_data(cfg: DictConfig, settings: MetaTrainSettings) -> tuple[DataModelStore, list[int], list[int],
+                                                                          DataLoader, int]:
+    """The store's training / held-out data models and the seeded loader of the task's training split."""
+    task = cfg.task
     store = DataModelStore(cfg.store, expect={"task": task.name, "architecture": task.model})
     train_idx, val_idx = store.split(settings.train_split)
     if not train_idx:
         raise ValueError(f"store {store.path} has no training data model for train_split={settings.train_split}")
     splits, _ = task_data(task, cfg.seed)
     loader = meta_loader(splits.train, settings.batch_size, int(task.dataset.get("num_workers", 0)), cfg.seed)
-    generator = loader.generator
     batches_per_step = settings.batches_per_step or len(loader)
     scale_note = ("plain sum over batches (reference_batches=null)" if settings.reference_batches is None else
                   f"{settings.reference_batches} x mean batch CE")
@@ -578,8 +593,17 @@ def run_meta_train(cfg: DictConfig, run_dir: Path) -> dict:
              "(%d per pass); gradient = %s + regulariser (pruner_reg=%g, alpha=%g)", len(train_idx), store.path,
              len(val_idx), batches_per_step, settings.batch_size, len(loader), scale_note, settings.pruner_reg,
              settings.alpha)
+    return store, train_idx, val_idx, loader, batches_per_step
 
-    entries = _EntryCache(store, device, task, method, settings)
+
+def _start_training(cfg: DictConfig, run_dir: Path, device: torch.device, settings: MetaTrainSettings,
+                    store: DataModelStore, train_idx: list[int], loader: DataLoader,
+                    batches_per_step: int) -> _Training:
+    """The metanetwork (sized by the first training data model's codec), AdamW and MultiStepLR."""
+    task = cfg.task
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    options = OmegaConf.to_container(cfg.metanetwork, resolve=True)
+    entries = _EntryCache(store, device, task, method, settings, codec_options(cfg))
     first = entries(train_idx[0])
     metanetwork = build_metanetwork(first.codec, options).to(device)
     optimizer = torch.optim.AdamW(metanetwork.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -587,87 +611,123 @@ def run_meta_train(cfg: DictConfig, run_dir: Path) -> dict:
                                                      gamma=settings.gamma)
     meta = {"task": str(task.name), "store": str(store.path), "train_indices": list(train_idx),
             "settings": settings.resume_view(), "options": options, "seed": int(cfg.seed)}
+    return _Training(cfg, run_dir, device, settings, store, train_idx, loader, batches_per_step, entries, first,
+                     options, metanetwork, optimizer, scheduler, meta)
 
-    history: list[dict] = []
-    steps: list[list] = []
-    start_epoch = 0
+
+def _resume(state: _Training, resume: bool) -> int:
+    """Continue from the newest readable checkpoint of the run dir (weights, optimiser, scheduler, history, RNG);
+    returns the epoch it finished (0 for a fresh run)."""
+    run_dir = state.run_dir
     found = list_checkpoints(run_dir)
     if found and not resume:
         raise FileExistsError(f"{run_dir / CHECKPOINT_DIR} already holds meta_train checkpoints and "
                               "meta_train.resume=false; use a fresh hydra.run.dir or meta_train.resume=true")
     newest = _newest_checkpoint(run_dir) if found else None
-    if newest is not None:
-        start_epoch, path, checkpoint = newest
-        _check_resumable(path, checkpoint, meta)
-        first.codec.check_layout(checkpoint["spec"]["layout"])
-        metanetwork.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        _load_scheduler_state(scheduler, checkpoint["scheduler"])
-        history = list(checkpoint["history"])
-        steps = [list(s) for s in checkpoint["steps"]]
-        _restore_rng(checkpoint["rng"], generator)
-        log.info("resuming from %s (epoch %d of %d)", path, start_epoch, settings.epochs)
+    if newest is None:
+        return 0
+    start_epoch, path, checkpoint = newest
+    _check_resumable(path, checkpoint, state.meta)
+    state.first.codec.check_layout(checkpoint["spec"]["layout"])
+    state.metanetwork.load_state_dict(checkpoint["state_dict"])
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    _load_scheduler_state(state.scheduler, checkpoint["scheduler"])
+    state.history = list(checkpoint["history"])
+    state.steps = [list(s) for s in checkpoint["steps"]]
+    _restore_rng(checkpoint["rng"], state.loader.generator)
+    log.info("resuming from %s (epoch %d of %d)", path, start_epoch, state.settings.epochs)
+    return start_epoch
 
-    metrics_path = run_dir / METRICS_CSV
+
+def _step(state: _Training, epoch: int, index: int, stream: _BatchStream) -> tuple[StepResult, float]:
+    """One optimiser step on store data model ``index``; returns the step's scalars and gradient norm."""
+    settings, metanetwork = state.settings, state.metanetwork
+    entry = state.entries(index)
+    metanetwork.train()
+    state.optimizer.zero_grad(set_to_none=True)
+    result = meta_gradient(metanetwork, entry, stream.take(state.batches_per_step), settings.reference_batches,
+                           settings.alpha, settings.bias, state.device, bn_mode=settings.bn_mode)
+    norm = grad_norm(metanetwork)
+    bad = [what for what, v in (("cross-entropy", result.ce), ("regulariser", result.reg),
+                                ("metanetwork gradient norm", norm)) if not math.isfinite(v)]
+    if bad:
+        last = list_checkpoints(state.run_dir)
+        raise FloatingPointError(
+            f"meta_train: non-finite {', '.join(bad)} (CE={result.ce}, R={result.reg}, |grad|={norm}) at "
+            f"epoch {epoch}, data model {entry.name} (store index {index}, store {state.store.path}); the "
+            f"metanetwork was not updated by this step. Last good checkpoint: "
+            f"{last[-1][1] if last else 'none (failed in the first epoch)'}. Lower task.meta_train.lr "
+            "or check that data model."
+        )
+    state.optimizer.step()
+    state.steps.append([epoch, int(index), result.ce, result.reg, norm])
+    return result, norm
+
+
+def _epoch(state: _Training, epoch: int, stream: _BatchStream) -> dict:
+    """One epoch: a step per training data model (seeded order), then the scheduler; returns the epoch's row."""
+    epoch_started = time.time()
+    lr = float(state.optimizer.param_groups[0]["lr"])
+    stream.restart()
+    records = []
+    bar = tqdm(_epoch_order(state.train_idx, state.cfg.seed, epoch), desc=f"epoch {epoch} data models",
+               leave=False, disable=None)
+    for index in bar:
+        result, norm = _step(state, epoch, index, stream)
+        records.append((result.ce, result.reg, norm, result.small_group_share, result.small_group_share_input,
+                        result.weight_change))
+        bar.set_postfix(ce=f"{result.ce:.4f}", reg=f"{result.reg:.4g}")
+    state.scheduler.step()
+    return {"epoch": epoch, "lr": lr,
+            "ce": float(np.mean([r[0] for r in records])), "reg": float(np.mean([r[1] for r in records])),
+            "small_group_share": float(np.mean([r[3] for r in records])),
+            "small_group_share_input": float(np.mean([r[4] for r in records])),
+            "weight_change": float(np.mean([r[5] for r in records])),
+            "grad_norm": float(np.mean([r[2] for r in records])),
+            "seconds": round(time.time() - epoch_started, 3)}
+
+
+def _save_epoch(state: _Training, epoch: int, row: dict) -> None:
+    """Checkpoint (weights, optimiser, scheduler, history, steps, RNG), metrics CSV and diagnostics plot."""
+    state.history.append(row)
+    save_metanetwork(checkpoint_path(state.run_dir, epoch), state.metanetwork, state.first.codec, state.options,
+                     str(state.cfg.task.name), epoch, optimizer=state.optimizer.state_dict(),
+                     scheduler=_scheduler_state(state.scheduler), history=state.history, steps=state.steps,
+                     rng=_rng_state(state.loader.generator), meta=state.meta)
+    _write_metrics(state.run_dir / METRICS_CSV, state.history)
+    _plot_quietly(state.history, state.run_dir / DIAGNOSTICS_PNG)
+    log.info("meta_train epoch %d/%d: lr %.3g, CE %.4f, R %.4g, small groups %.3f (input %.3f), "
+             "weight change %.4g, |grad| %.4g, %.1f s", epoch, state.settings.epochs, row["lr"], row["ce"], row["reg"],
+             row["small_group_share"], row["small_group_share_input"], row["weight_change"],
+             row["grad_norm"], row["seconds"])
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run mode ``meta_train``: meta-train the metanetwork on the store's training data models (module
+    docstring); returns ``results.json`` (history, checkpoints, the CE/regulariser balance)."""
+    run_dir = Path(run_dir)
+    device = setup(cfg)
+    settings = MetaTrainSettings.from_task(cfg.task)
+    resume = bool(cfg.get("meta_train", {}).get("resume", True))
+    store, train_idx, val_idx, loader, batches_per_step = _meta_train_data(cfg, settings)
+    state = _start_training(cfg, run_dir, device, settings, store, train_idx, loader, batches_per_step)
+    start_epoch = _resume(state, resume)
+
     stream = _BatchStream(loader)
     for epoch in tqdm(range(start_epoch + 1, settings.epochs + 1), desc="meta_train epochs", disable=None,
                       initial=start_epoch, total=settings.epochs):
-        epoch_started = time.time()
-        lr = float(optimizer.param_groups[0]["lr"])
-        stream.restart()
-        records = []
-        bar = tqdm(_epoch_order(train_idx, cfg.seed, epoch), desc=f"epoch {epoch} data models", leave=False,
-                   disable=None)
-        for index in bar:
-            entry = entries(index)
-            metanetwork.train()
-            optimizer.zero_grad(set_to_none=True)
-            result = meta_gradient(metanetwork, entry, stream.take(batches_per_step), settings.reference_batches,
-                                   settings.alpha, settings.bias, device, bn_mode=settings.bn_mode)
-            norm = grad_norm(metanetwork)
-            bad = [what for what, v in (("cross-entropy", result.ce), ("regulariser", result.reg),
-                                        ("metanetwork gradient norm", norm)) if not math.isfinite(v)]
-            if bad:
-                last = list_checkpoints(run_dir)
-                raise FloatingPointError(
-                    f"meta_train: non-finite {', '.join(bad)} (CE={result.ce}, R={result.reg}, |grad|={norm}) at "
-                    f"epoch {epoch}, data model {entry.name} (store index {index}, store {store.path}); the "
-                    f"metanetwork was not updated by this step. Last good checkpoint: "
-                    f"{last[-1][1] if last else 'none (failed in the first epoch)'}. Lower task.meta_train.lr "
-                    "or check that data model."
-                )
-            optimizer.step()
-            records.append((result.ce, result.reg, norm, result.small_group_share, result.small_group_share_input,
-                            result.weight_change))
-            steps.append([epoch, int(index), result.ce, result.reg, norm])
-            bar.set_postfix(ce=f"{result.ce:.4f}", reg=f"{result.reg:.4g}")
-        scheduler.step()
-        row = {"epoch": epoch, "lr": lr,
-               "ce": float(np.mean([r[0] for r in records])), "reg": float(np.mean([r[1] for r in records])),
-               "small_group_share": float(np.mean([r[3] for r in records])),
-               "small_group_share_input": float(np.mean([r[4] for r in records])),
-               "weight_change": float(np.mean([r[5] for r in records])),
-               "grad_norm": float(np.mean([r[2] for r in records])),
-               "seconds": round(time.time() - epoch_started, 3)}
-        history.append(row)
-        save_metanetwork(checkpoint_path(run_dir, epoch), metanetwork, first.codec, options, str(task.name), epoch,
-                         optimizer=optimizer.state_dict(), scheduler=_scheduler_state(scheduler), history=history,
-                         steps=steps, rng=_rng_state(generator), meta=meta)
-        _write_metrics(metrics_path, history)
-        _plot_quietly(history, run_dir / DIAGNOSTICS_PNG)
-        log.info("meta_train epoch %d/%d: lr %.3g, CE %.4f, R %.4g, small groups %.3f (input %.3f), "
-                 "weight change %.4g, |grad| %.4g, %.1f s", epoch, settings.epochs, lr, row["ce"], row["reg"],
-                 row["small_group_share"], row["small_group_share_input"], row["weight_change"],
-                 row["grad_norm"], row["seconds"])
+        _save_epoch(state, epoch, _epoch(state, epoch, stream))
 
-    if not metrics_path.exists() and history:
-        _write_metrics(metrics_path, history)
+    history = state.history
+    if not (run_dir / METRICS_CSV).exists() and history:
+        _write_metrics(run_dir / METRICS_CSV, history)
     if history and not (run_dir / DIAGNOSTICS_PNG).exists():
         _plot_quietly(history, run_dir / DIAGNOSTICS_PNG)
     checkpoints = [str(p.relative_to(run_dir)) for _e, p in list_checkpoints(run_dir)]
-    summary = {
+    log.info("meta_train done: %d epochs", len(history))
+    return {
         "run": "meta_train",
-        "task": str(task.name),
+        "task": str(cfg.task.name),
         "store": str(store.path),
         "seed": int(cfg.seed),
         "device": str(device),
@@ -685,11 +745,7 @@ def run_meta_train(cfg: DictConfig, run_dir: Path) -> dict:
         "last_checkpoint": checkpoints[-1] if checkpoints else None,
         "metrics_csv": METRICS_CSV,
         "diagnostics_png": DIAGNOSTICS_PNG if (run_dir / DIAGNOSTICS_PNG).exists() else None,
-        "seconds": round(time.time() - started, 1),
     }
-    write_json(run_dir / "results.json", summary)
-    log.info("meta_train done: %d epochs, results in %s", len(history), run_dir / "results.json")
-    return summary
 
 
 def _check_resumable(path: Path, checkpoint: Mapping[str, Any], meta: Mapping[str, Any]) -> None:

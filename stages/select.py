@@ -1,4 +1,5 @@
-"""Choosing the metanetwork checkpoint (``run=select``) and plotting accuracy-vs-speed-up curves (``run=visualize``).
+"""Run modes ``select`` (choosing the metanetwork checkpoint) and ``visualize`` (plotting accuracy-vs-speed-up
+curves).
 
 The authors pick "the metanetwork at epoch k" by eye from curves measured on the TEST set (reference §6, §8).
 This module automates that choice honestly: everything here is measured on the VALIDATION split of the
@@ -8,15 +9,15 @@ the data models meta-training never saw); the test loader is never built into th
 For every requested checkpoint ``<select.meta_train_dir>/checkpoints/epoch_{k:04d}.pt`` and each of the first
 ``select.num_val_models`` validation data models:
 
-1. apply the metanetwork once (``utils.metanet_io.apply_metanetwork``);
+1. apply the metanetwork once (``nn.apply.apply_saved_metanetwork``);
 2. fine-tune with ``task.finetune.after_metanetwork`` (``select.finetune_epochs`` shortens it, milestones scaled
    in proportion; ``select.max_batches`` caps batches per epoch). Under ``protocol=paper`` that recipe would keep
    the best-TEST epoch; here it keeps the best-validation epoch instead, because selection never reads test;
-3. prune progressively WITHOUT fine-tuning (``utils.curves.accuracy_speed_up_curve``) up to
+3. prune progressively WITHOUT fine-tuning (``pruning.curves.accuracy_speed_up_curve``) up to
    ``select.max_speed_up`` (default ``task.visualize.max_speed_up``) and record validation accuracy.
 
 Each checkpoint's score is the mean over the validation data models of ``select.score``: ``auc`` (mean accuracy
-over ``[data model speed-up, max_speed_up]``, step-wise, see ``utils.curves``) or ``acc_at`` (accuracy at
+over ``[data model speed-up, max_speed_up]``, step-wise, see ``pruning.curves``) or ``acc_at`` (accuracy at
 ``select.target_speed_up``). Ties go to the earlier epoch. Two reference lines, never candidates:
 
 - ``origin`` (``select.origin``): the untouched data model, NOT fine-tuned (as the reference plots it);
@@ -55,7 +56,7 @@ computation returns); anything else is recomputed. ``select.cache`` names a sele
 ``curves.png``, ``curves.json`` and ``results.json`` (scores, how many curves were reused / computed).
 
 ``curves.png``: every curve its own colour (checkpoints along a colormap by epoch, ``origin`` grey dashed,
-``control`` black and thicker; ``utils.curves.curve_styles``). Progress bars appear on a terminal only; in log
+``control`` black and thicker; ``pruning.curves.curve_styles``). Progress bars appear on a terminal only; in log
 files each curve gets one log line.
 """
 from __future__ import annotations
@@ -65,7 +66,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,11 +75,18 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from utils import curves as curves_lib
-from utils import meta_train
-from utils.experiment import recipe, setup, write_json
-from utils.run_registry import register_run
-from utils.sparse_learning import SparseLearning
+from data_loaders.image_datasets import build_loaders
+from data_loaders.store import DataModelStore
+from nn.apply import apply_saved_metanetwork, load_metanetwork
+from nn.graph import GraphCodec
+from pruning import curves as curves_lib
+from pruning.sparse_learning import SparseLearning
+from stages.common import codec_options, example_input, recipe, setup, task_data
+from stages.meta_train import CHECKPOINT_DIR, list_checkpoints
+from training.config import TrainConfig
+from training.loop import train
+from utils.io import is_null, write_json
+from utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +107,21 @@ class SelectionError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
-def list_checkpoints(meta_train_dir: str | Path) -> dict[int, Path]:
-    """``{epoch: absolute path}`` of every ``<meta_train_dir>/checkpoints/epoch_*.pt`` (clear errors if none)."""
-    if meta_train_dir is None or str(meta_train_dir).strip() in ("", "null", "None"):
+def checkpoints_by_epoch(meta_train_dir: str | Path) -> dict[int, Path]:
+    """``{epoch: absolute path}`` of every ``<meta_train_dir>/checkpoints/epoch_*.pt`` (clear errors if none).
+
+    ``stages.meta_train.list_checkpoints`` lists a run dir's checkpoints; this checks the setting
+    ``select.meta_train_dir`` and insists on at least one.
+    """
+    if is_null(meta_train_dir):
         raise SelectionError("select.meta_train_dir is not set; pass select.meta_train_dir=<run dir of a finished "
                              "run=meta_train> (or select.cache=<select run dir> for run=visualize)")
     root = Path(str(meta_train_dir)).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"select.meta_train_dir={meta_train_dir}: no such folder; pass the run dir of a "
                                 "run=meta_train (it holds checkpoints/epoch_XXXX.pt)")
-    folder = root / meta_train.CHECKPOINT_DIR
-    found = {epoch: path.resolve() for epoch, path in meta_train.list_checkpoints(root) if path.is_file()}
+    folder = root / CHECKPOINT_DIR
+    found = {epoch: path.resolve() for epoch, path in list_checkpoints(root) if path.is_file()}
     if not found:
         raise FileNotFoundError(f"no metanetwork checkpoints (epoch_XXXX.pt) in {folder}; is {root} the run dir of "
                                 "a run=meta_train that finished at least one epoch?")
@@ -237,7 +248,7 @@ class CurveCache:
     @classmethod
     def load(cls, location: str | Path | None) -> "CurveCache":
         """Read ``curves.json`` from a run dir or a file path; None gives an empty cache."""
-        if location is None or str(location).strip() in ("", "null", "None"):
+        if is_null(location):
             return cls()
         path = Path(str(location)).expanduser()
         file = path / CACHE_FILE if path.is_dir() else path
@@ -289,7 +300,7 @@ def cut_curve(points: Sequence[Sequence[float]], max_speed_up: float) -> list[li
 # Planning and computing curves
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class _Context:
+class CurveContext:
     """What the curves of one run share; data and device are set up only when a curve must be computed."""
 
     cfg: DictConfig
@@ -297,7 +308,7 @@ class _Context:
     store: Any
     val_indices: list[int]
     records: dict[int, Any]
-    finetune: Any  # TrainConfig
+    finetune: TrainConfig
     method: dict
     common: dict  # settings shared by every curve
     device: torch.device | None = None
@@ -312,7 +323,7 @@ def _select_section(cfg: DictConfig) -> DictConfig:
     return section
 
 
-def _finetune_recipe(cfg: DictConfig):
+def _finetune_recipe(cfg: DictConfig) -> TrainConfig:
     """``after_metanetwork`` recipe, epochs optionally shortened (milestones scaled), never selecting on test."""
     section = _select_section(cfg)
     train_cfg = recipe(cfg.task.finetune.after_metanetwork, cfg.protocol)
@@ -334,9 +345,7 @@ def _finetune_recipe(cfg: DictConfig):
     return train_cfg
 
 
-def _validation_models(cfg: DictConfig) -> tuple[Any, list[int]]:
-    from data_loaders.store import DataModelStore
-
+def _validation_models(cfg: DictConfig) -> tuple[DataModelStore, list[int]]:
     section = _select_section(cfg)
     task = cfg.task
     store = DataModelStore(cfg.store, expect={"task": task.name, "architecture": task.model})
@@ -419,12 +428,9 @@ def check_held_out(path: Path, checkpoint: Mapping[str, Any], store: Any, val_in
 
 
 def _plan(cfg: DictConfig, run_dir: Path, meta_train_dir: Any,
-          strict: bool = True) -> tuple[_Context, list[CurveJob]]:
+          strict: bool = True) -> tuple[CurveContext, list[CurveJob]]:
     """Resolve checkpoints and validation data models into curve jobs (cheap: hashes only, no training).
     ``strict``: refuse checkpoints meta-trained on the validation data models (see :func:`check_held_out`)."""
-    from nn.graph import GraphCodec
-    from utils.metanet_io import load_metanetwork
-
     section = _select_section(cfg)
     if cfg.method.get("kind", "structured") != "structured":
         raise SelectionError(
@@ -433,20 +439,20 @@ def _plan(cfg: DictConfig, run_dir: Path, meta_train_dir: Any,
             f"file as final.metanetwork) or run select with a structured method"
         )
     max_speed_up = float(section.max_speed_up)
-    available = list_checkpoints(meta_train_dir)
+    available = checkpoints_by_epoch(meta_train_dir)
     checkpoints = parse_checkpoints(section.get("checkpoints", "all"), available,
-                                    where=str(Path(str(meta_train_dir)) / meta_train.CHECKPOINT_DIR))
+                                    where=str(Path(str(meta_train_dir)) / CHECKPOINT_DIR))
     store, val_indices = _validation_models(cfg)
     records = {index: store[index] for index in val_indices}
     finetune = _finetune_recipe(cfg)
     method = OmegaConf.to_container(cfg.method, resolve=True)
     common = _common_settings(cfg, finetune, method)
-    ctx = _Context(cfg=cfg, run_dir=run_dir, store=store, val_indices=val_indices, records=records,
+    ctx = CurveContext(cfg=cfg, run_dir=run_dir, store=store, val_indices=val_indices, records=records,
                    finetune=finetune, method=method, common=common)
 
     # Refuse a checkpoint of another layout before any (long) computation; the error names the checkpoint.
     first = records[val_indices[0]].build_model()
-    codec = GraphCodec(first, input_shape=tuple(cfg.task.input_size))
+    codec = GraphCodec(first, **codec_options(cfg))
     hashes = {}
     for epoch, path in checkpoints:
         _net, checkpoint = load_metanetwork(path, codec)
@@ -503,12 +509,10 @@ def sparse_regs(cfg: DictConfig) -> list[float]:
     return values
 
 
-def _ensure_data(ctx: _Context) -> None:
+def _ensure_data(ctx: CurveContext) -> None:
     """Device, datasets and the validation loader, built on the first curve that must be computed."""
     if ctx.device is not None:
         return
-    from utils.experiment import task_data
-
     ctx.device = setup(ctx.cfg)
     ctx.splits, loaders = task_data(ctx.cfg.task, ctx.cfg.seed)
     if loaders.val is None:
@@ -517,26 +521,18 @@ def _ensure_data(ctx: _Context) -> None:
     ctx.val_loader = loaders.val
 
 
-def _train_and_val_loaders(ctx: _Context):
+def _train_and_val_loaders(ctx: CurveContext):
     """Fresh loaders seeded the same way for every curve (so a curve does not depend on which came before),
     WITHOUT the test loader: the fine-tune cannot evaluate on test."""
-    from data_loaders.image_datasets import build_loaders
-
     task = ctx.cfg.task
     loaders = build_loaders(ctx.splits, batch_size=task.batch_size, eval_batch_size=task.eval_batch_size,
                             num_workers=task.dataset.get("num_workers", 0), seed=ctx.cfg.seed)
     return dataclasses.replace(loaders, test=None)
 
 
-def _compute(job: CurveJob, ctx: _Context) -> dict:
+def _compute(job: CurveJob, ctx: CurveContext) -> dict:
     """Apply the metanetwork (checkpoints only), fine-tune (all but origin) and prune progressively: one curve
     (all on validation data). The control takes exactly the checkpoints' path minus the metanetwork."""
-    from generate_dataset.generation import example_input
-    from nn.graph import GraphCodec
-    from utils.metanet_io import apply_metanetwork, load_metanetwork
-    from utils.seed import seed_everything
-    from utils.training import train
-
     _ensure_data(ctx)
     cfg, device = ctx.cfg, ctx.device
     section = _select_section(cfg)
@@ -545,10 +541,7 @@ def _compute(job: CurveJob, ctx: _Context) -> dict:
     model = record.build_model().to(device)
     finetune_info = None
     if job.checkpoint is not None:
-        codec = GraphCodec(model, input_shape=tuple(cfg.task.input_size))
-        net, _ = load_metanetwork(job.checkpoint, codec, map_location=device)
-        apply_metanetwork(model, net, codec)
-        del net
+        apply_saved_metanetwork(model, job.checkpoint, map_location=device, **codec_options(cfg))
     if job.finetune:
         seed_everything(cfg.seed, deterministic=cfg.get("deterministic", False))
         hook = None
@@ -580,7 +573,7 @@ def score_points(points: Sequence[Sequence[float]], kind: str, max_speed_up: flo
     raise SelectionError(f"select.score={kind!r} is unknown; valid: {', '.join(SCORE_KINDS)}")
 
 
-def _produce(ctx: _Context, jobs: list[CurveJob], cache: CurveCache) -> dict[str, dict]:
+def _produce(ctx: CurveContext, jobs: list[CurveJob], cache: CurveCache) -> dict[str, dict]:
     """Fill every job from the cache or by computing it; returns per-label summaries (scores, curves)."""
     section = _select_section(ctx.cfg)
     kind = str(section.score)
@@ -618,7 +611,7 @@ def _produce(ctx: _Context, jobs: list[CurveJob], cache: CurveCache) -> dict[str
     return summary
 
 
-def _plot(ctx: _Context, summary: dict[str, dict], path: Path) -> Path:
+def _plot(ctx: CurveContext, summary: dict[str, dict], path: Path) -> Path:
     cfg = ctx.cfg
     section = _select_section(cfg)
     kind = str(section.score)
@@ -654,10 +647,9 @@ def _run_curves(cfg: DictConfig, run_dir: Path, meta_train_dir: Any, cache: Curv
 # ----------------------------------------------------------------------------------------------
 # Run modes
 # ----------------------------------------------------------------------------------------------
-@register_run("select")
-def select_run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Score every requested metanetwork checkpoint on validation data models; write selection.json."""
-    started = time.time()
+def run_select(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run mode ``select``: score every requested metanetwork checkpoint on validation data models; write
+    ``selection.json`` (the choice), ``ranking.json``, ``curves.json`` and ``curves.png``."""
     run_dir = Path(run_dir)
     section = _select_section(cfg)
     cache = CurveCache.load(section.get("cache"))
@@ -706,20 +698,16 @@ def select_run(cfg: DictConfig, run_dir: Path) -> dict:
     results = {"run": "select", "task": cfg.task.name, "seed": cfg.seed, **{k: selection[k] for k in (
         "chosen", "epoch", "score", "score_kind", "split", "origin_score", "control_score", "gain_over_control",
         "sparse_learning_scores", "best_sparse_reg", "gain_over_sparse_learning", "validation_models")},
-               "ranking": [{"epoch": r["epoch"], "score": r["score"]} for r in ranked], **counts,
-               "seconds": round(time.time() - started, 1)}
-    write_json(run_dir / "results.json", results)
+               "ranking": [{"epoch": r["epoch"], "score": r["score"]} for r in ranked], **counts}
     versus = f", control {control['score']:.4f}" if control else ""
     print(f"[{cfg.task.name}] select: epoch {best['epoch']} ({kind} {best['score']:.4f} on validation{versus}) -> "
           f"{run_dir / SELECTION_FILE}")
     return results
 
 
-@register_run("visualize")
-def visualize_run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Plot the curves of the requested checkpoints + origin + control, reusing cached curves whose settings
-    match."""
-    started = time.time()
+def run_visualize(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run mode ``visualize``: plot the curves of the requested checkpoints + origin + control, reusing cached
+    curves whose settings match."""
     run_dir = Path(run_dir)
     section = _select_section(cfg)
     cache = CurveCache.load(section.get("cache"))
@@ -731,8 +719,7 @@ def visualize_run(cfg: DictConfig, run_dir: Path) -> dict:
     _ctx, _jobs, summary, counts = _run_curves(cfg, run_dir, meta_train_dir, cache, strict=False)
     results = {"run": "visualize", "task": cfg.task.name, "score_kind": str(section.score), "split": "val",
                "scores": {label: item["score"] for label, item in summary.items()}, **counts,
-               "plot": str(run_dir / "curves.png"), "seconds": round(time.time() - started, 1)}
-    write_json(run_dir / "results.json", results)
+               "plot": str(run_dir / "curves.png")}
     print(f"[{cfg.task.name}] visualize: {counts['curves_computed']} curve(s) computed, "
           f"{counts['curves_reused']} reused -> {run_dir / 'curves.png'}")
     return results

@@ -8,7 +8,7 @@ as is, WITHOUT fine-tuning, exactly as the authors' ``get_acc_speed_up_list`` do
 
 Reading a curve (used by both scores):
     the accuracy at speed-up ``t`` is that of the LEAST pruned point reaching ``t``, i.e. of the first
-    point with ``speed_up >= t`` (what ``utils.pruning.prune_to_speed_up`` would hand back for target
+    point with ``speed_up >= t`` (what ``pruning.depgraph.prune_to_speed_up`` would hand back for target
     ``t``). For ``t`` below the first point it is the first point's accuracy (no pruning needed).
     Beyond the last point (the curve stopped before ``t``, e.g. its pruning steps ran out) it is the
     LAST point's accuracy: the curve is extended flat at its last value.
@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from utils.pruning import build_pruner, count_macs, pruner_step
-from utils.training import evaluate
+from pruning.depgraph import count_macs, pruning_steps
+from training.loop import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +71,20 @@ def accuracy_speed_up_curve(
     example_inputs = example_inputs.to(device)
     base_macs = count_macs(pruned, example_inputs)
 
-    def measure() -> Point:
-        speed_up = base_speed_up * base_macs / count_macs(pruned, example_inputs)
+    def measure(macs: float) -> Point:
+        speed_up = base_speed_up * base_macs / macs
         acc = evaluate(pruned, loader, device, max_batches=max_batches)["acc"]
         return float(speed_up), float(acc)
 
-    points = [measure()]
+    points = [measure(base_macs)]
     if points[0][0] >= max_speed_up:
         return points
-    pruner = build_pruner(pruned, example_inputs, method, iterative_steps=iterative_steps)
     # disable=None: tqdm shows the bar only when its stream is a terminal (not in SLURM/nohup/CI logs)
     bar = tqdm(total=iterative_steps, desc=desc, disable=None if progress else True, leave=False)
     shown = not bar.disable
     try:
-        for _step in range(iterative_steps):
-            pruner_step(pruner, pruned)
-            points.append(measure())
+        for macs in pruning_steps(pruned, example_inputs, method, iterative_steps=iterative_steps):
+            points.append(measure(macs))
             bar.update(1)
             bar.set_postfix(speed_up=f"{points[-1][0]:.3f}", acc=f"{points[-1][1]:.4f}")
             if points[-1][0] >= max_speed_up:
@@ -189,6 +187,7 @@ def curve_styles(labels: Sequence[str], colormap: str = CURVE_COLORMAP) -> dict[
     """Matplotlib line keywords per label: ``origin`` grey dashed, ``control`` black and thicker, the others
     (in the given order, e.g. by epoch) evenly spaced colours of ``colormap``, so no two curves share a colour
     (unlike matplotlib's default cycle, which repeats after 10)."""
+    # lazily: matplotlib costs about a second at import and only plotting needs it
     import matplotlib
     from matplotlib.colors import to_hex
 
@@ -219,6 +218,7 @@ def plot_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: str | Pat
     overriding the defaults of :func:`curve_styles`, which are used for labels ``styles`` does not name (labels
     ``origin`` / ``control`` get the reference styles; every other curve a distinct colour).
     """
+    # lazily: matplotlib costs about a second at import and only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")  # headless; a no-op if already selected

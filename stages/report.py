@@ -1,4 +1,4 @@
-"""Aggregate final-run ``results.json`` files into the paper's tables (run mode ``report``).
+"""Run mode ``report``: aggregate final-run ``results.json`` files into the paper's tables.
 
 ``python main/main.py run=report report.dir=outputs/resnet56_on_CIFAR10/resnet56_cifar10_2.3x`` finds every
 ``results.json`` written by ``pruning_final`` / ``unstructured_pruning_final`` below ``report.dir``
@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig
-
-from utils.run_registry import register_run
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +256,9 @@ def build_report(root: str | Path, per_run: bool = True) -> tuple[str, list[dict
     return format_report(results, root, skipped, per_run=per_run), results
 
 
-@register_run("report")
-def report_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Aggregate ``cfg.report.dir``'s final results into ``<run_dir>/report.md`` and print it."""
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run mode ``report``: aggregate ``cfg.report.dir``'s final results into ``<run_dir>/report.md`` and print
+    it."""
     source = cfg.report.get("dir")
     if not source:
         raise ReportError("run=report needs report.dir=<folder with final-run results.json files> "

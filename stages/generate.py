@@ -1,10 +1,12 @@
-"""Produce data models (reference §3.3): train -> init-prune to the task's speed-up -> fine-tune -> store.
+"""Data-model generation (reference §3.3): train -> init-prune to the task's speed-up -> fine-tune -> store.
 
-One call of :func:`generate_shard` is one shard of the work: it writes only its own shard, skips
-data models that a previous (possibly killed) run already published, and derives each model's seed from
-``(seed, shard index, position)`` so that a re-run reproduces the same models. The shard is locked for
-the whole call (a second generator of the same shard is refused before training). A model that could not
-be stored (disk full, ...) is saved in the run dir and stored without retraining by the next run there.
+Run by ``generate_dataset/generate.py`` (its own primary config ``configs/generate.yaml``: ``num``, ``index``,
+``store``, ``no_init_pruning``) and by the ``pipeline`` run's first stage. One call of :func:`run` is one shard
+of the work: it writes only its own shard, skips data models that a previous (possibly killed) run already
+published, and derives each model's seed from ``(seed, shard index, position)`` so that a re-run reproduces
+the same models. The shard is locked for the whole call (a second generator of the same shard is refused
+before training). A model that could not be stored (disk full, ...) is saved in the run dir and stored
+without retraining by the next run there.
 """
 from __future__ import annotations
 
@@ -18,25 +20,21 @@ from tqdm.auto import tqdm
 
 from data_loaders.store import ShardWriter, StoreError, load_rescued, rescue_path
 from generate_dataset.models import model_spec
-from utils.experiment import recipe, setup, task_data, task_model
-from utils.pruning import prune_to_speed_up
+from pruning.depgraph import prune_to_speed_up
+from stages.common import example_input, recipe, setup, task_data, task_model
+from training.loop import train
 from utils.seed import derive_seed, seed_everything
-from utils.training import train
 
 log = logging.getLogger(__name__)
-
-
-def example_input(task: DictConfig, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The batch-1 input used to trace models and count MACs (``task.input_size``)."""
-    return torch.ones(1, *task.input_size, device=device)
 
 
 def shard_identity(cfg: DictConfig) -> dict:
     return {"task": cfg.task.name, "architecture": cfg.task.model, "num_classes": -1, "method": cfg.method.name}
 
 
-def generate_shard(cfg: DictConfig, run_dir: Path) -> dict:
-    """Generate ``cfg.num`` data models into ``cfg.store`` as shard ``cfg.index``."""
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Generate ``cfg.num`` data models into ``cfg.store`` as shard ``cfg.index``; returns the shard's summary
+    (its path, the positions produced now and those found finished)."""
     device = setup(cfg)
     task = cfg.task
     splits, loaders = task_data(task, cfg.seed)

@@ -116,7 +116,7 @@ def _modules_by_name(model: nn.Module, masks: dict[str, torch.Tensor]) -> Iterat
 class MaskedGradients:
     """Context manager: while active, the gradients of pruned weights are multiplied by their masks.
 
-    Use around a fine-tune (``utils.training.train`` builds its own optimiser, so masking the gradient
+    Use around a fine-tune (``training.loop.train`` builds its own optimiser, so masking the gradient
     is the hook point). With masked gradients SGD (momentum, weight decay) and AdamW leave an exact
     zero at exactly zero; :func:`check_masks` verifies it afterwards.
     """

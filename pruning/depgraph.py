@@ -5,15 +5,19 @@ importance with the max normaliser, ranked globally. Pruning advances in ``itera
 steps of the global channel ratio (200 steps of 0.5 %) and stops at the first step whose MACs speed-up
 reaches the target; there is no fine-tuning between steps. The classifier is excluded by module
 identity (the last Linear/Conv that runs), never by its output width.
+
+:func:`pruning_steps` is the one progressive pruning loop: :func:`prune_to_speed_up` stops it at a MACs
+target, ``pruning.curves.accuracy_speed_up_curve`` measures accuracy after each of its steps.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +154,20 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> float:
     return float(macs)
 
 
+def pruning_steps(model: nn.Module, example_inputs: torch.Tensor, method: Mapping[str, Any],
+                  iterative_steps: int = 200, **pruner_options: Any) -> Iterator[float]:
+    """Prune ``model`` in place one global step at a time; yields its MACs after every step.
+
+    The pruner (:func:`build_pruner`, built when iteration starts) steps the channel ratio linearly from 0
+    to 1 in ``iterative_steps`` steps, so at most ``iterative_steps`` values are yielded. The caller decides
+    when to stop (a speed-up target, an accuracy curve's range) by leaving the loop.
+    """
+    pruner = build_pruner(model, example_inputs, method, iterative_steps=iterative_steps, **pruner_options)
+    for _step in range(iterative_steps):
+        pruner_step(pruner, model)
+        yield count_macs(model, example_inputs)
+
+
 def prune_to_speed_up(
     model: nn.Module,
     target: float,
@@ -176,14 +194,15 @@ def prune_to_speed_up(
     achieved = base / count_macs(model, example_inputs)
     steps = 0
     if achieved < target:
-        pruner = build_pruner(model, example_inputs, method, iterative_steps=iterative_steps, **pruner_options)
-        bar = _progress(iterative_steps, progress)
-        while achieved < target and steps < iterative_steps:
-            pruner_step(pruner, model)
+        # a bar on a terminal only (disable=None); the caller logs one line per pruning
+        bar = tqdm(total=iterative_steps, desc="pruning", disable=None if progress else True, leave=False)
+        for macs in pruning_steps(model, example_inputs, method, iterative_steps=iterative_steps, **pruner_options):
             steps += 1
-            achieved = base / count_macs(model, example_inputs)
+            achieved = base / macs
             bar.update(1)
             bar.set_postfix(speed_up=f"{achieved:.3f}")
+            if achieved >= target:
+                break
         bar.close()
     model.train(was_training)
     log.info("pruned in %d steps: speed-up %.4fx (target %.4fx)", steps, achieved, target)
@@ -193,10 +212,3 @@ def prune_to_speed_up(
             raise error
         log.warning(str(error))
     return achieved
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    # a bar on a terminal only (disable=None); the caller logs one line per pruning
-    return tqdm(total=total, desc="pruning", disable=None if enabled else True, leave=False)

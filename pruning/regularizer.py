@@ -61,6 +61,9 @@ from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch_pruning.pruner import function as tp_function
+
+from pruning.depgraph import build_pruner
 
 __all__ = [
     "GroupL2Regularizer",
@@ -124,7 +127,7 @@ class GroupL2Regularizer:
     """``GroupNormPruner.regularize`` as a gradient of given weights, degenerate groups fixed (module doc).
 
     Args:
-        pruner: a torch-pruning ``GroupNormPruner`` built on ``model`` (``utils.pruning.build_pruner``);
+        pruner: a torch-pruning ``GroupNormPruner`` built on ``model`` (``pruning.depgraph.build_pruner``);
             its dependency groups, importance and ``reg`` are used. Built once per data model: the
             groups depend on the architecture and widths only, not on the weight values.
         model: the module the pruner was built on (its parameters are swapped, never modified).
@@ -133,8 +136,6 @@ class GroupL2Regularizer:
     kind = "structured"
 
     def __init__(self, pruner: Any, model: nn.Module):
-        from torch_pruning.pruner import function as tp_function
-
         self.pruner = pruner
         self.model = model
         self.reg = float(pruner.reg)
@@ -345,7 +346,5 @@ def build_regularizer(model: nn.Module, example_inputs: Tensor, method: Mapping[
     if kind != "structured":
         raise ValueError(f"method {method.get('name')!r} has kind={kind!r}; expected structured or unstructured "
                          "(configs/method/*.yaml)")
-    from utils.pruning import build_pruner
-
     pruner = build_pruner(model, example_inputs, method, reg=reg, iterative_steps=iterative_steps)
     return GroupL2Regularizer(pruner, model)

@@ -3,13 +3,13 @@
 DepGraph ("DepGraph: Towards Any Structural Pruning", Fang et al.) trains the network with a group-level
 sparsity regulariser before pruning: after every backward, ``GroupNormPruner.regularize(model, alpha,
 bias)`` adds ``reg * gamma_c * w`` to the gradient of every member slice of every channel group (``gamma_c``
-in [1, alpha], larger for less important channels; see ``utils.regularizer`` for the exact formula, which
+in [1, alpha], larger for less important channels; see ``pruning.regularizer`` for the exact formula, which
 is the same pull the metanetwork's meta-training uses). Their CIFAR recipe: reg 5e-4, 100 epochs, lr 0.01,
 milestones 60/80.
 
 Here the regulariser is computed on a torch-pruning pruner built with the run's pruning method (group-L2,
 max-normalised, global; the classifier ignored), so the baseline and the final pruning share groups and
-importance. The gradient is ``utils.regularizer.GroupL2Regularizer``'s: equal to ``regularize`` on every
+importance. The gradient is ``pruning.regularizer.GroupL2Regularizer``'s: equal to ``regularize`` on every
 group (tests/test_sparse_learning.py), except that a degenerate group (one channel, or all channels equally
 important, common after pruning) gets ``gamma = 1`` where torch-pruning writes NaN into the gradients. ``pruning_final`` with ``final.pre_pruning=sparse_learning`` trains with it for
 the ``after_metanetwork`` recipe (the metanetwork path's budget), then prunes and fine-tunes as usual.
@@ -21,12 +21,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn as tnn
 
-from utils.pruning import build_pruner
-from utils.regularizer import GroupL2Regularizer
+from pruning.depgraph import build_pruner
+from pruning.regularizer import GroupL2Regularizer
 
 
 class SparseLearning:
-    """``after_backward`` hook of :func:`utils.training.train`: adds ``pruner.regularize``'s gradient.
+    """``after_backward`` hook of :func:`training.loop.train`: adds ``pruner.regularize``'s gradient.
 
     Built once on the (unpruned-by-this-stage) model: the groups depend on the architecture and widths,
     which sparse learning does not change. ``reg`` and ``alpha`` are DepGraph's knobs

@@ -1,0 +1,177 @@
+"""What several stages share: the composed Hydra config turned into objects (data, model, recipes, codec
+options), the context of a run on a task's data, and the per-run boilerplate (config, timing, results).
+
+A task file is read here only, so every stage builds its data, models and recipes the same way.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data_loaders.image_datasets import DataLoaders, DataSplits, build_datasets, build_loaders
+from generate_dataset.models import build_model
+from training.config import TrainConfig
+from training.loop import TrainResult, train
+from utils import distributed
+from utils.device import resolve_device
+from utils.io import write_json
+from utils.seed import seed_everything
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("validation", "paper")
+RESULTS_FILE = "results.json"
+
+# A run mode: ``run(cfg, run_dir) -> summary``; the summary is what ``results.json`` holds (stages/__init__.py).
+RunFn = Callable[[DictConfig, Path], dict]
+
+
+class FinalRunConfigError(ValueError):
+    """A final-run setting that cannot work (wrong model file, wrong method kind, bad target ...)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config -> objects
+# ----------------------------------------------------------------------------------------------
+def task_data(task: DictConfig, seed: int, distributed: bool = False) -> tuple[DataSplits, DataLoaders]:
+    """Datasets (train / validation carved from train / test) and loaders of a task."""
+    ds = task.dataset
+    splits = build_datasets(
+        ds.name,
+        root=ds.root,
+        download=ds.get("download", False),
+        val_size=ds.get("val_size", 0.1),
+        split_seed=ds.get("split_seed", 0),
+        image_size=ds.get("image_size", None),
+        train_size=ds.get("train_size", None),
+        synthetic=OmegaConf.to_container(ds.synthetic) if ds.get("synthetic") else None,
+        # per-dataset extras, e.g. {use_extra: true} for SVHN or {debian_dir: ...} for FashionMNIST
+        **(OmegaConf.to_container(ds.options) if ds.get("options") else {}),
+    )
+    loaders = build_loaders(
+        splits,
+        batch_size=task.batch_size,
+        eval_batch_size=task.eval_batch_size,
+        num_workers=ds.get("num_workers", 0),
+        seed=seed,
+        distributed=distributed,
+    )
+    return splits, loaders
+
+
+def task_model(task: DictConfig, splits: DataSplits) -> torch.nn.Module:
+    """A freshly initialised model of the task's architecture at its unpruned widths."""
+    return build_model(task.model, num_classes=splits.num_classes, in_channels=splits.in_channels)
+
+
+def example_input(task: DictConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The batch-1 input used to trace models and count MACs (``task.input_size``)."""
+    return torch.ones(1, *task.input_size, device=device)
+
+
+def recipe(section: DictConfig, protocol: str = "validation") -> TrainConfig:
+    """A training recipe from a task section; ``protocol=paper`` turns best-on-validation into best-on-test.
+
+    The authors keep the epoch with the best *test* accuracy in their final fine-tune (reference §7.4);
+    that is only reproduced on request, and :class:`training.loop.TrainResult` labels it.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol={protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    values = OmegaConf.to_container(section, resolve=True)
+    if protocol == "paper" and values.get("select", "val") == "val":
+        values["select"] = "test"
+    return TrainConfig.from_dict(values)
+
+
+def codec_options(cfg: DictConfig) -> dict[str, Any]:
+    """``GraphCodec`` keywords of a run: ``input_shape`` from ``task.input_size`` and the ``codec`` section
+    (``edge_layout``, ``identity_edges``, ``legacy_fc_permutation``; absent keys: the codec's defaults)."""
+    section = cfg.get("codec") or {}
+    return {"input_shape": tuple(cfg.task.input_size),
+            "identity_edges": section.get("identity_edges", None),
+            "edge_layout": section.get("edge_layout", "auto"),
+            "legacy_fc_permutation": bool(section.get("legacy_fc_permutation", False))}
+
+
+def setup(cfg: DictConfig) -> torch.device:
+    """Seed everything and pick the device for a run (this rank's GPU under torchrun)."""
+    seed_everything(cfg.seed, deterministic=cfg.get("deterministic", False))
+    if distributed.is_distributed():
+        device = distributed.local_device(cfg.get("device", "auto"))
+    else:
+        device = resolve_device(cfg.get("device", "auto"))
+    log.info("device: %s, seed: %s", device, cfg.seed)
+    return device
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# A run on the task's data (final runs, pretrain_final's init pruning)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class RunContext:
+    """What a run on the task's data shares: config, run dir, device, data, pruning method, example input."""
+
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    splits: DataSplits
+    loaders: DataLoaders
+    method: dict
+    example: torch.Tensor  # [1, C, H, W] on device: traces and counts MACs
+
+    @property
+    def task(self) -> DictConfig:
+        return self.cfg.task
+
+    def recipe(self, stage: str) -> TrainConfig:
+        """The ``task.finetune.<stage>`` recipe under the run's protocol."""
+        return recipe(self.task.finetune[stage], self.cfg.protocol)
+
+    def finetune(self, model: torch.nn.Module, stage: str) -> TrainResult:
+        """Fine-tune ``model`` with ``task.finetune.<stage>`` (metrics in ``finetune_<stage>_metrics.csv``)."""
+        return train(model, self.loaders, self.recipe(stage), self.device, run_dir=self.run_dir,
+                     desc=f"finetune_{stage}")
+
+
+def run_context(cfg: DictConfig, run_dir: Path) -> RunContext:
+    """Seed, device, the task's data and loaders, the pruning method and the example input of a run."""
+    device = setup(cfg)
+    splits, loaders = task_data(cfg.task, cfg.seed)
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    return RunContext(cfg, Path(run_dir), device, splits, loaders, method, example_input(cfg.task, device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-run boilerplate
+# ----------------------------------------------------------------------------------------------
+def run_recorded(run: RunFn, cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
+    """Run ``run(cfg, run_dir)`` with the per-run boilerplate done once, here.
+
+    Before: the run dir is created and the resolved config saved as ``config.yaml``. After: the returned
+    summary plus ``seconds`` (wall time of the run) is written to ``results.json``, the file that marks a
+    finished run (the pipeline and the benchmarks skip a stage that has it). Only the main process writes,
+    and an empty summary (another rank under torchrun) writes nothing. A run that fails writes no results.
+    """
+    run_dir = Path(run_dir)
+    main = distributed.is_main_process()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    started = time.time()
+    summary = run(cfg, run_dir)
+    if main and summary:
+        summary["seconds"] = round(time.time() - started, 1)
+        write_json(run_dir / RESULTS_FILE, summary)
+        log.info("results written to %s", run_dir / RESULTS_FILE)
+    return summary

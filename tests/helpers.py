@@ -1,0 +1,67 @@
+"""Plain helpers shared by the test files (``from helpers import ...``; fixtures live in ``conftest.py``):
+the repository paths, composing the Hydra configs, the tiny final-run overrides, the paper's pruning method,
+a tiny metanetwork checkpoint, and running a stage's library function with the per-run boilerplate."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from generate_dataset.models import build_model
+from nn.apply import build_metanetwork, save_metanetwork
+from nn.graph import GraphCodec
+from stages.common import run_recorded
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "configs"
+
+# The paper's structured criterion (configs/method/group_l2_norm_max_normalizer.yaml) as a plain dict.
+METHOD = {"name": "group_l2_norm_max_normalizer", "kind": "structured", "importance": "group_magnitude", "p": 2,
+          "group_reduction": "mean", "normalizer": "max", "global_pruning": True}
+
+FINETUNE_STAGES = ("after_init_pruning", "after_metanetwork", "after_pruning")
+# Final runs on resnet8 / digits: 1 epoch of 2 batches per recipe, 40 pruning steps of 2.5 % instead of 200 of
+# 0.5 % (the same code paths, a few steps per pruning).
+TINY = (["task=resnet20_on_digits", "task.model=resnet8", "device=cpu", "task.train.epochs=1",
+         "+task.train.max_batches_per_epoch=2", "task.pruning.iterative_steps=40"]
+        + [f"task.finetune.{s}.epochs=1" for s in FINETUNE_STAGES]
+        + [f"+task.finetune.{s}.max_batches_per_epoch=2" for s in FINETUNE_STAGES])
+TINY_METANETWORK = {"num_layer": 2, "hiddim": 8, "node_res_ratio": 0.5, "edge_res_ratio": 0.5}
+
+
+def compose_cfg(overrides: Sequence[str] = (), primary: str = "main", tiny: bool = False,
+                hydra_cfg: bool = False) -> DictConfig:
+    """Compose ``configs/<primary>.yaml`` with ``overrides`` (after :data:`TINY` when ``tiny``)."""
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose(primary, overrides=(list(TINY) if tiny else []) + list(overrides),
+                       return_hydra_config=hydra_cfg)
+
+
+def tiny_cfg(overrides: Sequence[str] = (), hydra_cfg: bool = False) -> DictConfig:
+    """``configs/main.yaml`` with :data:`TINY`, then ``overrides``."""
+    return compose_cfg(overrides, tiny=True, hydra_cfg=hydra_cfg)
+
+
+def save_tiny_metanetwork(path: str | Path, architecture: str = "resnet8", task: str = "resnet20_on_digits") -> Path:
+    """A randomly initialised metanetwork (residual ratio 0.5: it visibly moves the weights) for ``architecture``
+    on 1x8x8 inputs, saved as a metanetwork checkpoint of epoch 3."""
+    torch.manual_seed(0)
+    codec = GraphCodec(build_model(architecture, 10, in_channels=1), input_shape=(1, 8, 8))
+    net = build_metanetwork(codec, TINY_METANETWORK)
+    return save_metanetwork(path, net, codec, TINY_METANETWORK, task=task, epoch=3)
+
+
+def recorded(library_fn: Callable[[DictConfig, Path], tuple], cfg: DictConfig, run_dir: str | Path) -> tuple[Any, ...]:
+    """Run a stage's library function ``fn(cfg, run_dir) -> (summary, ...)`` with the per-run boilerplate of
+    ``stages.execute`` (config.yaml, results.json from the summary); returns everything the function returned."""
+    kept: dict[str, tuple] = {}
+
+    def run(cfg: DictConfig, run_dir: Path) -> dict:
+        kept["out"] = library_fn(cfg, run_dir)
+        return kept["out"][0]
+
+    run_recorded(run, cfg, run_dir)
+    return kept["out"]
