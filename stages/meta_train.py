@@ -49,8 +49,13 @@ the mean over its training data models; see ``pruning.regularizer``, "Diagnostic
   share of Conv/Linear weight entries with ``|w|`` at most 1 % of the largest ``|w|``.
 * ``small_group_share_input``: the same on the data model's own weights (the metanetwork's input).
 * ``weight_change``: ``||θ' - θ||_2 / ||θ||_2`` over all the tensors the codec generates together.
+* ``grad_ce_norm`` and ``grad_reg_norm``: the norms of the two parts of the step's metanetwork gradient,
+  the cross-entropy part (scaled by ``reference_batches`` as in the step) and the regulariser part. Their
+  ratio is the CE/regulariser balance that ``pruner_reg`` sets: AdamW follows the larger part, so with
+  ``grad_reg_norm`` tens of times ``grad_ce_norm`` the cross-entropy hardly constrains the metanetwork.
+  Costs one extra backward through the metanetwork per step (``diagnostics=False`` skips it).
 
-They only read weights: losses, gradients and resumption are unchanged. Rows of an older checkpoint
+They do not change losses, gradients or resumption. Rows of an older checkpoint
 without these columns resume, with the cells left blank.
 
 Resuming: with ``meta_train.resume=true`` (default) a run dir that already holds checkpoints continues
@@ -118,7 +123,8 @@ __all__ = [
 CHECKPOINT_DIR = "checkpoints"
 METRICS_CSV = "meta_train_metrics.csv"
 DIAGNOSTICS_PNG = "meta_train_diagnostics.png"
-DIAGNOSTIC_COLUMNS = ("small_group_share", "small_group_share_input", "weight_change")
+DIAGNOSTIC_COLUMNS = ("small_group_share", "small_group_share_input", "weight_change", "grad_ce_norm",
+                      "grad_reg_norm")
 SMALL_FRACTION = 0.01  # a channel group is "small" at <= 1 % of the network's largest group norm
 CSV_COLUMNS = ("epoch", "lr", "ce", "reg", *DIAGNOSTIC_COLUMNS, "grad_norm", "seconds")
 _CHECKPOINT_RE = re.compile(r"^epoch_(\d+)\.pt$")
@@ -222,6 +228,8 @@ class StepResult:
     small_group_share: float = math.nan
     small_group_share_input: float = math.nan
     weight_change: float = math.nan
+    grad_ce_norm: float = math.nan
+    grad_reg_norm: float = math.nan
 
 
 def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -308,12 +316,45 @@ def meta_gradient(metanetwork: tnn.Module, entry: DataModelEntry, batches: Itera
                 g = g + reg_grads[key]
             outputs.append(out)
             grads.append(g)
-    torch.autograd.backward(outputs, grads)
+    if diagnostics:
+        ce_part = _ce_part(metanetwork, outputs, generated, leaves, scale)
+        before = {p: p.grad.clone() for p in metanetwork.parameters() if p.grad is not None}
+    torch.autograd.backward(outputs, grads)  # the step's gradient: the diagnostics never change it
     result = StepResult(ce=float(ce_sum.item()) / n, reg=float(reg_value.item()), batches=n)
     if diagnostics:
         result.small_group_share, result.small_group_share_input, result.weight_change = \
             step_diagnostics(entry, leaves)
+        result.grad_ce_norm, result.grad_reg_norm = _part_norms(metanetwork, before, ce_part)
     return result
+
+
+def _ce_part(metanetwork: tnn.Module, outputs: list[Tensor], generated: Mapping[str, Tensor],
+             leaves: Mapping[str, Tensor], scale: float) -> dict:
+    """The cross-entropy part of the metanetwork gradient, ``{parameter: gradient}``: one extra backward
+    through the GNN that accumulates nothing into ``.grad``."""
+    params = [p for p in metanetwork.parameters() if p.requires_grad]
+    ce_grads = [leaves[k].grad * scale if leaves[k].grad is not None else torch.zeros_like(leaves[k])
+                for k in generated]
+    parts = torch.autograd.grad(outputs, params, ce_grads, retain_graph=True, allow_unused=True)
+    return {p: g for p, g in zip(params, parts) if g is not None}
+
+
+@torch.no_grad()
+def _part_norms(metanetwork: tnn.Module, before: Mapping[Tensor, Tensor], ce_part: Mapping[Tensor, Tensor]
+                ) -> tuple[float, float]:
+    """(``||g_CE||``, ``||g_R||``) over all metanetwork parameters. The step's gradient is linear in its two
+    parts, so ``g_R`` = (``.grad`` after the step's backward - ``.grad`` before) - ``g_CE``."""
+    ce_sq = reg_sq = 0.0
+    for p in metanetwork.parameters():
+        if p.grad is None:
+            continue
+        step = p.grad - before[p] if p in before else p.grad
+        ce = ce_part.get(p)
+        reg = step if ce is None else step - ce
+        reg_sq += float(reg.double().pow(2).sum())
+        if ce is not None:
+            ce_sq += float(ce.double().pow(2).sum())
+    return math.sqrt(ce_sq), math.sqrt(reg_sq)
 
 
 @torch.no_grad()
@@ -445,7 +486,8 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
 
 
 def plot_diagnostics(history: list[Mapping[str, Any]], path: str | Path) -> Path:
-    """Four panels vs epoch (mean CE, R, small_group_share with its input value dashed, weight_change).
+    """Six panels vs epoch: mean CE, R, the gradient's CE and regulariser parts, small_group_share (its input
+    value dashed), weight_change, and the regulariser/CE gradient ratio.
 
     Rows lacking a column (an older checkpoint's history) are plotted as gaps. Saved as a PNG at ``path``
     (written to a temporary file, then renamed, so a reader never sees a half-written image).
@@ -470,12 +512,25 @@ def plot_diagnostics(history: list[Mapping[str, Any]], path: str | Path) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     epochs = [int(row["epoch"]) for row in history]
     panels = [("ce", "mean cross-entropy"), ("reg", "regulariser R"),
+              ("grad_ce_norm", "metanetwork gradient norm, by part"),
               ("small_group_share", f"share of channel groups <= {SMALL_FRACTION:.0%} of the network's largest"),
-              ("weight_change", "weight change ||θ'-θ|| / ||θ||")]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+              ("weight_change", "weight change ||θ'-θ|| / ||θ||"),
+              ("balance", "regulariser part / CE part of the gradient")]
+    ce_part, reg_part = column("grad_ce_norm"), column("grad_reg_norm")
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7), sharex=True)
     try:
         for ax, (key, title) in zip(axes.flat, panels):
-            ax.plot(epochs, column(key), marker="o", markersize=3, linewidth=1.2, label="generated")
+            if key == "balance":
+                ax.plot(epochs, [r / c if c > 0 else math.nan for r, c in zip(reg_part, ce_part)], marker="o",
+                        markersize=3, linewidth=1.2)
+                ax.set_yscale("log")
+            elif key == "grad_ce_norm":
+                ax.plot(epochs, ce_part, marker="o", markersize=3, linewidth=1.2, label="cross-entropy")
+                ax.plot(epochs, reg_part, marker="s", markersize=3, linewidth=1.2, label="regulariser")
+                ax.set_yscale("log")
+                ax.legend(loc="best", fontsize="small")
+            else:
+                ax.plot(epochs, column(key), marker="o", markersize=3, linewidth=1.2, label="generated")
             if key == "small_group_share":
                 ax.plot(epochs, column("small_group_share_input"), linestyle="--", linewidth=1.2,
                         label="data model (input)")
@@ -674,17 +729,12 @@ def _epoch(state: _Training, epoch: int, stream: _BatchStream) -> dict:
                leave=False, disable=None)
     for index in bar:
         result, norm = _step(state, epoch, index, stream)
-        records.append((result.ce, result.reg, norm, result.small_group_share, result.small_group_share_input,
-                        result.weight_change))
+        records.append({"ce": result.ce, "reg": result.reg, "grad_norm": norm,
+                        **{key: getattr(result, key) for key in DIAGNOSTIC_COLUMNS}})
         bar.set_postfix(ce=f"{result.ce:.4f}", reg=f"{result.reg:.4g}")
     state.scheduler.step()
-    return {"epoch": epoch, "lr": lr,
-            "ce": float(np.mean([r[0] for r in records])), "reg": float(np.mean([r[1] for r in records])),
-            "small_group_share": float(np.mean([r[3] for r in records])),
-            "small_group_share_input": float(np.mean([r[4] for r in records])),
-            "weight_change": float(np.mean([r[5] for r in records])),
-            "grad_norm": float(np.mean([r[2] for r in records])),
-            "seconds": round(time.time() - epoch_started, 3)}
+    means = {key: float(np.mean([r[key] for r in records])) for key in ("ce", "reg", *DIAGNOSTIC_COLUMNS, "grad_norm")}
+    return {"epoch": epoch, "lr": lr, **means, "seconds": round(time.time() - epoch_started, 3)}
 
 
 def _save_epoch(state: _Training, epoch: int, row: dict) -> None:
@@ -697,9 +747,10 @@ def _save_epoch(state: _Training, epoch: int, row: dict) -> None:
     _write_metrics(state.run_dir / METRICS_CSV, state.history)
     _plot_quietly(state.history, state.run_dir / DIAGNOSTICS_PNG)
     log.info("meta_train epoch %d/%d: lr %.3g, CE %.4f, R %.4g, small groups %.3f (input %.3f), "
-             "weight change %.4g, |grad| %.4g, %.1f s", epoch, state.settings.epochs, row["lr"], row["ce"], row["reg"],
-             row["small_group_share"], row["small_group_share_input"], row["weight_change"],
-             row["grad_norm"], row["seconds"])
+             "weight change %.4g, |grad| %.4g (CE part %.4g, regulariser part %.4g), %.1f s", epoch,
+             state.settings.epochs, row["lr"], row["ce"], row["reg"], row["small_group_share"],
+             row["small_group_share_input"], row["weight_change"], row["grad_norm"], row["grad_ce_norm"],
+             row["grad_reg_norm"], row["seconds"])
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:

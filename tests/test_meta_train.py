@@ -108,6 +108,42 @@ def test_balance_is_independent_of_batches_per_step():
     torch.testing.assert_close(gradient(4, 4), gradient(4, None), rtol=1e-12, atol=1e-12)
 
 
+def test_gradient_parts_are_the_ce_and_regulariser_gradients_and_leave_the_step_unchanged():
+    model = data_model(2, dtype=torch.float64)
+    entry = make_entry(model, torch.float64)
+    net = tiny_metanetwork(entry, dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (6,), generator=g))
+               for _ in range(2)]
+
+    def step(diagnostics, prior=None):
+        net.zero_grad(set_to_none=True)
+        if prior is not None:  # meta_gradient accumulates: a gradient already there must not leak into the parts
+            for p in net.parameters():
+                p.grad = torch.full_like(p, prior)
+        result = meta_train.meta_gradient(net, entry, batches, reference_batches=50, alpha=16.0,
+                                          diagnostics=diagnostics)
+        return result, torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    result, total = step(True, prior=0.25)
+    plain, plain_total = step(False, prior=0.25)
+    assert torch.equal(total, plain_total)  # the diagnostics never change the step's gradient
+    assert math.isnan(plain.grad_ce_norm) and math.isnan(plain.grad_reg_norm)
+
+    # the CE part alone: the same step on a data model whose regulariser contributes nothing
+    reg_gradient = entry.regularizer.gradient
+    entry.regularizer.gradient = lambda leaves, **kw: {k: torch.zeros_like(v) for k, v in reg_gradient(leaves, **kw).items()}
+    try:
+        ce_only, ce_total = step(True)
+    finally:
+        entry.regularizer.gradient = reg_gradient
+    _, with_reg = step(True)
+    assert result.grad_ce_norm == pytest.approx(ce_total.norm().item(), rel=1e-9)
+    assert result.grad_reg_norm == pytest.approx((with_reg - ce_total).norm().item(), rel=1e-9)
+    assert ce_only.grad_reg_norm == pytest.approx(0.0, abs=1e-9)
+    assert result.grad_ce_norm > 0 and result.grad_reg_norm > 0
+
+
 # ------------------------------------------------------------------------------------------------
 # The regulariser
 # ------------------------------------------------------------------------------------------------
