@@ -18,7 +18,11 @@ For every requested checkpoint ``<select.meta_train_dir>/checkpoints/epoch_{k:04
 
 Each checkpoint's score is the mean over the validation data models of ``select.score``: ``auc`` (mean accuracy
 over ``[data model speed-up, max_speed_up]``, step-wise, see ``pruning.curves``) or ``acc_at`` (accuracy at
-``select.target_speed_up``). Ties go to the earlier epoch. Two reference lines, never candidates:
+``select.target_speed_up``). Ties go to the earlier epoch. ``select.max_accuracy_drop`` (null = off, the
+reference's pure curve score) makes the choice accuracy-aware: a candidate whose unpruned validation accuracy
+(the curve's first point, after the fine-tune) is more than that much below the control's is ranked after every
+candidate that keeps it (``ranking.json``: ``unpruned_acc``, ``eligible``), so a checkpoint that is easy to prune
+only because the metanetwork wrecked it is not chosen; the same rule picks ``best_sparse_reg``. Two reference lines, never candidates:
 
 - ``origin`` (``select.origin``): the untouched data model, NOT fine-tuned (as the reference plots it);
 - ``control`` (``select.control``): the same data model given exactly the checkpoints' fine-tune (recipe, seed,
@@ -490,6 +494,26 @@ def _plan(cfg: DictConfig, run_dir: Path, meta_train_dir: Any,
     return ctx, jobs
 
 
+def accuracy_floor(section: DictConfig, control: Mapping[str, Any] | None) -> float | None:
+    """The lowest unpruned validation accuracy a candidate may keep: the control's minus
+    ``select.max_accuracy_drop`` (None: no floor, the reference's pure curve score)."""
+    drop = section.get("max_accuracy_drop")
+    if is_null(drop):
+        return None
+    drop = float(drop)
+    if not math.isfinite(drop) or drop < 0:
+        raise SelectionError(f"select.max_accuracy_drop={section.max_accuracy_drop!r} must be a number >= 0 or null")
+    if control is None:
+        raise SelectionError("select.max_accuracy_drop compares with the control's unpruned accuracy; "
+                             "it needs select.control=true")
+    return control["unpruned_acc"] - drop
+
+
+def eligible(item: Mapping[str, Any], floor: float | None) -> bool:
+    """Whether a candidate keeps its unpruned validation accuracy at or above ``floor``."""
+    return floor is None or item["unpruned_acc"] >= floor - 1e-12
+
+
 def is_reference(label: str) -> bool:
     """Reference curves (origin, control, sparse learning) are plotted and recorded, never candidates."""
     return label in REFERENCES or label.startswith(SPARSE_PREFIX)
@@ -605,6 +629,8 @@ def _produce(ctx: CurveContext, jobs: list[CurveJob], cache: CurveCache) -> dict
                           "checkpoint": str(group[0].checkpoint) if group[0].checkpoint else None,
                           "score": score, "per_model": dict(zip([j.model_index for j in group], scores)),
                           "curve": curves_lib.mean_curve([j.points for j in group], max_speed_up),
+                          # before any pruning: what select.max_accuracy_drop compares with the control's
+                          "unpruned_acc": sum(j.points[0][1] for j in group) / len(group),
                           "reused": sum(j.reused for j in group)}
         log.info("%s: %s = %.4f (mean over %d validation data model(s)%s)", label, kind, score, len(group),
                  ", from cache" if all(j.reused for j in group) else "")
@@ -654,15 +680,24 @@ def run_select(cfg: DictConfig, run_dir: Path) -> dict:
     section = _select_section(cfg)
     cache = CurveCache.load(section.get("cache"))
     ctx, jobs, summary, counts = _run_curves(cfg, run_dir, section.get("meta_train_dir"), cache)
+    origin, control = summary.get(ORIGIN), summary.get(CONTROL)
+    floor = accuracy_floor(section, control)
     candidates = [item for label, item in summary.items() if not is_reference(label)]
-    ranking = sorted(candidates, key=lambda item: (-item["score"], item["epoch"]))  # ties: earlier epoch
+    # eligible ones first (select.max_accuracy_drop), each part by score; ties: earlier epoch
+    ranking = sorted(candidates, key=lambda item: (not eligible(item, floor), -item["score"], item["epoch"]))
     ranked = [{"rank": i + 1, "epoch": item["epoch"], "checkpoint": item["checkpoint"], "score": item["score"],
+               "unpruned_acc": item["unpruned_acc"], "eligible": eligible(item, floor),
                "per_model": item["per_model"]} for i, item in enumerate(ranking)]
     best = ranking[0]
-    origin, control = summary.get(ORIGIN), summary.get(CONTROL)
+    if not eligible(best, floor):
+        log.warning("no checkpoint keeps the unpruned validation accuracy within select.max_accuracy_drop=%s of "
+                    "the control's (%.4f); choosing the best-scoring one anyway", section.max_accuracy_drop,
+                    control["unpruned_acc"])
     kind = str(section.score)
-    sparse_scores = {f"{reg:g}": summary[sparse_label(reg)]["score"] for reg in sparse_regs(cfg)}
-    best_sparse = max(sparse_scores, key=lambda reg: (sparse_scores[reg], -float(reg))) if sparse_scores else None
+    sparse = {f"{reg:g}": summary[sparse_label(reg)] for reg in sparse_regs(cfg)}
+    sparse_scores = {reg: item["score"] for reg, item in sparse.items()}
+    best_sparse = min(sparse, key=lambda reg: (not eligible(sparse[reg], floor), -sparse_scores[reg], float(reg))
+                      ) if sparse else None
     references = {
         "origin_score": origin["score"] if origin else None,
         "control_score": control["score"] if control else None,
@@ -672,6 +707,10 @@ def run_select(cfg: DictConfig, run_dir: Path) -> dict:
         "sparse_learning_scores": sparse_scores,
         "best_sparse_reg": float(best_sparse) if best_sparse is not None else None,
         "gain_over_sparse_learning": best["score"] - sparse_scores[best_sparse] if best_sparse else None,
+        "sparse_learning_unpruned_acc": {reg: item["unpruned_acc"] for reg, item in sparse.items()},
+        "control_unpruned_acc": control["unpruned_acc"] if control else None,
+        "max_accuracy_drop": None if floor is None else float(section.max_accuracy_drop),
+        "accuracy_floor": floor,
     }
     selection = {
         "chosen": best["checkpoint"], "epoch": best["epoch"], "score": best["score"], "score_kind": kind,

@@ -206,6 +206,41 @@ def test_control_runs_the_finetune_but_never_the_metanetwork(env, tmp_path, monk
     assert set(result["scores"]) == {"origin", "epoch_1"} and result["curves_computed"] == 0
 
 
+def test_max_accuracy_drop_ranks_a_wrecked_but_flat_checkpoint_last(env, select_dir, tmp_path, monkeypatch):
+    # doctor the cached curves: epoch 1 flat at a low accuracy (easy to prune because it is wrecked: the
+    # higher AUC), epoch 2 steep from the control's accuracy
+    cache = json.loads((select_dir / "curves.json").read_text())
+    control = next(e for e in cache["entries"] if e["label"] == "control")
+    top = control["points"][0][1]
+    for entry in cache["entries"]:
+        if entry["label"] in ("epoch_1", "epoch_2"):
+            xs = [x for x, _ in entry["points"]]
+            accs = [0.6] * len(xs) if entry["label"] == "epoch_1" else [top] + [0.05] * (len(xs) - 1)
+            entry["points"] = [[x, a] for x, a in zip(xs, accs)]
+    doctored = tmp_path / "curves.json"
+    doctored.write_text(json.dumps(cache))
+    _forbid_computation(monkeypatch)
+
+    plain = execute(make_cfg(env, cache=str(doctored)), tmp_path / "plain")
+    assert plain["epoch"] == 1  # the pure curve score prefers the flat, wrecked checkpoint
+    aware = execute(make_cfg(env, cache=str(doctored), max_accuracy_drop=0.02), tmp_path / "aware")
+    assert aware["epoch"] == 2
+    chosen = json.loads((tmp_path / "aware" / "selection.json").read_text())
+    assert chosen["accuracy_floor"] == pytest.approx(top - 0.02)
+    assert chosen["control_unpruned_acc"] == pytest.approx(top)
+    assert [(r["epoch"], r["eligible"]) for r in chosen["ranking"]] == [(2, True), (1, False)]
+    assert chosen["ranking"][1]["score"] > chosen["ranking"][0]["score"]  # ranked last despite the higher score
+    assert chosen["ranking"][1]["unpruned_acc"] == pytest.approx(0.6)
+
+
+def test_max_accuracy_drop_needs_the_control_and_a_valid_number(env, select_dir, tmp_path, monkeypatch):
+    _forbid_computation(monkeypatch)
+    with pytest.raises(SelectionError, match="max_accuracy_drop.*>= 0"):
+        execute(make_cfg(env, cache=str(select_dir), max_accuracy_drop=-0.1), tmp_path / "a")
+    with pytest.raises(SelectionError, match="select.control=true"):
+        execute(make_cfg(env, cache=str(select_dir), max_accuracy_drop=0.02, control="false"), tmp_path / "b")
+
+
 # ----------------------------------------------------------------------------------------------
 # run=visualize and the cache
 # ----------------------------------------------------------------------------------------------
