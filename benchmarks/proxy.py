@@ -255,21 +255,15 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
              f"Hardware: {_hardware()}.", "", "## Setup and budgets", ""]
     lines += _budget_lines(cfg, seeds, targets, meta, select)
     lines += ["", "## Test accuracy after pruning and fine-tune (mean ± std over seeds, %)", ""]
-    header = ["Method"] + [f"{t:g}x" for t in targets] + ["seeds"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for method in [m for m in (*METHODS, "transfer") if m in table]:
-        cells = [_stat([100 * r["pruned_acc"] for r in table[method].get(round(t, 4), [])]) for t in targets]
-        n = max(len(v) for v in table[method].values())
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {n} |")
+    lines += _method_table(table, targets, lambda r: r["pruned_acc"])
     lines += ["", "Achieved speed-ups (mean): " + "; ".join(
         f"{t:g}x -> {statistics.fmean(r['speed_up'] for m in table.values() for r in m.get(round(t, 4), [])):.3f}x"
         for t in targets if any(round(t, 4) in m for m in table.values())) + ".", ""]
-    lines += ["Validation accuracy of the same runs (what a user may select on):", "",
-              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for method in [m for m in (*METHODS, "transfer") if m in table]:
-        cells = [_stat([100 * r["pruned_val_acc"] for r in table[method].get(round(t, 4), [])]) for t in targets]
-        n = max(len(v) for v in table[method].values())
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {n} |")
+    lines += ["Validation accuracy of the same runs (what a user may select on):", ""]
+    lines += _method_table(table, targets, lambda r: r["pruned_val_acc"])
+    lines += ["", "Prunability itself: test accuracy right after pruning, BEFORE the after-pruning fine-tune (first "
+              "column: just before pruning, after each method's pre-pruning training):", ""]
+    lines += _method_table(table, targets, _just_pruned_acc, before=lambda r: r["pre_pruning_acc"])
     lines += ["", _goals(table, targets), ""]
 
     plot = plot_results(table, results_dir / f"{name}.png", f"{cfg.task.name}: accuracy vs speed-up (test)")
@@ -287,8 +281,15 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
               f"{select.get('best_sparse_reg')}; gain of the chosen checkpoint over it "
               f"{num(select.get('gain_over_sparse_learning'), '+')}",
               f"- untouched data model (no fine-tune): {num(select.get('origin_score'))}", ""]
-    lines += ["| checkpoint | score |", "|---|---|"]
-    lines += [f"| epoch {r['epoch']} | {r['score']:.4f} |" for r in sorted(select["ranking"], key=lambda r: r["epoch"])]
+    if select.get("accuracy_floor") is not None:
+        lines += [f"- accuracy-aware choice (`select.max_accuracy_drop={select['max_accuracy_drop']:g}`): candidates "
+                  f"must keep an unpruned validation accuracy of at least {select['accuracy_floor']:.4f} (control "
+                  f"{select['control_unpruned_acc']:.4f}); sparse-learning unpruned accuracy: " + ", ".join(
+                      f"reg {reg}: {acc:.4f}" for reg, acc in (select.get("sparse_learning_unpruned_acc") or {}).items()),
+                  ""]
+    lines += ["| checkpoint | score | unpruned accuracy | eligible |", "|---|---|---|---|"]
+    lines += [f"| epoch {r['epoch']} | {r['score']:.4f} | {num(r.get('unpruned_acc'))} | {r.get('eligible', '-')} |"
+              for r in sorted(select["ranking"], key=lambda r: r["epoch"])]
     if curves.exists():
         shutil.copyfile(curves, results_dir / f"{name}_selection.png")
         lines += ["", f"![selection curves]({name}_selection.png)"]
@@ -300,11 +301,15 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
     if ablation.exists():
         lines += ["", "## Ablation of meta-training settings (validation only)", "",
                   "Each row: meta_train + select on this benchmark's store with the overrides shown; score = "
-                  f"{select['score_kind']} on the validation data model(s). Gain = best checkpoint - control.", "",
-                  "| name | overrides | best epoch | best score | control | gain | seconds |", "|---|---|---|---|---|---|---|"]
+                  f"{select['score_kind']} on the validation data model(s) of the checkpoint chosen as `run=select` chooses "
+                  "(with select.max_accuracy_drop when set: eligible = it keeps the unpruned accuracy). Gain = chosen "
+                  "checkpoint - control.", "",
+                  "| name | overrides | chosen epoch | score | unpruned acc. | eligible | control | gain | seconds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in json.loads(ablation.read_text()):
             lines.append(f"| {row['name']} | `{' '.join(row['overrides'])}` | {row['epoch']} | {row['score']:.4f} | "
-                         f"{row['control_score']:.4f} | {row['gain_over_control']:+.4f} | {row['seconds']:.0f} |")
+                         f"{num(row.get('unpruned_acc'))} | {row.get('eligible', '-')} | {row['control_score']:.4f} | "
+                         f"{row['gain_over_control']:+.4f} | {row['seconds']:.0f} |")
     notes = results_dir / f"{name}_notes.md"  # the written reading of these numbers, kept beside them
     if notes.exists():
         lines += ["", notes.read_text().strip()]
@@ -314,6 +319,26 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
     path = results_dir / f"{name}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _just_pruned_acc(result: dict) -> float | None:
+    return next((stage["test_acc"] for stage in result.get("stages", []) if stage["stage"] == "pruned"), None)
+
+
+def _method_table(table: dict, targets: list[float], value, before=None) -> list[str]:
+    """Markdown rows method x target of ``100 * value(result)`` (mean ± std over seeds); ``before``: a first
+    column of a per-run value measured before pruning (the same for every target, taken from the first)."""
+    header = ["Method"] + (["before pruning"] if before else []) + [f"{t:g}x" for t in targets] + ["seeds"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in [m for m in (*METHODS, "transfer") if m in table]:
+        per_target = [table[method].get(round(t, 4), []) for t in targets]
+        cells = [_stat([100 * v for v in map(value, runs) if v is not None]) for runs in per_target]
+        if before:
+            first = next((runs for runs in per_target if runs), [])
+            cells = [_stat([100 * before(r) for r in first])] + cells
+        n = max(len(v) for v in table[method].values())
+        rows.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {n} |")
+    return rows
 
 
 def _goals(table: dict, targets: list[float]) -> str:
@@ -337,6 +362,18 @@ def _goals(table: dict, targets: list[float]) -> str:
 # ----------------------------------------------------------------------------------------------
 # Ablation: meta_train + select with overrides, on the benchmark's store
 # ----------------------------------------------------------------------------------------------
+def ablation_row(selection_file: Path) -> dict:
+    """What an ablation row reports from its select run: the choice, its unpruned accuracy and eligibility under
+    select.max_accuracy_drop, and the reference scores."""
+    selection = json.loads(selection_file.read_text())
+    best = selection["ranking"][0]
+    return {"epoch": selection["epoch"], "score": selection["score"], "unpruned_acc": best.get("unpruned_acc"),
+            "eligible": best.get("eligible", True), "max_accuracy_drop": selection.get("max_accuracy_drop"),
+            "control_score": selection["control_score"], "gain_over_control": selection["gain_over_control"],
+            "control_unpruned_acc": selection.get("control_unpruned_acc"),
+            "sparse_learning_scores": selection.get("sparse_learning_scores")}
+
+
 def run_ablation(cfg: DictConfig, out: Path, name: str, overrides: list[str], results_dir: Path,
                  report_name: str) -> dict:
     store = out / "store"
@@ -352,9 +389,7 @@ def run_ablation(cfg: DictConfig, out: Path, name: str, overrides: list[str], re
     selection = run_stage("select", "select", cfg, folder / "select", store=str(store),
                           **{"select.meta_train_dir": str(folder / "meta_train"),
                              "select.cache": str(earlier[-1]) if earlier else None})
-    row = {"name": name, "overrides": overrides, "epoch": selection["epoch"], "score": selection["score"],
-           "control_score": selection["control_score"], "gain_over_control": selection["gain_over_control"],
-           "sparse_learning_scores": selection.get("sparse_learning_scores"),
+    row = {"name": name, "overrides": overrides, **ablation_row(folder / "select" / "selection.json"),
            "seconds": round(time.time() - started, 1)}
     path = results_dir / f"{report_name}_ablation.json"
     rows = [r for r in (json.loads(path.read_text()) if path.exists() else []) if r["name"] != name]

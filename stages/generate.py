@@ -11,6 +11,7 @@ without retraining by the next run there.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -32,11 +33,26 @@ def shard_identity(cfg: DictConfig) -> dict:
     return {"task": cfg.task.name, "architecture": cfg.task.model, "num_classes": -1, "method": cfg.method.name}
 
 
+def check_initial_speed_up(cfg: DictConfig) -> None:
+    """Refuse, before any training, an init-pruning speed-up that is not a finite number >= 1."""
+    if cfg.get("no_init_pruning", False):
+        return
+    value = cfg.task.initial_speed_up
+    try:
+        speed_up = float(value)
+    except (TypeError, ValueError):
+        speed_up = math.nan
+    if not math.isfinite(speed_up) or speed_up < 1.0:
+        raise ValueError(f"task.initial_speed_up={value!r} must be a finite number >= 1 (1 = no init pruning; "
+                         "the data models are pruned to it before they are stored)")
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Generate ``cfg.num`` data models into ``cfg.store`` as shard ``cfg.index``; returns the shard's summary
     (its path, the positions produced now and those found finished)."""
-    device = setup(cfg)
     task = cfg.task
+    check_initial_speed_up(cfg)
+    device = setup(cfg)
     splits, loaders = task_data(task, cfg.seed)
     identity = shard_identity(cfg) | {"num_classes": splits.num_classes}
     writer = ShardWriter(cfg.store, cfg.index, identity)  # locks the shard until the end of this call

@@ -132,7 +132,10 @@ _CHECKPOINT_RE = re.compile(r"^epoch_(\d+)\.pt$")
 _RESUME_KEYS = ("lr", "weight_decay", "milestones", "gamma", "pruner_reg", "alpha", "bias", "train_split",
                 "reference_batches", "batches_per_step", "batch_size", "bn_mode")
 BN_MODES = ("eval", "batch")
-_RESUME_DEFAULTS = {"bn_mode": "eval"}  # keys added later: what older checkpoints ran with
+_RESUME_DEFAULTS = {"bn_mode": "eval"}
+# every key task.meta_train may hold (a misspelt one is refused instead of silently ignored)
+_SECTION_KEYS = frozenset({"epochs", "optimizer", "lr", "weight_decay", "milestones", "gamma", "pruner_reg", "alpha",
+                           "bias", "train_split", "reference_batches", "batches_per_step", "batch_size", "bn_mode"})  # keys added later: what older checkpoints ran with
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,20 +172,41 @@ class MetaTrainSettings:
         missing = [k for k in required if k not in section]
         if missing:
             raise KeyError(f"{where}: task.meta_train lacks {missing}; add them (see configs/task/resnet56_on_CIFAR10.yaml)")
+        unknown = sorted(set(section) - _SECTION_KEYS)
+        if unknown:
+            raise KeyError(f"{where}: unknown key(s) task.meta_train.{', task.meta_train.'.join(unknown)}; valid: "
+                           f"{', '.join(sorted(_SECTION_KEYS))}")
         optimizer = str(section.get("optimizer", "adamw")).lower()
         if optimizer != "adamw":
             raise ValueError(f"{where}: task.meta_train.optimizer={optimizer!r}; meta-training uses adamw (reference §6)")
-        milestones = section.milestones
-        if isinstance(milestones, str):  # the reference's "3,10" form
-            milestones = [int(x) for x in milestones.split(",") if x.strip()]
+
+        def read(key, kind, default=None, optional=False):
+            value = section.get(key, default)
+            if optional and value is None:
+                return None
+            try:
+                if kind is tuple:  # milestones: a list, or the reference's "3,10" string
+                    items = value.split(",") if isinstance(value, str) else list(value)
+                    return tuple(int(x) for x in items if str(x).strip())
+                if kind is bool and not isinstance(value, bool):
+                    raise ValueError("expected true or false")
+                if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+                    raise ValueError("expected a whole number")
+                converted = kind(value)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{where}: task.meta_train.{key}={value!r} is not a valid {kind.__name__} "
+                                 f"({err})") from None
+            if kind is float and not math.isfinite(converted):
+                raise ValueError(f"{where}: task.meta_train.{key}={value!r} must be finite")
+            return converted
+
         settings = cls(
-            epochs=int(section.epochs), lr=float(section.lr), weight_decay=float(section.weight_decay),
-            milestones=tuple(int(m) for m in milestones), gamma=float(section.gamma),
-            pruner_reg=float(section.pruner_reg), alpha=float(section.alpha), bias=bool(section.bias),
-            train_split=float(section.train_split),
-            reference_batches=None if section.reference_batches is None else int(section.reference_batches),
-            batches_per_step=None if section.get("batches_per_step") is None else int(section.batches_per_step),
-            batch_size=int(section.get("batch_size") or task.batch_size),
+            epochs=read("epochs", int), lr=read("lr", float), weight_decay=read("weight_decay", float),
+            milestones=read("milestones", tuple), gamma=read("gamma", float), pruner_reg=read("pruner_reg", float),
+            alpha=read("alpha", float), bias=read("bias", bool), train_split=read("train_split", float),
+            reference_batches=read("reference_batches", int, optional=True),
+            batches_per_step=read("batches_per_step", int, optional=True),
+            batch_size=read("batch_size", int) if section.get("batch_size") is not None else int(task.batch_size),
             bn_mode=str(section.get("bn_mode", "eval")),
         )
         if settings.bn_mode not in BN_MODES:
@@ -191,6 +215,9 @@ class MetaTrainSettings:
             value = getattr(settings, key)
             if value is not None and value < 1:
                 raise ValueError(f"{where}: task.meta_train.{key}={value} must be >= 1 (or null where allowed)")
+        if settings.lr <= 0 or settings.pruner_reg < 0 or not 0 < settings.train_split <= 1:
+            raise ValueError(f"{where}: task.meta_train needs lr > 0, pruner_reg >= 0 and 0 < train_split <= 1; got "
+                             f"lr={settings.lr}, pruner_reg={settings.pruner_reg}, train_split={settings.train_split}")
         if settings.alpha < 1:
             raise ValueError(f"{where}: task.meta_train.alpha={settings.alpha} must be >= 1 (gamma lies in [1, alpha])")
         return settings

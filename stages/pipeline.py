@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -41,30 +42,109 @@ def stage_config(cfg: DictConfig, run: str, **updates) -> DictConfig:
     return stage
 
 
+class StaleStageError(RuntimeError):
+    """A finished stage was run with other settings than the ones asked for now."""
+
+
+# Keys that never change a stage's results (select.cache only saves recomputing identical curves).
+RESULT_NEUTRAL_KEYS = ("select.cache",)
+# Sections a run mode never reads: changing them leaves its finished results valid.
+UNREAD_SECTIONS = {
+    "pretrain_final": ("task.meta_train", "task.select", "select", "meta_train", "report", "metanetwork"),
+    "pruning_final": ("task.meta_train", "task.select", "select", "meta_train", "report"),
+    "meta_train": ("task.select", "select", "final", "report"),
+    "select": ("final", "report"),
+    "generate": ("task.meta_train", "task.select", "select", "meta_train", "metanetwork", "final", "report"),
+}
+
+
+def _flatten(value, prefix=""):
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def changed_settings(stage_dir: Path, stage: DictConfig) -> list[str]:
+    """``key: then -> now`` for every setting of ``stage`` that differs from the finished stage's ``config.yaml``.
+
+    Keys present on only one side (added or removed by a newer version of the code) are not differences, nor
+    are :data:`RESULT_NEUTRAL_KEYS` and the sections the run mode never reads (:data:`UNREAD_SECTIONS`)."""
+    saved_file = stage_dir / "config.yaml"
+    if not saved_file.exists():
+        return []
+    then = _flatten(OmegaConf.to_container(OmegaConf.load(saved_file), resolve=True))
+    now = _flatten(OmegaConf.to_container(stage, resolve=True))
+    skip = RESULT_NEUTRAL_KEYS + UNREAD_SECTIONS.get(str(stage.get("run")), ())
+    return [f"{key}: {then[key]!r} -> {now[key]!r}" for key in sorted(then.keys() & now.keys())
+            if then[key] != now[key] and not any(key == s or key.startswith(s + ".") for s in skip)]
+
+
+def _finished(name: str, stage_dir: Path, stage: DictConfig) -> dict | None:
+    """The summary of a stage that finished before with the same settings; None when it has to run; refuses a
+    stage that finished with other settings (its results would silently stand for the new ones)."""
+    done = stage_dir / RESULTS_FILE
+    if not done.exists():
+        return None
+    changed = changed_settings(stage_dir, stage)
+    if changed:
+        shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise StaleStageError(
+            f"stage {name} finished in {stage_dir} with other settings ({shown}). Its results would not match the "
+            f"settings asked for now: use a new hydra.run.dir, or delete {stage_dir} (and the stages after it) to "
+            "recompute it")
+    log.info("pipeline: stage %s already finished in %s; skipping", name, stage_dir)
+    return json.loads(done.read_text())
+
+
 def run_stage(name: str, run: str, cfg: DictConfig, stage_dir: Path, **updates) -> dict:
     """Run mode ``run`` (one of :data:`CHAINED_RUNS`) in ``stage_dir`` with ``updates``; a stage that finished
-    before (its ``results.json`` exists) is skipped and its summary read back."""
-    done = stage_dir / RESULTS_FILE
-    if done.exists():
-        log.info("pipeline: stage %s already finished in %s; skipping", name, stage_dir)
-        return json.loads(done.read_text())
+    before (its ``results.json`` exists) with the same settings is skipped and its summary read back, one that
+    finished with other settings is refused (:class:`StaleStageError`)."""
+    stage = stage_config(cfg, run, **updates)
+    finished = _finished(name, stage_dir, stage)
+    if finished is not None:
+        return finished
     log.info("pipeline: stage %s -> %s", name, stage_dir)
-    return run_recorded(CHAINED_RUNS[run], stage_config(cfg, run, **updates), stage_dir)
+    return run_recorded(CHAINED_RUNS[run], stage, stage_dir)
 
 
 def generate_stage(cfg: DictConfig, store: Path, stage_dir: Path) -> dict:
     """``cfg.pipeline.num_data_models`` data models into ``store`` (one shard; resumes inside the shard)."""
-    done = stage_dir / RESULTS_FILE
-    if done.exists():
-        return json.loads(done.read_text())
     gen = stage_config(cfg, "generate", num=cfg.pipeline.num_data_models, index=0, store=str(store),
                        no_init_pruning=False)
+    finished = _finished("generate", stage_dir, gen)
+    if finished is not None:
+        return finished
+    log.info("pipeline: stage generate -> %s", stage_dir)
     return run_recorded(generate.run, gen, stage_dir)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Refuse, before the first stage trains anything, settings that would only fail in a later stage."""
+    meta_train.MetaTrainSettings.from_task(cfg.task)  # types, ranges, misspelt keys of task.meta_train
+    generate.check_initial_speed_up(cfg)
+    num = cfg.pipeline.num_data_models
+    if not isinstance(num, int) or isinstance(num, bool) or num < 2:
+        raise ValueError(f"pipeline.num_data_models={num!r}: the pipeline needs at least 2 data models, one to "
+                         "meta-train on and one held out to select the checkpoint on")
+    targets = cfg.final.target_speed_up
+    for target in (list(targets) if OmegaConf.is_list(targets) else [targets]):
+        try:
+            value = float(target)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value) or value < float(cfg.task.initial_speed_up):
+            raise ValueError(f"final.target_speed_up={target!r} must be a finite number >= task.initial_speed_up="
+                             f"{cfg.task.initial_speed_up}")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole method on one task; the report stage prints the result table, the curve plot of the
     selection stage is copied to ``run_dir/curves.png``."""
+    check_settings(cfg)
     store = run_dir / "store"
     generate_stage(cfg, store, run_dir / "generate")
     run_stage("meta_train", "meta_train", cfg, run_dir / "meta_train", store=str(store))

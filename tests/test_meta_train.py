@@ -372,6 +372,28 @@ def test_settings_errors_name_the_config_key():
     task.meta_train.batches_per_step = 0
     with pytest.raises(ValueError, match="batches_per_step"):
         meta_train.MetaTrainSettings.from_task(task)
+    task.meta_train.batches_per_step = None
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("epochs", "abc", r"task\.meta_train\.epochs='abc' is not a valid int"),
+    ("epochs", 2.5, r"task\.meta_train\.epochs=2\.5 is not a valid int"),
+    ("lr", "fast", r"task\.meta_train\.lr='fast' is not a valid float"),
+    ("pruner_reg", float("nan"), r"task\.meta_train\.pruner_reg=nan must be finite"),
+    ("milestones", "3,x", r"task\.meta_train\.milestones='3,x'"),
+    ("bias", "no", r"task\.meta_train\.bias='no'"),
+    ("lr", 0.0, r"lr > 0"),
+    ("train_split", 1.5, r"train_split"),
+    ("pruner_rg", 1.0, r"unknown key\(s\) task\.meta_train\.pruner_rg"),  # misspelt: refused, not ignored
+])
+def test_bad_settings_fail_fast_naming_the_key(key, value, message):
+    task = OmegaConf.create({"name": "t", "batch_size": 64, "meta_train": {
+        "epochs": 1, "lr": 1e-3, "weight_decay": 0.0, "milestones": [3], "gamma": 0.1, "pruner_reg": 10.0,
+        "alpha": 16.0, "bias": False, "train_split": 0.8, "reference_batches": 100}})
+    meta_train.MetaTrainSettings.from_task(task)  # valid as given
+    task.meta_train[key] = value
+    with pytest.raises((KeyError, ValueError), match=message):
+        meta_train.MetaTrainSettings.from_task(task)
 
 
 # ------------------------------------------------------------------------------------------------

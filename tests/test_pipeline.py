@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from data_loaders.image_datasets import build_datasets, build_loaders
 from generate_dataset.models import load_model
-from helpers import REPO
+from helpers import REPO, compose_cfg
+from stages import pipeline
 from training.loop import evaluate
 
 # Same stages and code paths as the default command, with fewer epochs so CI stays fast.
@@ -56,3 +58,46 @@ def test_default_pipeline_end_to_end_and_resume(tmp_path):
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (again.stdout + again.stderr).count("already finished") >= 5
+
+    # re-running with other settings in the same run dir is refused before any work, naming what changed
+    changed = subprocess.run([*cmd, "final.target_speed_up=2.5"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert changed.returncode != 0
+    assert "final.target_speed_up: 2.0 -> 2.5" in changed.stderr and "StaleStageError" in changed.stderr
+
+
+def _finished_stage(stage_dir, cfg):
+    stage_dir.mkdir(parents=True)
+    (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (stage_dir / "results.json").write_text(json.dumps({"run": str(cfg.run), "marker": 1}))
+
+
+def test_a_stage_finished_with_other_settings_is_refused_not_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "run_recorded", lambda *a, **k: pytest.fail("a finished stage was re-run"))
+    cfg = compose_cfg(["task=resnet20_on_digits"])
+    stage = pipeline.stage_config(cfg, "pruning_final", **{"final.model": "m.pt"})
+    _finished_stage(tmp_path / "final", stage)
+
+    # same settings: skipped, its summary read back
+    assert pipeline.run_stage("final", "pruning_final", cfg, tmp_path / "final", **{"final.model": "m.pt"})["marker"] == 1
+    # a setting the run reads: refused, naming the key, the old and the new value
+    with pytest.raises(pipeline.StaleStageError, match=r"final\.model: 'm\.pt' -> 'other\.pt'"):
+        pipeline.run_stage("final", "pruning_final", cfg, tmp_path / "final", **{"final.model": "other.pt"})
+    with pytest.raises(pipeline.StaleStageError, match=r"task\.finetune\.after_pruning\.epochs"):
+        pipeline.run_stage("final", "pruning_final", cfg, tmp_path / "final",
+                           **{"final.model": "m.pt", "task.finetune.after_pruning.epochs": 99})
+    # settings the run never reads, result-neutral keys and keys a newer version added are not differences
+    same = {"final.model": "m.pt", "task.meta_train.pruner_reg": 0.5, "select.cache": "/elsewhere",
+            "final.brand_new_key": 3}
+    assert pipeline.run_stage("final", "pruning_final", cfg, tmp_path / "final", **same)["marker"] == 1
+
+
+def test_pipeline_settings_fail_fast(tmp_path):
+    base = ["task=resnet20_on_digits", "run=pipeline"]
+    for override, message in [("pipeline.num_data_models=1", "at least 2 data models"),
+                              ("final.target_speed_up=nan", "final.target_speed_up"),
+                              ("task.initial_speed_up=0.5", "task.initial_speed_up"),
+                              ("+task.meta_train.pruner_rg=1", "pruner_rg")]:
+        with pytest.raises((ValueError, KeyError), match=message):
+            pipeline.run(compose_cfg([*base, override]), tmp_path / "run")
+        assert not (tmp_path / "run").exists()  # refused before the first stage

@@ -67,6 +67,10 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
         for cell in cells[:2]:
             assert 0.0 <= float(cell) <= 100.0, (label, cell)
     assert list(table_rows(markdown, "Validation accuracy"))[2:] == list(METHOD_LABELS.values())
+    prunability = table_rows(markdown, "Prunability itself")  # accuracy right after pruning, no fine-tune
+    assert prunability["Method"] == ["before pruning", "1.5x", "2x", "seeds"]
+    for label in METHOD_LABELS.values():
+        assert all(0.0 <= float(cell.split(" ")[0]) <= 100.0 for cell in prunability[label][:3]), label
     for name in ("proxy.png", "proxy_selection.png"):
         assert (results / name).stat().st_size > 0, name
 
@@ -119,6 +123,7 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
     for key in ("score", "control_score", "gain_over_control"):
         assert math.isfinite(row[key]), key
     assert row["gain_over_control"] == pytest.approx(row["score"] - row["control_score"])
+    assert 0.0 <= row["unpruned_acc"] <= 1.0 and row["eligible"] in (True, False)
     checkpoints = sorted(p.name for p in (out / "ablation" / "smoke" / "meta_train" / "checkpoints").glob("*.pt"))
     assert checkpoints == ["epoch_0001.pt"]
     assert not (out / "ablation" / "smoke" / "final").exists()
