@@ -117,14 +117,17 @@ def _final_overrides(method: str, start_model: Path, targets: list[float], selec
 
 
 def run_benchmark(cfg: DictConfig, out: Path, seeds: list[int], targets: list[float], transfer: str | None,
-                  methods: list[str]) -> dict:
+                  methods: list[str], generate_seed: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings = Timings(out / "timings.json")
     store = out / "store"
     stages = ["generate", "meta_train", "select"] + [f"seed {s}" for s in seeds] + ["report"]
     print(colored(f"proxy benchmark on {cfg.task.name}: stages {', '.join(stages)} -> {out}", "cyan"))
 
-    timings.run("generate", out / "generate" / "results.json", generate_stage, cfg, store, out / "generate")
+    # the data models come from one generation seed (generate_dataset/generate.py's default), whatever the seeds
+    # of the final runs are
+    generation = OmegaConf.merge(cfg, {"seed": generate_seed})
+    timings.run("generate", out / "generate" / "results.json", generate_stage, generation, store, out / "generate")
     timings.run("meta_train", out / "meta_train" / "results.json", run_stage, "meta_train", "meta_train", cfg,
                 out / "meta_train", store=str(store))
     selection = timings.run("select", out / "select" / "results.json", run_stage, "select", "select", cfg,
@@ -410,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[7, 8, 9])
     parser.add_argument("--targets", type=float, nargs="+", default=[2.0, 3.0, 4.0])
     parser.add_argument("--data-models", type=int, default=8)
+    parser.add_argument("--generate-seed", type=int, default=0, help="seed of the data-model generation")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--sparse-regs", type=float, nargs="+", default=DEFAULT_SPARSE_REGS,
                         help="sparse-learning strengths scored in select (the best on validation is used)")
@@ -431,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablation:
         run_ablation(cfg, out, args.ablation, args.overrides, results_dir, args.name)
         return 0
-    timings = run_benchmark(cfg, out, args.seeds, args.targets, args.transfer, args.methods)
+    timings = run_benchmark(cfg, out, args.seeds, args.targets, args.transfer, args.methods, args.generate_seed)
     path = write_report(cfg, out, results_dir, args.name, args.seeds, args.targets, timings, args.transfer)
     print(colored(f"proxy benchmark report: {path}", "green", attrs=["bold"]))
     return 0

@@ -526,6 +526,10 @@ class ShardWriter:
         """Positions already stored in this shard (a re-run skips them)."""
         return set(_model_positions(self.path))
 
+    def stored(self, position: int) -> DataModelRecord:
+        """The data model stored at ``position`` (checksum verified), e.g. to compare its recipe and seed."""
+        return _read_model_file(self.path / f"model_{int(position):06d}.h5", self.path, int(position), self.identity)
+
     def append(self, position: int, state_dict: Mapping[str, torch.Tensor], spec: Mapping[str, Any],
                metrics: Mapping[str, float], speed_up: float, seed: int, config: Mapping[str, Any],
                rescue_dir: str | os.PathLike | None = None) -> Path:

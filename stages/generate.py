@@ -24,6 +24,7 @@ from generate_dataset.models import model_spec
 from pruning.depgraph import prune_to_speed_up
 from stages.common import example_input, recipe, setup, task_data, task_model
 from training.loop import train
+from utils import settings_diff
 from utils.seed import derive_seed, seed_everything
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,27 @@ def check_initial_speed_up(cfg: DictConfig) -> None:
                          "the data models are pruned to it before they are stored)")
 
 
+# What makes a data model: a shard resumed with other values would mix two recipes.
+RECIPE_KEYS = ("task.model", "task.dataset", "task.input_size", "task.batch_size", "task.train", "task.initial_speed_up",
+               "task.finetune.after_init_pruning", "task.pruning.iterative_steps", "method", "no_init_pruning")
+
+
+def check_resumable(cfg: DictConfig, writer: ShardWriter, position: int) -> None:
+    """Refuse to append to a shard whose stored data model (at ``position``) was made with another recipe or
+    base seed than ``cfg``'s (a resumed shard must hold the models an uninterrupted run would have made)."""
+    record = writer.stored(position)
+    expected_seed = derive_seed(cfg.seed, cfg.index, position)
+    changed = settings_diff.changed_settings(record.config, OmegaConf.to_container(cfg, resolve=True),
+                                             only=RECIPE_KEYS)
+    if record.seed != expected_seed:
+        changed.insert(0, f"seed of data model {position}: {record.seed} (stored) vs {expected_seed} from seed="
+                          f"{cfg.seed}, index={cfg.index}")
+    if changed:
+        raise StoreError(f"shard {writer.path} holds data models made with other settings than this run's: "
+                         f"{'; '.join(changed)}. Resume with the original settings, or write to another store or "
+                         "shard index (index=...)")
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Generate ``cfg.num`` data models into ``cfg.store`` as shard ``cfg.index``; returns the shard's summary
     (its path, the positions produced now and those found finished)."""
@@ -66,6 +88,7 @@ def _fill_shard(cfg: DictConfig, run_dir: Path, writer: ShardWriter, device: tor
     task = cfg.task
     done = writer.completed_positions()
     if done:
+        check_resumable(cfg, writer, min(done))
         log.info("%s already holds data models %s; resuming", writer.path, sorted(done))
     method = OmegaConf.to_container(cfg.method, resolve=True)
     config = OmegaConf.to_container(cfg, resolve=True)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stages import final, generate, meta_train, report, select, train
 from stages.common import RESULTS_FILE, RunFn, run_recorded
+from utils import settings_diff
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +59,6 @@ UNREAD_SECTIONS = {
 }
 
 
-def _flatten(value, prefix=""):
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: value}
-
-
 def changed_settings(stage_dir: Path, stage: DictConfig) -> list[str]:
     """``key: then -> now`` for every setting of ``stage`` that differs from the finished stage's ``config.yaml``.
 
@@ -75,11 +67,9 @@ def changed_settings(stage_dir: Path, stage: DictConfig) -> list[str]:
     saved_file = stage_dir / "config.yaml"
     if not saved_file.exists():
         return []
-    then = _flatten(OmegaConf.to_container(OmegaConf.load(saved_file), resolve=True))
-    now = _flatten(OmegaConf.to_container(stage, resolve=True))
-    skip = RESULT_NEUTRAL_KEYS + UNREAD_SECTIONS.get(str(stage.get("run")), ())
-    return [f"{key}: {then[key]!r} -> {now[key]!r}" for key in sorted(then.keys() & now.keys())
-            if then[key] != now[key] and not any(key == s or key.startswith(s + ".") for s in skip)]
+    return settings_diff.changed_settings(
+        OmegaConf.to_container(OmegaConf.load(saved_file), resolve=True), OmegaConf.to_container(stage, resolve=True),
+        skip=RESULT_NEUTRAL_KEYS + UNREAD_SECTIONS.get(str(stage.get("run")), ()))
 
 
 def _finished(name: str, stage_dir: Path, stage: DictConfig) -> dict | None:

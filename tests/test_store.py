@@ -11,6 +11,7 @@ import time
 
 import h5py
 import pytest
+from omegaconf import OmegaConf
 import torch
 
 import data_loaders.store as store_module
@@ -455,3 +456,24 @@ def test_old_single_file_layout_is_read_and_converted_by_its_writer(tmp_path):
 
 def verify_store_count(path):
     return verify_store(path)
+
+
+def test_generator_refuses_to_resume_a_shard_made_with_another_recipe_or_seed(tmp_path, monkeypatch):
+    store_dir, run_dir = tmp_path / "store", tmp_path / "run"
+    cfg = compose_cfg([*FAST, "num=1", f"store={store_dir}", "device=cpu"], primary="generate")
+    torch.manual_seed(0)
+    model = build_model("resnet8", 10, in_channels=1).eval()
+    with ShardWriter(store_dir, cfg.index, generate.shard_identity(cfg) | {"num_classes": 10}) as writer:
+        writer.append(0, model.state_dict(), model_spec("resnet8", model, 10), {}, 1.4,
+                      derive_seed(cfg.seed, cfg.index, 0), OmegaConf.to_container(cfg, resolve=True))
+    monkeypatch.setattr(generate, "train", lambda *a, **k: pytest.fail("nothing is left to train"))
+
+    assert generate.run(cfg, run_dir)["produced"] == []  # same recipe and seed: resumes (nothing left here)
+    other = compose_cfg([*FAST, "num=1", f"store={store_dir}", "device=cpu", "task.train.epochs=2"],
+                        primary="generate")
+    with pytest.raises(StoreError, match=r"other settings.*task\.train\.epochs: 1 -> 2"):
+        generate.run(other, run_dir)
+    reseeded = compose_cfg([*FAST, "num=1", f"store={store_dir}", "device=cpu", "seed=5"], primary="generate")
+    with pytest.raises(StoreError, match=r"seed of data model 0"):
+        generate.run(reseeded, run_dir)
+    assert [r.position for r in DataModelStore(store_dir)] == [0]  # nothing was appended
