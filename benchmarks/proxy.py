@@ -267,6 +267,9 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
     lines += ["", "Prunability itself: test accuracy right after pruning, BEFORE the after-pruning fine-tune (first "
               "column: just before pruning, after each method's pre-pruning training):", ""]
     lines += _method_table(table, targets, _just_pruned_acc, before=lambda r: r["pre_pruning_acc"])
+    lines += ["", "Paired differences (test accuracy, points; per seed, both methods from the same start model, "
+              "then mean ± std over seeds):", ""]
+    lines += _paired_table(table, targets)
     lines += ["", _goals(table, targets), ""]
 
     plot = plot_results(table, results_dir / f"{name}.png", f"{cfg.task.name}: accuracy vs speed-up (test)")
@@ -341,6 +344,29 @@ def _method_table(table: dict, targets: list[float], value, before=None) -> list
             cells = [_stat([100 * before(r) for r in first])] + cells
         n = max(len(v) for v in table[method].values())
         rows.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {n} |")
+    return rows
+
+
+def _paired_table(table: dict, targets: list[float], method: str = "metanetwork") -> list[str]:
+    """Markdown rows ``method - baseline`` x target of per-seed test-accuracy differences (points)."""
+    if method not in table:
+        return []
+    header = ["Difference"] + [f"{t:g}x" for t in targets] + ["seeds"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for baseline in [m for m in METHODS if m != method and m in table]:
+        cells, counts = [], []
+        for t in targets:
+            mine = {r["seed"]: r["pruned_acc"] for r in table[method].get(round(t, 4), [])}
+            theirs = {r["seed"]: r["pruned_acc"] for r in table[baseline].get(round(t, 4), [])}
+            diffs = [100 * (mine[s] - theirs[s]) for s in sorted(mine.keys() & theirs.keys())]
+            counts.append(len(diffs))
+            if not diffs:
+                cells.append("-")
+                continue
+            mean, std = mean_std(diffs)
+            cells.append(f"{mean:+.2f} ± {std:.2f}" if std is not None else f"{mean:+.2f}")
+        rows.append(f"| {LABELS[method].split(' (')[0]} − {LABELS[baseline]} | " + " | ".join(cells)
+                    + f" | {max(counts)} |")
     return rows
 
 

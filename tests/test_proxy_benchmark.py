@@ -67,6 +67,9 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
         for cell in cells[:2]:
             assert 0.0 <= float(cell) <= 100.0, (label, cell)
     assert list(table_rows(markdown, "Validation accuracy"))[2:] == list(METHOD_LABELS.values())
+    paired = table_rows(markdown, "Paired differences")
+    assert paired["Difference"] == ["1.5x", "2x", "seeds"] and len(paired) == 2 + len(METHOD_LABELS) - 1
+    assert all(float(cell) == float(cell) for row in list(paired.values())[2:] for cell in row[:2])
     prunability = table_rows(markdown, "Prunability itself")  # accuracy right after pruning, no fine-tune
     assert prunability["Method"] == ["before pruning", "1.5x", "2x", "seeds"]
     for label in METHOD_LABELS.values():
