@@ -110,7 +110,7 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
     timings_text = (out / "timings.json").read_text()
     again, again_seconds = proxy(tmp_path)
     log = again.stdout + again.stderr
-    assert log.count("already finished") == 2 + 1 + len(METHOD_LABELS)  # meta_train, select, pretrain, methods
+    assert log.count("already finished") == 3 + 1 + len(METHOD_LABELS)  # generate, meta_train, select, pretrain, methods
     assert "results written to" not in log and "pruning:" not in log and "epoch 1/" not in log
     assert (out / "timings.json").read_text() == timings_text
     assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == before
