@@ -411,7 +411,11 @@ def _fashion_mnist(root: PathLike, download: bool, image_size: Optional[int],
             + (f" or in {debian_dir}" if debian_dir else "")
             + ". Install the Debian package (apt-get install dataset-fashion-mnist, files under "
             f"{DEBIAN_FASHION_MNIST_DIR}) or pass dataset.download=true.")
-    log.info("FashionMNIST: reading idx files from %s", files["train_images"].parent)
+    if files["train_images"].parent != raw_dir:
+        log.warning("FashionMNIST: nothing in %s (task.dataset.root); using the idx files in %s instead",
+                    raw_dir, files["train_images"].parent)
+    else:
+        log.info("FashionMNIST: reading idx files from %s", raw_dir)
 
     def load(split: str) -> TensorImageDataset:
         images, labels = read_idx(files[f"{split}_images"]), read_idx(files[f"{split}_labels"])

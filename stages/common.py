@@ -21,7 +21,7 @@ from training.config import TrainConfig
 from training.loop import TrainResult, train
 from utils import distributed
 from utils.device import resolve_device
-from utils.io import write_json
+from utils.io import is_null, write_json
 from utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,13 @@ def codec_options(cfg: DictConfig) -> dict[str, Any]:
 
 
 def setup(cfg: DictConfig) -> torch.device:
-    """Seed everything and pick the device for a run (this rank's GPU under torchrun)."""
+    """Seed everything, apply ``threads`` and pick the device for a run (this rank's GPU under torchrun)."""
     seed_everything(cfg.seed, deterministic=cfg.get("deterministic", False))
+    threads = cfg.get("threads")
+    if not is_null(threads):
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads={threads!r} must be a whole number >= 1 (or null: torch's default)")
+        torch.set_num_threads(threads)  # N processes on one CPU host: give each cores / N
     if distributed.is_distributed():
         device = distributed.local_device(cfg.get("device", "auto"))
     else:

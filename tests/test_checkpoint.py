@@ -4,6 +4,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import stat
 import pytest
 import torch
 from torch import nn
@@ -119,8 +120,18 @@ def test_pickled_module_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="refuses to unpickle arbitrary objects"):
         load_checkpoint(path)
     torch.save(_tiny_model(), path)
-    with pytest.raises(CheckpointError, match=str(path)):
+    with pytest.raises(CheckpointError, match=str(path)) as err:
         load_checkpoint(path)
+    assert "\x1b" not in str(err.value)  # no terminal escape codes in a message that lands in log files
+
+
+def test_checkpoint_file_mode_follows_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        save_checkpoint(tmp_path / "c.pt", {"w": torch.ones(2)}, SPEC)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c.pt").stat().st_mode) == 0o640
 
 
 def test_corrupted_and_foreign_files(tmp_path):

@@ -1,12 +1,13 @@
 """Every task composes with every primary config, and every recipe in it is valid for the code that reads it."""
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from data_loaders.image_datasets import list_datasets
 from generate_dataset.models import list_models
 from helpers import CONFIG_DIR, compose_cfg
 from stages import UnknownRunError, execute, list_runs
-from stages.common import recipe
+from stages.common import recipe, setup
 
 PRIMARY = ["main", "generate", "imagenet"]
 TASKS = sorted(p.stem for p in (CONFIG_DIR / "task").glob("*.yaml"))
@@ -92,3 +93,18 @@ def test_unknown_run_mode_lists_valid_modes(tmp_path):
     for name in list_runs():
         assert name in str(err.value)
     assert not (tmp_path / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("primary", ["main", "generate"])
+def test_threads_key_sets_torch_threads_and_rejects_bad_values(primary):
+    before = torch.get_num_threads()
+    try:
+        setup(compose_cfg(["device=cpu", "threads=1"], primary=primary))
+        assert torch.get_num_threads() == 1
+        setup(compose_cfg(["device=cpu", "threads=null"], primary=primary))  # null leaves torch's setting alone
+        assert torch.get_num_threads() == 1
+        for bad in ("0", "2.5", "abc"):
+            with pytest.raises(ValueError, match="threads="):
+                setup(compose_cfg(["device=cpu", f"threads={bad}"], primary=primary))
+    finally:
+        torch.set_num_threads(before)

@@ -12,6 +12,7 @@ would need arbitrary code to unpickle (a checkpoint from a stranger must not be 
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +28,9 @@ _RESERVED_KEYS = ("state_dict", "spec", "format_version")
 _SCALARS = (str, int, float, bool, type(None))
 _DICTS = (dict, OrderedDict)
 _SEQUENCES = (list, tuple)
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class CheckpointError(RuntimeError):
@@ -106,7 +110,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     except OSError:
         raise
     except Exception as err:  # UnpicklingError, zip/EOF errors, ... all mean "not a safe checkpoint"
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = _ANSI_ESCAPE.sub("", str(err)).strip()  # torch bolds parts of this message for terminals
+        first_line = text.splitlines()[0] if text else type(err).__name__
         raise CheckpointError(
             f"{path} is not a valid checkpoint: torch.load(weights_only=True) failed "
             f"({type(err).__name__}: {first_line}). This loader refuses to unpickle arbitrary objects "
