@@ -416,7 +416,7 @@ def run_cfg(store, epochs=2, extra=()):
     return compose_cfg([
         "run=meta_train", "task=resnet20_on_digits", "task.model=resnet8", f"store={store}", "device=cpu",
         f"task.meta_train.epochs={epochs}", "task.meta_train.batches_per_step=2", "task.meta_train.batch_size=32",
-        "task.meta_train.milestones=[1]", "task.meta_train.lr=0.01", "metanetwork.num_layer=2",
+        "task.meta_train.milestones=[1]", "task.meta_train.lr=0.01", "task.meta_train.pruner_reg=10", "metanetwork.num_layer=2",
         "metanetwork.hiddim=8", *extra,
     ])
 

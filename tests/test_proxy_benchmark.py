@@ -22,7 +22,7 @@ PRE_PRUNING = {"metanetwork": "metanetwork", "control": "finetune", "sparse_lear
                "depgraph": "none", "random": "none"}
 TINY = ["task.model=resnet8", "task.train.epochs=1", "task.finetune.after_init_pruning.epochs=1",
         "task.finetune.after_metanetwork.epochs=1", "task.finetune.after_pruning.epochs=1",
-        "task.meta_train.epochs=2", "task.visualize.max_speed_up=2.0"]
+        "task.meta_train.epochs=2", "task.visualize.max_speed_up=2.0", "select.checkpoints=all"]
 
 
 def proxy(tmp_path, *extra):

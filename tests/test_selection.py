@@ -41,6 +41,8 @@ def make_cfg(env, run="select", **select):
                  "select.finetune_epochs=1", "select.max_batches=3", "select.iterative_steps=20"]
     if "meta_train_dir" not in select:
         select["meta_train_dir"] = str(env["meta"])
+    select.setdefault("checkpoints", "all")  # the fixture's meta_train dir has epochs 1 and 2 only
+    select.setdefault("max_accuracy_drop", None)  # the reference's pure curve score unless a test sets it
     for key, value in select.items():
         overrides.append(f"select.{key}={'null' if value is None else value}")
     return compose_cfg(overrides)
