@@ -172,6 +172,9 @@ def run_recorded(run: RunFn, cfg: DictConfig, run_dir: str | os.PathLike) -> dic
     main = distributed.is_main_process()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # results of an earlier run here are replaced when this one finishes; until then they would sit beside
+        # a config.yaml that did not produce them
+        (run_dir / RESULTS_FILE).unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     started = time.time()
     summary = run(cfg, run_dir)

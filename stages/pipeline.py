@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -72,42 +73,68 @@ def changed_settings(stage_dir: Path, stage: DictConfig) -> list[str]:
         skip=RESULT_NEUTRAL_KEYS + UNREAD_SECTIONS.get(str(stage.get("run")), ()))
 
 
-def _finished(name: str, stage_dir: Path, stage: DictConfig) -> dict | None:
-    """The summary of a stage that finished before with the same settings; None when it has to run; refuses a
-    stage that finished with other settings (its results would silently stand for the new ones)."""
+def _finished(name: str, stage_dir: Path, stage: DictConfig, restart: Restart | None = None) -> dict | None:
+    """The summary of a stage that finished before with the same settings; None when it has to run. A stage
+    that finished with other settings is refused (its results would silently stand for the new ones), or with
+    ``restart`` moved aside to be recomputed, and every later stage with it."""
     done = stage_dir / RESULTS_FILE
+    if restart is not None and restart.started and stage_dir.exists():
+        restart.move_aside(stage_dir, f"stage {name} follows a recomputed stage")
+        return None
     if not done.exists():
         return None
     changed = changed_settings(stage_dir, stage)
     if changed:
         shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+        if restart is not None and restart.allowed:
+            restart.started = True
+            restart.move_aside(stage_dir, f"stage {name} finished with other settings ({shown})")
+            return None
         raise StaleStageError(
             f"stage {name} finished in {stage_dir} with other settings ({shown}). Its results would not match the "
-            f"settings asked for now: use a new hydra.run.dir, or delete {stage_dir} (and the stages after it) to "
-            "recompute it")
+            f"settings asked for now: use a new hydra.run.dir, pipeline.restart_changed=true to recompute from "
+            f"this stage on, or delete {stage_dir} (and the stages after it)")
     log.info("pipeline: stage %s already finished in %s; skipping", name, stage_dir)
     return json.loads(done.read_text())
 
 
-def run_stage(name: str, run: str, cfg: DictConfig, stage_dir: Path, **updates) -> dict:
+class Restart:
+    """``pipeline.restart_changed``: once one stage is recomputed, every later stage is too (its inputs changed)."""
+
+    def __init__(self, allowed: bool, run_dir: Path):
+        self.allowed, self.started = bool(allowed), False
+        # outside every stage folder, so that no report aggregates the superseded results
+        self.aside = Path(run_dir) / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def move_aside(self, stage_dir: Path, why: str) -> None:
+        target = self.aside / stage_dir.relative_to(self.aside.parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stage_dir.rename(target)
+        log.warning("pipeline: %s; moved %s aside to %s and recomputing", why, stage_dir, target)
+
+
+def run_stage(name: str, run: str, cfg: DictConfig, stage_dir: Path, restart: Restart | None = None,
+              **updates) -> dict:
     """Run mode ``run`` (one of :data:`CHAINED_RUNS`) in ``stage_dir`` with ``updates``; a stage that finished
     before (its ``results.json`` exists) with the same settings is skipped and its summary read back, one that
-    finished with other settings is refused (:class:`StaleStageError`)."""
+    finished with other settings is refused (:class:`StaleStageError`) or, with ``restart``, recomputed."""
     stage = stage_config(cfg, run, **updates)
-    finished = _finished(name, stage_dir, stage)
+    finished = _finished(name, stage_dir, stage, restart)
     if finished is not None:
         return finished
     log.info("pipeline: stage %s -> %s", name, stage_dir)
     return run_recorded(CHAINED_RUNS[run], stage, stage_dir)
 
 
-def generate_stage(cfg: DictConfig, store: Path, stage_dir: Path) -> dict:
+def generate_stage(cfg: DictConfig, store: Path, stage_dir: Path, restart: Restart | None = None) -> dict:
     """``cfg.pipeline.num_data_models`` data models into ``store`` (one shard; resumes inside the shard)."""
     gen = stage_config(cfg, "generate", num=cfg.pipeline.num_data_models, index=0, store=str(store),
                        no_init_pruning=False)
-    finished = _finished("generate", stage_dir, gen)
+    finished = _finished("generate", stage_dir, gen, restart)
     if finished is not None:
         return finished
+    if restart is not None and restart.started and store.exists():  # the store is the generate stage's output
+        restart.move_aside(store, "the data models were made with other settings")
     log.info("pipeline: stage generate -> %s", stage_dir)
     return run_recorded(generate.run, gen, stage_dir)
 
@@ -135,19 +162,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole method on one task; the report stage prints the result table, the curve plot of the
     selection stage is copied to ``run_dir/curves.png``."""
     check_settings(cfg)
+    restart = Restart(cfg.pipeline.get("restart_changed", False), run_dir)
     store = run_dir / "store"
-    generate_stage(cfg, store, run_dir / "generate")
-    run_stage("meta_train", "meta_train", cfg, run_dir / "meta_train", store=str(store))
-    run_stage("select", "select", cfg, run_dir / "select", store=str(store),
+    generate_stage(cfg, store, run_dir / "generate", restart)
+    run_stage("meta_train", "meta_train", cfg, run_dir / "meta_train", restart, store=str(store))
+    run_stage("select", "select", cfg, run_dir / "select", restart, store=str(store),
               **{"select.meta_train_dir": str(run_dir / "meta_train")})
     for name in ("curves.png",):
         if (run_dir / "select" / name).exists():
             shutil.copyfile(run_dir / "select" / name, run_dir / name)
-    run_stage("pretrain_final", "pretrain_final", cfg, run_dir / "pretrain")
+    run_stage("pretrain_final", "pretrain_final", cfg, run_dir / "pretrain", restart)
     model = str(run_dir / "pretrain" / "model.pt")
-    run_stage("pruning_final (metanetwork)", "pruning_final", cfg, run_dir / "final" / "metanetwork",
+    run_stage("pruning_final (metanetwork)", "pruning_final", cfg, run_dir / "final" / "metanetwork", restart,
               **{"final.model": model, "final.metanetwork": str(run_dir / "select")})
-    run_stage("pruning_final (baseline)", "pruning_final", cfg, run_dir / "final" / "baseline",
+    run_stage("pruning_final (baseline)", "pruning_final", cfg, run_dir / "final" / "baseline", restart,
               **{"final.model": model, "final.metanetwork": None})
-    summary = run_stage("report", "report", cfg, run_dir / "report", **{"report.dir": str(run_dir / "final")})
+    summary = run_stage("report", "report", cfg, run_dir / "report", restart,
+                        **{"report.dir": str(run_dir / "final")})
     return {"run": "pipeline", "task": cfg.task.name, "run_dir": str(run_dir), "report": summary}

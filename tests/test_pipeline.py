@@ -101,3 +101,31 @@ def test_pipeline_settings_fail_fast(tmp_path):
         with pytest.raises((ValueError, KeyError), match=message):
             pipeline.run(compose_cfg([*base, override]), tmp_path / "run")
         assert not (tmp_path / "run").exists()  # refused before the first stage
+
+
+def test_restart_changed_recomputes_from_the_changed_stage_on(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_run(run, stage, stage_dir):
+        ran.append(stage_dir.name)
+        return {"marker": 2}
+
+    monkeypatch.setattr(pipeline, "run_recorded", fake_run)
+    cfg = compose_cfg(["task=resnet20_on_digits"])
+    _finished_stage(tmp_path / "pretrain", pipeline.stage_config(cfg, "pretrain_final"))
+    _finished_stage(tmp_path / "final" / "baseline", pipeline.stage_config(cfg, "pruning_final"))
+    changed = compose_cfg(["task=resnet20_on_digits", "task.train.epochs=3"])
+
+    restart = pipeline.Restart(True, tmp_path)
+    assert pipeline.run_stage("pretrain", "pretrain_final", changed, tmp_path / "pretrain", restart)["marker"] == 2
+    # unchanged settings, but its input was recomputed: recomputed too
+    assert pipeline.run_stage("baseline", "pruning_final", changed, tmp_path / "final" / "baseline",
+                              restart)["marker"] == 2
+    assert ran == ["pretrain", "baseline"]
+    aside = restart.aside
+    assert (aside / "pretrain" / "results.json").exists() and (aside / "final" / "baseline" / "results.json").exists()
+    assert not (tmp_path / "final" / "baseline").exists()  # nothing superseded stays where reports look
+    # without the flag the same change is refused
+    _finished_stage(tmp_path / "pretrain", pipeline.stage_config(cfg, "pretrain_final"))
+    with pytest.raises(pipeline.StaleStageError, match="restart_changed"):
+        pipeline.run_stage("pretrain", "pretrain_final", changed, tmp_path / "pretrain", pipeline.Restart(False, tmp_path))
