@@ -310,6 +310,12 @@ def _check_structured(ctx: RunContext, targets: list[float]) -> float:
             "use a structured method (e.g. method=group_l2_norm_max_normalizer) or run=unstructured_pruning_final"
         )
     initial = float(task.initial_speed_up)
+    check_speed_ups(targets, initial)
+    return initial
+
+
+def check_speed_ups(targets: list[float], initial: float) -> None:
+    """Refuse target speed-ups that are not finite, below 1 or below the init-pruning speed-up ``initial``."""
     for target in targets:
         if not (math.isfinite(target) and math.isfinite(initial)) or target < 1.0 or initial < 1.0:
             raise FinalRunConfigError(f"speed-ups must be finite and >= 1: final.target_speed_up={target}, "
@@ -319,7 +325,6 @@ def _check_structured(ctx: RunContext, targets: list[float]) -> float:
                 f"final.target_speed_up={target} is below task.initial_speed_up={initial}; both are total speed-ups "
                 "relative to the unpruned architecture, so the target must be at least the init-pruning speed-up"
             )
-    return initial
 
 
 def _check_reachable(template: tnn.Module, target: float, base_macs: float, ctx: RunContext) -> None:

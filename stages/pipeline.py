@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -118,25 +117,27 @@ def run_stage(name: str, run: str, cfg: DictConfig, stage_dir: Path, restart: Re
     """Run mode ``run`` (one of :data:`CHAINED_RUNS`) in ``stage_dir`` with ``updates``; a stage that finished
     before (its ``results.json`` exists) with the same settings is skipped and its summary read back, one that
     finished with other settings is refused (:class:`StaleStageError`) or, with ``restart``, recomputed."""
-    stage = stage_config(cfg, run, **updates)
-    finished = _finished(name, stage_dir, stage, restart)
-    if finished is not None:
-        return finished
-    log.info("pipeline: stage %s -> %s", name, stage_dir)
-    return run_recorded(CHAINED_RUNS[run], stage, stage_dir)
+    return _reuse_or_run(name, CHAINED_RUNS[run], stage_config(cfg, run, **updates), stage_dir, restart)
 
 
 def generate_stage(cfg: DictConfig, store: Path, stage_dir: Path, restart: Restart | None = None) -> dict:
     """``cfg.pipeline.num_data_models`` data models into ``store`` (one shard; resumes inside the shard)."""
     gen = stage_config(cfg, "generate", num=cfg.pipeline.num_data_models, index=0, store=str(store),
                        no_init_pruning=False)
-    finished = _finished("generate", stage_dir, gen, restart)
+    return _reuse_or_run("generate", generate.run, gen, stage_dir, restart, output=store)
+
+
+def _reuse_or_run(name: str, run: RunFn, stage: DictConfig, stage_dir: Path, restart: Restart | None,
+                  output: Path | None = None) -> dict:
+    """:func:`_finished`'s summary, or ``run`` in ``stage_dir``; ``output``: a result the stage writes outside
+    its folder (the store), moved aside with it when the stage is recomputed."""
+    finished = _finished(name, stage_dir, stage, restart)
     if finished is not None:
         return finished
-    if restart is not None and restart.started and store.exists():  # the store is the generate stage's output
-        restart.move_aside(store, "the data models were made with other settings")
-    log.info("pipeline: stage generate -> %s", stage_dir)
-    return run_recorded(generate.run, gen, stage_dir)
+    if output is not None and restart is not None and restart.started and output.exists():
+        restart.move_aside(output, f"the output of stage {name} was made with other settings")
+    log.info("pipeline: stage %s -> %s", name, stage_dir)
+    return run_recorded(run, stage, stage_dir)
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -147,15 +148,7 @@ def check_settings(cfg: DictConfig) -> None:
     if not isinstance(num, int) or isinstance(num, bool) or num < 2:
         raise ValueError(f"pipeline.num_data_models={num!r}: the pipeline needs at least 2 data models, one to "
                          "meta-train on and one held out to select the checkpoint on")
-    targets = cfg.final.target_speed_up
-    for target in (list(targets) if OmegaConf.is_list(targets) else [targets]):
-        try:
-            value = float(target)
-        except (TypeError, ValueError):
-            value = math.nan
-        if not math.isfinite(value) or value < float(cfg.task.initial_speed_up):
-            raise ValueError(f"final.target_speed_up={target!r} must be a finite number >= task.initial_speed_up="
-                             f"{cfg.task.initial_speed_up}")
+    final.check_speed_ups(final.final_targets(cfg), float(cfg.task.initial_speed_up))  # what pruning_final checks
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:

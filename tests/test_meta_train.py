@@ -57,13 +57,19 @@ def grads_of(net):
 # ------------------------------------------------------------------------------------------------
 # The gradient
 # ------------------------------------------------------------------------------------------------
-def test_one_backward_equals_per_batch_retain_graph_reference():
-    model = data_model(0, dtype=torch.float64)
+def float64_case(seed, num_batches, batch_size):
+    """(model, entry, metanetwork, batches) in float64, for gradient comparisons at tight tolerances."""
+    model = data_model(seed, dtype=torch.float64)
     entry = make_entry(model, torch.float64)
     net = tiny_metanetwork(entry, dtype=torch.float64)
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(5, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (5,), generator=g))
-               for _ in range(3)]
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(batch_size, 1, 8, 8, generator=g, dtype=torch.float64),
+                torch.randint(0, 10, (batch_size,), generator=g)) for _ in range(num_batches)]
+    return model, entry, net, batches
+
+
+def test_one_backward_equals_per_batch_retain_graph_reference():
+    model, entry, net, batches = float64_case(0, num_batches=3, batch_size=5)
 
     result = meta_train.meta_gradient(net, entry, batches, reference_batches=3, alpha=16.0)
     fast = grads_of(net)
@@ -89,11 +95,7 @@ def test_one_backward_equals_per_batch_retain_graph_reference():
 
 
 def test_balance_is_independent_of_batches_per_step():
-    model = data_model(1, dtype=torch.float64)
-    entry = make_entry(model, torch.float64)
-    net = tiny_metanetwork(entry, dtype=torch.float64)
-    g = torch.Generator().manual_seed(1)
-    batch = (torch.randn(8, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g))
+    _, entry, net, (batch,) = float64_case(1, num_batches=1, batch_size=8)
 
     def gradient(k, reference_batches):
         net.zero_grad(set_to_none=True)
@@ -109,12 +111,7 @@ def test_balance_is_independent_of_batches_per_step():
 
 
 def test_gradient_parts_are_the_ce_and_regulariser_gradients_and_leave_the_step_unchanged():
-    model = data_model(2, dtype=torch.float64)
-    entry = make_entry(model, torch.float64)
-    net = tiny_metanetwork(entry, dtype=torch.float64)
-    g = torch.Generator().manual_seed(2)
-    batches = [(torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (6,), generator=g))
-               for _ in range(2)]
+    _, entry, net, batches = float64_case(2, num_batches=2, batch_size=6)
 
     def step(diagnostics, prior=None):
         net.zero_grad(set_to_none=True)
