@@ -3,12 +3,17 @@ the repository paths, composing the Hydra configs, the tiny final-run overrides,
 a tiny metanetwork checkpoint, and running a stage's library function with the per-run boilerplate."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from PIL import Image
 
 from generate_dataset.models import build_model
 from nn.apply import build_metanetwork, save_metanetwork
@@ -65,3 +70,29 @@ def recorded(library_fn: Callable[[DictConfig, Path], tuple], cfg: DictConfig, r
 
     run_recorded(run, cfg, run_dir)
     return kept["out"]
+
+
+def run_torchrun(args: Sequence[str], cwd: str | Path, nproc: int = 2, timeout: int = 600,
+                 script: str | Path | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=nproc <script> args`` on CPU (gloo), one thread per rank;
+    ``script`` defaults to ``main_imagenet/main_imagenet.py``. Returns the finished process (text output)."""
+    script = script or REPO / "main_imagenet" / "main_imagenet.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def write_imagefolder(root: str | Path, classes: int = 3, per_class: int = 8, size: int = 20, seed: int = 0) -> Path:
+    """A tiny ImageNet layout ``root/{train,val}/<class>/*.JPEG`` of random RGB images (``per_class`` per class
+    in train, half as many in val); returns ``root``."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for split, n in (("train", per_class), ("val", max(1, per_class // 2))):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+                pixels[..., c % 3] = 200  # a learnable colour cue per class
+                Image.fromarray(pixels).save(folder / f"img{i}.JPEG")
+    return root

@@ -76,3 +76,80 @@ def wrap_for_training(model: torch.nn.Module, device: torch.device, sync_bn: boo
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def broadcast_object(obj: object = None, src: int = 0) -> object:
+    """``obj`` of rank ``src`` on every rank (any picklable object); the object itself without torchrun."""
+    if not is_distributed():
+        return obj
+    box = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: object) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` without torchrun)."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: the mean of ``tensor`` over the ranks (unchanged without torchrun). Returns ``tensor``."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(world_size())
+    return tensor
+
+
+def average_gradients(params) -> None:
+    """Replace every ``.grad`` of ``params`` by its mean over the ranks (one flat all-reduce; ranks must hold
+    the same parameters in the same order; a missing ``.grad`` counts as zeros)."""
+    if not is_distributed():
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    all_reduce_mean(flat)
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
+class RankFailedError(RuntimeError):
+    """Raised on every other rank when the rank running a main-process-only section failed."""
+
+
+def run_on_main(fn, *args, **kwargs):
+    """Run ``fn`` on rank 0 only and return its result on every rank (broadcast). If it raises on rank 0, the
+    other ranks raise :class:`RankFailedError` with rank 0's message, so the whole job ends with it instead of
+    hanging at the next collective. Without torchrun it is a plain call."""
+    if not is_distributed():
+        return fn(*args, **kwargs)
+    outcome: tuple = (None, None)
+    if is_main_process():
+        try:
+            outcome = (fn(*args, **kwargs), None)
+        except BaseException as err:  # noqa: BLE001 - re-raised below after the others are told
+            outcome = (None, f"{type(err).__name__}: {err}")
+            broadcast_object(outcome)
+            raise
+    outcome = broadcast_object(outcome)
+    if outcome[1] is not None:
+        raise RankFailedError(f"rank 0 failed: {outcome[1]}")
+    return outcome[0]
+
+
+def check_same_on_all_ranks(value: object, what: str) -> None:
+    """Raise (on every rank) unless ``value`` is equal on all ranks, e.g. a pruned model's layer widths."""
+    values = all_gather_objects(value)
+    differing = [r for r, v in enumerate(values) if v != values[0]]
+    if differing:
+        raise RuntimeError(f"{what} differs between ranks: rank 0 has {values[0]!r}, rank {differing[0]} has "
+                           f"{values[differing[0]]!r}")

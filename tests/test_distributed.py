@@ -1,0 +1,66 @@
+"""utils.distributed under torchrun (2 CPU ranks, gloo): gradient averaging, rank-0 sections whose failure ends
+every rank with its message, the cross-rank equality check."""
+import pytest
+
+from helpers import REPO, run_torchrun
+
+SCRIPT = f'''
+import sys, torch
+sys.path.insert(0, {str(REPO)!r})
+from utils import distributed as d
+d.init_distributed("gloo", "cpu")
+r = d.rank()
+p = torch.nn.Parameter(torch.zeros(3))
+p.grad = torch.full((3,), float(r + 1))
+q = torch.nn.Parameter(torch.zeros(2))  # no grad on either rank: zeros
+d.average_gradients([p, q])
+assert torch.equal(p.grad, torch.full((3,), 1.5)), p.grad
+assert torch.equal(q.grad, torch.zeros(2))
+assert d.run_on_main(lambda: 41 + 1) == 42
+assert d.broadcast_object({{"r": r}}) == {{"r": 0}}
+assert d.all_gather_objects(r) == [0, 1]
+d.check_same_on_all_ranks([4, 5], "widths")
+mode = sys.argv[1]
+if mode == "differ":
+    d.check_same_on_all_ranks([4, 5 + r], "widths")
+if mode == "fail":
+    def boom():
+        raise ValueError("no such file: weights.pth")
+    try:
+        d.run_on_main(boom)
+    except d.RankFailedError as err:
+        print(f"rank {{r}} saw: {{err}}", flush=True)
+        raise
+print("ok", r, flush=True)
+d.cleanup()
+'''
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "ddp_check.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+@pytest.mark.slow
+def test_collectives_on_two_ranks(tmp_path, script):
+    proc = run_torchrun(["ok"], tmp_path, script=script, timeout=120)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "ok 0" in proc.stdout and "ok 1" in proc.stdout
+
+
+@pytest.mark.slow
+def test_rank0_failure_ends_every_rank_with_its_message(tmp_path, script):
+    proc = run_torchrun(["fail"], tmp_path, script=script, timeout=120)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "rank 1 saw: rank 0 failed: ValueError: no such file: weights.pth" in out
+    assert "ok 0" not in out and "ok 1" not in out
+
+
+@pytest.mark.slow
+def test_structures_that_differ_between_ranks_are_refused(tmp_path, script):
+    proc = run_torchrun(["differ"], tmp_path, script=script, timeout=120)
+    assert proc.returncode != 0
+    assert "widths differs between ranks: rank 0 has [4, 5], rank 1 has [4, 6]" in proc.stdout + proc.stderr
