@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 
 from training.config import TrainConfig
 from training.loop import CSV_COLUMNS, _BatchMixer, evaluate, train
@@ -207,6 +208,25 @@ def test_evaluate_is_exact_sample_weighted_and_restores_mode():
     model.train()
     evaluate(model, loader, CPU)
     assert model.training
+
+
+@pytest.mark.parametrize("size,batch", [(5, 2), (7, 3), (6, 4)])
+def test_distributed_eval_counts_every_sample_once(size, batch):
+    """A DistributedSampler pads the split to a multiple of the ranks by repeating samples; the per-rank sums
+    (what the all-reduce adds) count each real sample once, so DDP evaluation equals the single-process one."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(size, 4), torch.randint(0, 3, (size,)))
+    model = nn.Linear(4, 3)
+    whole = evaluate(model, DataLoader(data, batch_size=batch), "cpu")
+    loss_sum = correct = count = 0.0
+    for rank in range(2):
+        sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=3)
+        real = len(range(rank, size, 2))  # positions of this rank in the padded list that are real
+        part = evaluate(model, DataLoader(data, batch_size=batch, sampler=sampler), "cpu")
+        loss_sum, correct, count = loss_sum + part["loss"] * real, correct + part["acc"] * real, count + real
+    assert count == size
+    assert correct / count == pytest.approx(whole["acc"])
+    assert loss_sum / count == pytest.approx(whole["loss"])
 
 
 def test_config_from_dict_and_validation():

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from training.config import TrainConfig, as_config
@@ -130,6 +131,30 @@ def _progress(loader: Iterable, desc: str, max_batches: int | None) -> tqdm:
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
+class _SamplerPadding:
+    """Tells a ``DistributedSampler``'s padding apart from real samples, so each sample counts once.
+
+    Without ``drop_last`` the sampler repeats the first indices until every rank has the same count; rank
+    ``r`` of ``w`` takes positions ``r, r + w, r + 2w, ...`` of that padded list, and positions ``>= len(dataset)``
+    are the repeats. Every rank still runs the same number of batches (no uneven collectives).
+    """
+
+    def __init__(self, loader: Iterable):
+        sampler = getattr(loader, "sampler", None)
+        self.active = isinstance(sampler, DistributedSampler) and not sampler.drop_last
+        if self.active:
+            self.size, self.replicas, self.rank = len(sampler.dataset), sampler.num_replicas, sampler.rank
+        self.seen = 0
+
+    def mask(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """[batch_size] bool for the next batch: True for real samples (all True without a padding sampler)."""
+        if not self.active:
+            return torch.ones(batch_size, dtype=torch.bool, device=device)
+        position = (self.seen + torch.arange(batch_size, device=device)) * self.replicas + self.rank
+        self.seen += batch_size
+        return position < self.size
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str, amp: bool = False,
              topk: tuple[int, ...] = (1,), max_batches: int | None = None,
@@ -150,6 +175,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str, amp
     # [loss_sum, correct@k for each k, sample count], accumulated on device to avoid syncs.
     sums = torch.zeros(len(topk) + 2, dtype=torch.float64, device=device)
     use_amp = amp and device.type == "cuda"
+    padding = _SamplerPadding(loader)
     try:
         for batch in _limited(loader, max_batches):
             inputs, targets = _split_batch(batch, device, channels_last)
@@ -158,12 +184,13 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str, amp
             logits = logits.float()
             if topk[-1] > logits.shape[1]:
                 raise ValueError(f"evaluate: top-{topk[-1]} asked but the model has {logits.shape[1]} classes")
-            sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
+            real = padding.mask(targets.numel(), device)  # [B] bool: False for a DistributedSampler's repeats
+            sums[0] += (F.cross_entropy(logits, targets, reduction="none").double() * real).sum()
             ranked = logits.topk(topk[-1], dim=1).indices  # [B, max_k]
             hits = ranked.eq(targets.unsqueeze(1))  # [B, max_k]
             for index, k in enumerate(topk):
-                sums[1 + index] += hits[:, :k].any(dim=1).sum()
-            sums[-1] += targets.numel()
+                sums[1 + index] += (hits[:, :k].any(dim=1) & real).sum()
+            sums[-1] += real.sum()
     finally:
         model.train(was_training)
     sums = _all_reduce_sum(sums).tolist()
