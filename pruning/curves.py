@@ -19,6 +19,12 @@ Scores:
     keeps accuracy 0.9 everywhere scores 0.9), either with the step function above (``kind="step"``,
     the default: exact for "what accuracy do I get when pruning to t") or with straight lines between
     points (``kind="trapezoid"``), both extended flat beyond the last point.
+
+Under torchrun (DDP) every rank runs :func:`accuracy_speed_up_curve` on the same weights with its shard of a
+``DistributedSampler`` loader: the accuracy is all-reduced by ``training.loop.evaluate``, the pruning (group-L2
+importance of identical weights) is deterministic, and the pruned layer shapes are compared across ranks after
+every step (``utils.distributed.check_same_on_all_ranks``: an error on every rank if they ever differ). Only
+rank 0 shows the bar and logs.
 """
 from __future__ import annotations
 
@@ -34,8 +40,10 @@ from tqdm.auto import tqdm
 
 from pruning.depgraph import count_macs, pruning_steps
 from training.loop import evaluate
+from utils.distributed import check_same_on_all_ranks, is_distributed, is_main_process
 
 log = logging.getLogger(__name__)
+log.addFilter(lambda _record: is_main_process())  # under torchrun only rank 0 logs
 
 Point = tuple[float, float]
 AUC_KINDS = ("step", "trapezoid")
@@ -63,6 +71,9 @@ def accuracy_speed_up_curve(
     batches per point. ``model`` itself is left untouched. Returns the points, first one unpruned.
     ``progress``: a bar on a terminal only (tqdm's ``disable=None``); when output goes to a file there is no
     bar (callers log one line per curve; a DEBUG line summarises it here).
+    Under torchrun every rank calls it with the same ``model`` and its shard of a distributed ``loader``: the
+    points are the all-reduced accuracies (equal on every rank), the pruned structure is checked to be the same
+    on every rank after each step, and only rank 0 shows the bar.
     """
     if base_speed_up <= 0 or max_speed_up <= 0:
         raise ValueError(f"speed-ups must be > 0, got base_speed_up={base_speed_up}, max_speed_up={max_speed_up}")
@@ -80,10 +91,14 @@ def accuracy_speed_up_curve(
     if points[0][0] >= max_speed_up:
         return points
     # disable=None: tqdm shows the bar only when its stream is a terminal (not in SLURM/nohup/CI logs)
-    bar = tqdm(total=iterative_steps, desc=desc, disable=None if progress else True, leave=False)
+    bar = tqdm(total=iterative_steps, desc=desc, disable=None if progress and is_main_process() else True,
+               leave=False)
     shown = not bar.disable
     try:
-        for macs in pruning_steps(pruned, example_inputs, method, iterative_steps=iterative_steps):
+        for step, macs in enumerate(pruning_steps(pruned, example_inputs, method, iterative_steps=iterative_steps),
+                                    start=1):
+            if is_distributed():  # deterministic pruning of identical weights: the same widths on every rank
+                check_same_on_all_ranks(layer_shapes(pruned), f"{desc}: the pruned structure after step {step}")
             points.append(measure(macs))
             bar.update(1)
             bar.set_postfix(speed_up=f"{points[-1][0]:.3f}", acc=f"{points[-1][1]:.4f}")
@@ -98,6 +113,11 @@ def accuracy_speed_up_curve(
         log.warning("%s: stopped at speed-up %.4fx after %d pruning steps (max_speed_up %.4fx not reached)",
                     desc, points[-1][0], len(points) - 1, max_speed_up)
     return points
+
+
+def layer_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, shape)`` of every parameter: the widths a structured pruning left (compared across ranks)."""
+    return [(name, tuple(param.shape)) for name, param in model.named_parameters()]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,25 @@ identity (the last Linear/Conv that runs), never by its output width.
 
 :func:`pruning_steps` is the one progressive pruning loop: :func:`prune_to_speed_up` stops it at a MACs
 target, ``pruning.curves.accuracy_speed_up_curve`` measures accuracy after each of its steps.
+
+Vision Transformers (torchvision ``VisionTransformer``, reference §2.4). The embedding width is one dependency
+group (patch conv, ``class_token`` and ``encoder.pos_embedding`` along their last dim, every LayerNorm, residual
+and attention in/out projection); torch-pruning's ``nn.MultiheadAttention`` pruner removes the same indices from
+the q, k and v projections, keeps ``num_heads`` and shrinks ``head_dim``. The attention splits q/k/v into heads as
+contiguous chunks, so the head is the unit the removal must respect:
+
+* ``heads="per_head"`` (default): the embedding group is pruned with ``num_heads`` channel groups (torch-pruning
+  ``out_channel_groups``): importance is averaged over the heads and the SAME within-head dims leave every
+  head, so every kept q/k/v dim stays in its own head, the width stays a multiple of ``num_heads``, and the
+  number of heads (fixed by the architecture's name, ``generate_dataset.models.vit``) is kept.
+* ``heads="round_to"``: the reference's (and torch-pruning's torchvision example's) ``round_to = num_heads``.
+  It only rounds the COUNT of removed channels; which ones go is global, so one head can lose more dims than
+  another and the contiguous re-chunking then moves dims of one head into the next (tests/test_final_ddp.py
+  shows it). It also rounds every MLP width to a multiple of ``num_heads``. Kept for reproduction only.
+
+torch-pruning's ``num_heads``/``prune_num_heads`` options address separate q/k/v ``nn.Linear`` layers (timm,
+Hugging Face); on torchvision's packed ``nn.MultiheadAttention`` they leave the embedding unpruned, and whole
+heads cannot be removed from it at all, so neither is used.
 """
 from __future__ import annotations
 
@@ -79,13 +98,25 @@ def _is_vit(model: nn.Module) -> bool:
     return "class_token" in params and "encoder.pos_embedding" in params and hasattr(model, "hidden_dim")
 
 
-def architecture_options(model: nn.Module) -> dict[str, Any]:
-    """torch-pruning options an architecture needs (reference §2.4): for a ViT, prune the embedding through
-    ``class_token``/``pos_embedding`` and keep whole heads (``round_to = num_heads``); nothing otherwise."""
+VIT_HEAD_MODES = ("per_head", "round_to")
+
+
+def architecture_options(model: nn.Module, heads: str = "per_head") -> dict[str, Any]:
+    """torch-pruning options an architecture needs (reference §2.4; see the module doc for ``heads``); ``{}`` for
+    anything but a ViT. For a ViT: ``unwrapped_parameters`` (``class_token``/``encoder.pos_embedding``, pruned
+    along their last dim), ``round_to = num_heads`` (the reference's setting, the multiple every embedding width
+    is) and, with ``heads="per_head"``, ``head_groups`` ({attention module: num_heads}), which
+    :func:`build_pruner` then uses INSTEAD of ``round_to``."""
+    if heads not in VIT_HEAD_MODES:
+        raise ValueError(f"heads={heads!r}: expected one of {', '.join(VIT_HEAD_MODES)}")
     if not _is_vit(model):
         return {}
-    heads = next(m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention))
-    return {"round_to": heads, "unwrapped_parameters": ["class_token", "encoder.pos_embedding"]}
+    attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    options: dict[str, Any] = {"round_to": attention[0].num_heads,
+                               "unwrapped_parameters": ["class_token", "encoder.pos_embedding"]}
+    if heads == "per_head":
+        options["head_groups"] = {m: m.num_heads for m in attention}
+    return options
 
 
 def sync_after_pruning(model: nn.Module) -> None:
@@ -109,17 +140,24 @@ def build_pruner(
     round_to: int | None = None,
     unwrapped_parameters: Iterable[str] | None = None,
     ignored_layers: Iterable[nn.Module] | None = None,
+    heads: str = "per_head",
 ) -> tp.pruner.GroupNormPruner:
     """A global ``GroupNormPruner`` stepping the channel ratio linearly from 0 to 1 in ``iterative_steps``.
 
     ``reg`` only matters for :meth:`regularize` (meta-training); stepping ignores it.
-    ``unwrapped_parameters`` names parameters (e.g. ``class_token``) pruned along their last dim; with
-    ``round_to`` it defaults to what the architecture needs (:func:`architecture_options`). Step it with
-    :func:`pruner_step` so attributes that mirror shapes stay in sync.
+    ``unwrapped_parameters`` names parameters (e.g. ``class_token``) pruned along their last dim; it defaults to
+    what the architecture needs (:func:`architecture_options`). ``heads`` (ViT only, module doc): ``per_head``
+    prunes the embedding with one channel group per attention head (no ``round_to``); ``round_to`` is the
+    reference's ``round_to = num_heads``. An explicit ``round_to`` rounds every group and turns the head groups
+    off (the two do not combine: torch-pruning would round the per-head count as if it were whole channels).
+    Step it with :func:`pruner_step` so attributes that mirror shapes stay in sync.
     """
-    defaults = architecture_options(model)
-    round_to = defaults.get("round_to") if round_to is None else round_to
-    unwrapped_parameters = defaults.get("unwrapped_parameters", ()) if unwrapped_parameters is None else unwrapped_parameters
+    defaults = architecture_options(model, heads)
+    head_groups = defaults.get("head_groups", {}) if round_to is None else {}
+    if round_to is None and not head_groups:
+        round_to = defaults.get("round_to")
+    if unwrapped_parameters is None:
+        unwrapped_parameters = defaults.get("unwrapped_parameters", ())
     if method.get("kind", "structured") != "structured":
         raise ValueError(f"method {method.get('name')!r} is not a structured pruning method")
     ignored = list(ignored_layers) if ignored_layers is not None else [classifier_module(model, example_inputs)]
@@ -129,7 +167,8 @@ def build_pruner(
         if name not in params:
             raise KeyError(f"unwrapped parameter {name!r} is not a parameter of the model")
         unwrapped.append((params[name], params[name].dim() - 1))
-    pruner_kwargs = {}
+    # always a fresh dict: torch-pruning's default is one shared dict that ``num_heads=`` callers mutate
+    pruner_kwargs: dict[str, Any] = {"out_channel_groups": dict(head_groups)}
     if round_to is not None:
         pruner_kwargs["round_to"] = round_to
     if unwrapped:

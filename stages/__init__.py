@@ -35,7 +35,11 @@ RUNS: dict[str, RunFn] = {
 HELP = "help"
 
 # Run modes that work under torchrun (DDP training, rank-0 outputs); the others are single-process.
-DDP_RUNS = frozenset({"train", "pretrain_final"})
+DDP_RUNS = frozenset({"train", "pretrain_final",
+                      "meta_train",
+                      "analyse", "report", "pipeline",
+                      "select", "visualize",
+                      "pruning_final", "unstructured_pruning_final"})
 
 
 class UnknownRunError(ValueError):

@@ -12,6 +12,9 @@ pruning ranks; a wide spread = easy to prune) and optionally the effective rank;
 the γ / β statistics (small |γ| channels are the ones a magnitude criterion removes cheaply).
 
 Rows are plain dicts (one per layer), so several models can be written to one CSV and compared.
+
+Under torchrun every rank loads the models and evaluates its shard of the data (sums all-reduced); rank 0 alone
+computes the statistics and writes the files, and a failure there ends every rank with its message.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from pruning.depgraph import count_macs
 from stages.common import FinalRunConfigError, codec_options, example_input, num_params, setup, task_data
 from stages.final import metanetwork_setting
 from training.loop import evaluate_splits
+from utils import distributed
 
 log = logging.getLogger(__name__)
 
@@ -207,15 +211,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         apply_saved_metanetwork(changed, mn_path, map_location=device, **codec_options(cfg))
         models["model + metanetwork"] = (changed, f"{final.model} + {mn_path}")
 
-    rank = bool(final.get("effective_rank", True))
-    rows_by_model = {label: layer_statistics(m, label, rank=rank) for label, (m, _src) in models.items()}
-    csv_path = write_csv([row for rows in rows_by_model.values() for row in rows], run_dir / "layer_statistics.csv")
-    plot_path = plot_statistics(rows_by_model, run_dir / "layer_statistics.png",
-                                channel_norms={label: normalised_channel_norms(m) for label, (m, _s) in models.items()})
+    # rank 0 computes the statistics and writes the files; its failure ends every rank (torchrun)
+    csv_path, plot_path = distributed.run_on_main(_write_statistics, models, run_dir,
+                                                  bool(final.get("effective_rank", True)))
     summary_models: dict[str, dict] = {}
     loaders = None
-    if final.get("analyse_evaluate", True):
-        _splits, loaders = task_data(cfg.task, cfg.seed)
+    if final.get("analyse_evaluate", True):  # every rank evaluates its shard; the sums are all-reduced
+        _splits, loaders = task_data(cfg.task, cfg.seed, distributed=distributed.is_distributed())
     example = example_input(cfg.task, device)
     for label, (m, src) in models.items():
         info: dict[str, Any] = {"source": src, "params": num_params(m), "macs": count_macs(m, example)}
@@ -223,7 +225,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             info.update(evaluate_splits(m, loaders, device))
         summary_models[label] = info
         log.info("%s: %s", label, {k: v for k, v in info.items() if k != "source"})
-    summary = {"run": "analyse", "task": cfg.task.name, "models": summary_models, "csv": csv_path.name,
-               "plot": plot_path.name}
+    if not distributed.is_main_process():
+        return {}
+    summary = {"run": "analyse", "task": cfg.task.name, "models": summary_models, "csv": Path(csv_path).name,
+               "plot": Path(plot_path).name}
     print(f"[{cfg.task.name}] analyse: {csv_path} and {plot_path}")
     return summary
+
+
+def _write_statistics(models: dict[str, tuple[tnn.Module, str]], run_dir: Path, rank: bool) -> tuple[str, str]:
+    """``layer_statistics.csv`` and ``.png`` of ``models`` in ``run_dir``; returns their paths."""
+    rows_by_model = {label: layer_statistics(m, label, rank=rank) for label, (m, _src) in models.items()}
+    csv_path = write_csv([row for rows in rows_by_model.values() for row in rows], run_dir / "layer_statistics.csv")
+    plot_path = plot_statistics(rows_by_model, run_dir / "layer_statistics.png",
+                                channel_norms={label: normalised_channel_norms(m) for label, (m, _s) in models.items()})
+    return str(csv_path), str(plot_path)

@@ -16,9 +16,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data_loaders.image_datasets import DataLoaders, DataSplits, build_datasets, build_loaders
-from generate_dataset.models import build_model
+from generate_dataset.models import build_model, load_pretrained, resolve_pretrained
+from stages import ddp
 from training.config import TrainConfig
-from training.loop import TrainResult, train
+from training.loop import TrainResult
 from utils import distributed
 from utils.device import resolve_device
 from utils.io import is_null, write_json
@@ -69,6 +70,25 @@ def task_data(task: DictConfig, seed: int, distributed: bool = False) -> tuple[D
 def task_model(task: DictConfig, splits: DataSplits) -> torch.nn.Module:
     """A freshly initialised model of the task's architecture at its unpruned widths."""
     return build_model(task.model, num_classes=splits.num_classes, in_channels=splits.in_channels)
+
+
+def start_model(task: DictConfig, splits: DataSplits) -> torch.nn.Module:
+    """The model a task's runs start from: :func:`task_model` with the ``task.pretrained`` weights loaded when it
+    is set (a torchvision weights name read from the local torch hub cache, or a local weights file; see
+    ``generate_dataset.models.pretrained``). Data models, ``train`` / ``pretrain_final`` and a final run without
+    ``final.model`` all start here, so an ImageNet data model is the pretrained network before its recipe.
+
+    Under torchrun rank 0 finds (or, with ``task.pretrained_download=true``, downloads) the file and the others
+    wait; a missing file ends every rank with the message. Every rank then reads the same file."""
+    model = task_model(task, splits)
+    source = task.get("pretrained")
+    if is_null(source) or source is False:
+        return model
+    download = bool(task.get("pretrained_download", False))
+    path = distributed.run_on_main(resolve_pretrained, task.model, source, download=download)
+    load_pretrained(model, task.model, path)
+    log.info("%s starts from task.pretrained=%s (%s)", task.model, source, path)
+    return model
 
 
 def example_input(task: DictConfig, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -125,13 +145,14 @@ def num_params(model: torch.nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class RunContext:
-    """What a run on the task's data shares: config, run dir, device, data, pruning method, example input."""
+    """What a run on the task's data shares: config, run dir, device, data, pruning method, example input; and the
+    DDP-aware steps of such a run (``stages.ddp``; plain calls in a single process)."""
 
     cfg: DictConfig
     run_dir: Path
     device: torch.device
     splits: DataSplits
-    loaders: DataLoaders
+    loaders: DataLoaders  # under torchrun: DistributedSampler shards of every split
     method: dict
     example: torch.Tensor  # [1, C, H, W] on device: traces and counts MACs
 
@@ -143,16 +164,38 @@ class RunContext:
         """The ``task.finetune.<stage>`` recipe under the run's protocol."""
         return recipe(self.task.finetune[stage], self.cfg.protocol)
 
+    def train(self, model: torch.nn.Module, config: TrainConfig, desc: str,
+              after_backward: Callable[[torch.nn.Module], Any] | None = None) -> TrainResult:
+        """Train ``model`` in place (``<desc>_metrics.csv``); under torchrun a DDP training with
+        ``distributed.sync_bn``, rank 0's weights on every rank afterwards (``stages.ddp.train``)."""
+        return ddp.train(model, self.loaders, config, self.device, run_dir=self.run_dir, desc=desc,
+                         sync_bn=ddp.sync_bn_setting(self.cfg), after_backward=after_backward)
+
     def finetune(self, model: torch.nn.Module, stage: str) -> TrainResult:
         """Fine-tune ``model`` with ``task.finetune.<stage>`` (metrics in ``finetune_<stage>_metrics.csv``)."""
-        return train(model, self.loaders, self.recipe(stage), self.device, run_dir=self.run_dir,
-                     desc=f"finetune_{stage}")
+        return self.train(model, self.recipe(stage), f"finetune_{stage}")
+
+    def make_on_main(self, make: Callable[[], tuple[torch.nn.Module, Any]], when: str) -> tuple[torch.nn.Module, Any]:
+        """``make() -> (model, result)`` on rank 0, its model rebuilt on every rank (``stages.ddp.make_on_main``)."""
+        return ddp.make_on_main(make, self.task.model, self.splits.num_classes, self.device, when)
+
+    def change_on_main(self, model: torch.nn.Module, change: Callable[[torch.nn.Module], Any],
+                       when: str) -> tuple[torch.nn.Module, Any]:
+        """``change(model)`` on rank 0, the changed model rebuilt on every rank (``stages.ddp.change_on_main``):
+        use the returned model."""
+        return ddp.change_on_main(model, change, self.task.model, self.splits.num_classes, self.device, when)
+
+    def check_same_structure(self, model: torch.nn.Module, when: str) -> None:
+        """Under torchrun: every rank's ``model`` has rank 0's layer widths, or every rank raises."""
+        ddp.check_same_structure(model, self.task.model, self.splits.num_classes, when)
 
 
 def run_context(cfg: DictConfig, run_dir: Path) -> RunContext:
-    """Seed, device, the task's data and loaders, the pruning method and the example input of a run."""
+    """Seed, device, the task's data and loaders, the pruning method and the example input of a run. Under torchrun
+    every split's loader gets a ``DistributedSampler``: each rank trains on its shard; val/test shards are padded
+    to a multiple of the world size, as in torchvision's reference scripts, and their sums all-reduced."""
     device = setup(cfg)
-    splits, loaders = task_data(cfg.task, cfg.seed)
+    splits, loaders = task_data(cfg.task, cfg.seed, distributed=distributed.is_distributed())
     method = OmegaConf.to_container(cfg.method, resolve=True)
     return RunContext(cfg, Path(run_dir), device, splits, loaders, method, example_input(cfg.task, device))
 

@@ -34,6 +34,16 @@ Unreachable speed-up: the target is checked BEFORE any training, by pruning a co
 architecture; if it cannot be reached the run fails with :class:`UnreachableTargetError` naming the best
 speed-up reached (nothing is written but the log). A metanetwork whose graph layout does not fit the
 task's architecture is refused, also before training (``LayoutMismatchError`` naming both layouts).
+
+Under torchrun (``main_imagenet/``; ``stages.DDP_RUNS``) every rank runs this flow on its shards of the data
+(``DistributedSampler`` on every split, evaluations all-reduced). What sets weights or structure outside training
+runs on rank 0 only and is broadcast (``RunContext.change_on_main``, ``stages.ddp``): the reachability check, the
+init pruning, the metanetwork pass, the final pruning (each target) and the unstructured masks. Every rank rebuilds
+the model from rank 0's state dict and checks that the layer widths (and the masks) agree, so all ranks fine-tune
+one structure. Every training (the start model with ``final.model=null``, each fine-tune) is a DDP training
+(``RunContext.train``; ``distributed.sync_bn`` turns BatchNorm into SyncBatchNorm for its duration), after which
+every rank takes rank 0's weights and buffers. Only rank 0 logs, shows progress bars and writes files
+(``pretrained_model.pt`` included); a failure on rank 0 ends every rank with its message.
 """
 from __future__ import annotations
 
@@ -56,16 +66,20 @@ from nn.graph import GraphCodec
 from pruning import unstructured
 from pruning.depgraph import SpeedUpNotReachedError, count_macs, prune_to_speed_up
 from pruning.sparse_learning import SparseLearning
+from stages import ddp
 from stages.common import (RESULTS_FILE, FinalRunConfigError, RunContext, codec_options, num_params, recipe,
-                           run_context, task_model)
+                           run_context, start_model, task_model)
 from stages.select import chosen_checkpoint
-from training.loop import TrainResult, evaluate_splits, train
+from training.loop import TrainResult, evaluate_splits
+from utils import distributed
 from utils.checkpoint import save_checkpoint
 from utils.io import is_null, write_json
 
 log = logging.getLogger(__name__)
+log.addFilter(ddp.main_process_only)  # under torchrun only rank 0 logs
 
 PRUNED_CHECKPOINT = "pruned_model.pt"
+PRETRAINED_CHECKPOINT = "pretrained_model.pt"  # final.model=null: the start model trained by the run
 PRE_PRUNING = ("metanetwork", "sparse_learning", "finetune", "none")
 
 
@@ -149,16 +163,16 @@ def _given_model(ctx: RunContext) -> tuple[tnn.Module, str] | None:
 
 
 def _start_model(ctx: RunContext, given: tuple[tnn.Module, str] | None) -> tuple[tnn.Module, str | None]:
-    """The given model, or one trained now with ``task.train`` (saved as ``pretrained_model.pt``)."""
+    """The given model, or one trained now with ``task.train`` (saved as ``pretrained_model.pt``; under torchrun a
+    DDP training whose rank-0 weights every rank keeps and rank 0 alone saves)."""
     if given is not None:
         return given
     log.info("final.model is null: training the task's model now with task.train")
     task = ctx.task
-    model = task_model(task, ctx.splits).to(ctx.device)
-    result = train(model, ctx.loaders, recipe(task.train, ctx.cfg.protocol), ctx.device, run_dir=ctx.run_dir,
-                   desc="pretrain")
-    save_checkpoint(ctx.run_dir / "pretrained_model.pt", model.state_dict(),
-                    model_spec(task.model, model, ctx.splits.num_classes), metrics=result.final_metrics)
+    model = start_model(task, ctx.splits).to(ctx.device)  # task.pretrained weights when set
+    result = ctx.train(model, recipe(task.train, ctx.cfg.protocol), "pretrain")
+    distributed.run_on_main(save_checkpoint, ctx.run_dir / PRETRAINED_CHECKPOINT, model.state_dict(),
+                            model_spec(task.model, model, ctx.splits.num_classes), metrics=result.final_metrics)
     return model, None
 
 
@@ -194,9 +208,12 @@ def _start(ctx: RunContext, mn_path: Path | None, reach: float | None) -> _Start
     base_params = num_params(template)
     mn_info = _check_metanetwork(mn_path, template, ctx)
     if reach is not None:
-        _check_reachable(template, reach, base_macs, ctx)  # reaching the largest target reaches every other
+        # reaching the largest target reaches every other; under torchrun rank 0 checks, its failure ends every rank
+        distributed.run_on_main(_check_reachable, template, reach, base_macs, ctx)
     del template
     model, source = _start_model(ctx, given)
+    ctx.check_same_structure(model, "of the start model")
+    ddp.same_weights_everywhere(model)  # under torchrun: rank 0's start model, whatever each rank loaded or trained
     start = _Start(ctx, mn_info, source, model, base_params, base_macs, [])
     _stage(start.stages, "start", model, ctx, base_macs)
     return start
@@ -255,33 +272,42 @@ def _summary(start: _Start, run: str, specific: dict, final: dict, finetunes: di
 
 def _finish(ctx: RunContext, model: tnn.Module, summary: dict, started: float, write_results: bool = False) -> dict:
     """Save the pruned model (and, for one target of several, that target's ``results.json``), print the
-    headline. The run's own ``results.json`` is written by ``stages.execute``."""
+    headline; rank 0 only under torchrun. The run's own ``results.json`` is written by ``stages.execute``."""
     spec = model_spec(ctx.task.model, model, ctx.splits.num_classes)
-    save_checkpoint(ctx.run_dir / PRUNED_CHECKPOINT, model.state_dict(), spec,
-                    metrics={k: float(v) for k, v in summary["pruned"].items()})
+    metrics = {k: float(v) for k, v in summary["pruned"].items()}
     summary.update(model=spec, checkpoint=PRUNED_CHECKPOINT)
     if write_results:
         summary["seconds"] = round(time.time() - started, 1)
-        write_json(ctx.run_dir / RESULTS_FILE, summary)
-        log.info("results written to %s", ctx.run_dir / RESULTS_FILE)
-    headline = (f"speed-up {summary['speed_up']:.3f}x" if "speed_up" in summary
-                else f"sparsity {summary['sparsity']:.3f}")
-    path = summary.get("pre_pruning") or ("metanetwork" if summary["metanetwork"] else "no metanetwork")
-    print(colored(f"[{ctx.task.name}] {summary['run']} ({path}, {summary['method']}): ", "cyan")
-          + colored(f"base {100 * summary['base_acc']:.2f}% -> pruned {100 * summary['pruned_acc']:.2f}% test acc",
-                    "green", attrs=["bold"])
-          + f", {headline} ({summary['selection']} selection)")
+
+    def write() -> None:
+        save_checkpoint(ctx.run_dir / PRUNED_CHECKPOINT, model.state_dict(), spec, metrics=metrics)
+        if write_results:
+            write_json(ctx.run_dir / RESULTS_FILE, summary)
+            log.info("results written to %s", ctx.run_dir / RESULTS_FILE)
+        headline = (f"speed-up {summary['speed_up']:.3f}x" if "speed_up" in summary
+                    else f"sparsity {summary['sparsity']:.3f}")
+        path = summary.get("pre_pruning") or ("metanetwork" if summary["metanetwork"] else "no metanetwork")
+        print(colored(f"[{ctx.task.name}] {summary['run']} ({path}, {summary['method']}): ", "cyan")
+              + colored(f"base {100 * summary['base_acc']:.2f}% -> pruned {100 * summary['pruned_acc']:.2f}% "
+                        "test acc", "green", attrs=["bold"])
+              + f", {headline} ({summary['selection']} selection)")
+
+    distributed.run_on_main(write)  # a failure on rank 0 ends every rank with its message
     return summary
 
 
 def _pre_pruning(model: tnn.Module, kind: str, mn_path: Path | None, stages: list, ctx: RunContext,
-                 base_macs: float | None) -> tuple[TrainResult | None, dict | None]:
-    """The stage between init pruning and final pruning (see :func:`pre_pruning_kind`)."""
+                 base_macs: float | None) -> tuple[tnn.Module, TrainResult | None, dict | None]:
+    """The stage between init pruning and final pruning (see :func:`pre_pruning_kind`); returns the model (a new
+    one on every rank under torchrun), the fine-tune's result and the sparse-learning settings."""
     if kind == "metanetwork":
-        apply_saved_metanetwork(model, mn_path, map_location=ctx.device, **codec_options(ctx.cfg))
+        def apply(target: tnn.Module) -> None:
+            apply_saved_metanetwork(target, mn_path, map_location=ctx.device, **codec_options(ctx.cfg))
+
+        model, _ = ctx.change_on_main(model, apply, "after the metanetwork")
         _stage(stages, "metanetwork", model, ctx, base_macs)
     if kind == "none":
-        return None, None
+        return model, None, None
     sparse = None
     hook = None
     if kind == "sparse_learning":
@@ -291,12 +317,12 @@ def _pre_pruning(model: tnn.Module, kind: str, mn_path: Path | None, stages: lis
         sparse = hook.describe()
         log.info("sparse learning (DepGraph): %s for task.finetune.after_metanetwork's %d epochs", sparse,
                  ctx.recipe("after_metanetwork").epochs)
-    result = train(model, ctx.loaders, ctx.recipe("after_metanetwork"), ctx.device, run_dir=ctx.run_dir,
-                   desc="sparse_learning" if kind == "sparse_learning" else "finetune_after_metanetwork",
-                   after_backward=hook)
+    result = ctx.train(model, ctx.recipe("after_metanetwork"),
+                       "sparse_learning" if kind == "sparse_learning" else "finetune_after_metanetwork",
+                       after_backward=hook)
     _stage(stages, "after_sparse_learning" if kind == "sparse_learning" else "after_metanetwork_finetune", model,
            ctx, base_macs)
-    return result, sparse
+    return model, result, sparse
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,8 +414,13 @@ def _init_prune(start: _Start, initial: float) -> TrainResult | None:
                     "unpruned architecture", speed_up, ctx.task.model)
     log.info("init pruning to %.4fx (total)", initial)
     model.eval()
-    prune_to_speed_up(model, initial, ctx.method, ctx.example, iterative_steps=ctx.task.pruning.iterative_steps,
-                      base_macs=base_macs, progress=True)
+
+    def prune(target: tnn.Module) -> float:
+        return prune_to_speed_up(target, initial, ctx.method, ctx.example,
+                                 iterative_steps=ctx.task.pruning.iterative_steps, base_macs=base_macs, progress=True)
+
+    model, _ = ctx.change_on_main(model, prune, "after init pruning")
+    start.model = model
     _stage(start.stages, "init_pruned", model, ctx, base_macs)
     result = ctx.finetune(model, "after_init_pruning")
     _stage(start.stages, "after_init_pruning_finetune", model, ctx, base_macs)
@@ -402,13 +433,19 @@ def _prune_target(start: _Start, target: float, multi: bool, prepared: dict, fin
     targets in :func:`target_dir`. ``prepared`` holds the summary fields fixed before the final pruning."""
     ctx, base_macs = start.ctx, start.base_macs
     target_ctx = dataclasses.replace(ctx, run_dir=target_dir(ctx.run_dir, target)) if multi else ctx
-    target_ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main_process():
+        target_ctx.run_dir.mkdir(parents=True, exist_ok=True)
     pruned = copy.deepcopy(start.model) if multi else start.model
     stages = list(start.stages)
     log.info("pruning to %.4fx (total)", target)
     pruned.eval()
-    prune_to_speed_up(pruned, target, ctx.method, ctx.example, iterative_steps=ctx.task.pruning.iterative_steps,
-                      base_macs=base_macs, strict=True, progress=True)
+
+    def prune(model: tnn.Module) -> float:
+        return prune_to_speed_up(model, target, ctx.method, ctx.example,
+                                 iterative_steps=ctx.task.pruning.iterative_steps, base_macs=base_macs, strict=True,
+                                 progress=True)
+
+    pruned, _ = ctx.change_on_main(pruned, prune, f"after pruning to {target:g}x")
     _stage(stages, "pruned", pruned, target_ctx, base_macs)
     ft_prune = target_ctx.finetune(pruned, "after_pruning")
     final = _stage(stages, "final", pruned, target_ctx, base_macs)
@@ -450,7 +487,7 @@ def pruning_final(cfg: DictConfig, run_dir: Path) -> tuple[dict, tnn.Module]:
     start = _start(ctx, mn_path, reach=max(targets))
 
     ft_init = _init_prune(start, initial)
-    ft_mn, sparse = _pre_pruning(start.model, kind, mn_path, start.stages, ctx, start.base_macs)
+    start.model, ft_mn, sparse = _pre_pruning(start.model, kind, mn_path, start.stages, ctx, start.base_macs)
     prepared = {"pre_pruning": kind, "sparse_learning": sparse, "initial_speed_up": initial}
     finetunes = {"after_init_pruning": ft_init, "after_metanetwork": ft_mn}
     multi = len(targets) > 1
@@ -506,9 +543,16 @@ def unstructured_pruning_final(cfg: DictConfig, run_dir: Path) -> tuple[dict, tn
     start = _start(ctx, mn_path, reach=None)
     model, stages = start.model, start.stages
     kind = pre_pruning_kind(cfg, mn_path, structured=False)
-    ft_mn, _sparse = _pre_pruning(model, kind, mn_path, stages, ctx, None)
+    model, ft_mn, _sparse = _pre_pruning(model, kind, mn_path, stages, ctx, None)
 
-    masks, description, details = _unstructured_prune(model, ctx)
+    def prune(target: tnn.Module) -> tuple[dict, str, dict]:
+        masks, description, details = _unstructured_prune(target, ctx)
+        return {name: mask.cpu() for name, mask in masks.items()}, description, details
+
+    model, (masks, description, details) = ctx.change_on_main(model, prune, "after unstructured pruning")
+    if distributed.is_distributed():
+        distributed.check_same_on_all_ranks({name: int(mask.sum()) for name, mask in masks.items()},
+                                            "the kept weights per layer after unstructured pruning")
     pruned_stage = _stage(stages, "pruned", model, ctx)
     pruned_stage.update(unstructured.sparsity(model))
     with unstructured.MaskedGradients(model, masks):

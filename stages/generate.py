@@ -7,6 +7,11 @@ published, and derives each model's seed from ``(seed, shard index, position)`` 
 the same models. The shard is locked for the whole call (a second generator of the same shard is refused
 before training). A model that could not be stored (disk full, ...) is saved in the run dir and stored
 without retraining by the next run there.
+
+Each data model starts from ``task.pretrained`` when set (``stages.common.start_model``: the ImageNet tasks'
+torchvision weights or a local file), then follows ``task.train``; with ``train.epochs: 0`` (ViT-B/16) the data
+model is the pretrained network itself. Under torchrun (``generate_dataset/generate.py`` or the pipeline's
+first stage) every rank trains each data model with DDP and rank 0 alone writes the shard (:func:`run`).
 """
 from __future__ import annotations
 
@@ -19,12 +24,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from data_loaders.store import ShardWriter, StoreError, load_rescued, rescue_path
+from data_loaders.store import ShardWriter, StoreError, load_rescued, rescue_path, shard_path
 from generate_dataset.models import model_spec
 from pruning.depgraph import prune_to_speed_up
-from stages.common import example_input, recipe, setup, task_data, task_model
-from training.loop import train
-from utils import settings_diff
+from stages import ddp
+from stages.ddp import train
+from stages.common import example_input, recipe, setup, start_model, task_data
+from utils import distributed, settings_diff
 from utils.seed import derive_seed, seed_everything
 
 log = logging.getLogger(__name__)
@@ -49,8 +55,9 @@ def check_initial_speed_up(cfg: DictConfig) -> None:
 
 
 # What makes a data model: a shard resumed with other values would mix two recipes.
-RECIPE_KEYS = ("task.model", "task.dataset", "task.input_size", "task.batch_size", "task.train", "task.initial_speed_up",
-               "task.finetune.after_init_pruning", "task.pruning.iterative_steps", "method", "no_init_pruning")
+RECIPE_KEYS = ("task.model", "task.pretrained", "task.dataset", "task.input_size", "task.batch_size", "task.train",
+               "task.initial_speed_up", "task.finetune.after_init_pruning", "task.pruning.iterative_steps", "method",
+               "no_init_pruning")
 
 
 def check_resumable(cfg: DictConfig, writer: ShardWriter, position: int) -> None:
@@ -71,59 +78,118 @@ def check_resumable(cfg: DictConfig, writer: ShardWriter, position: int) -> None
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Generate ``cfg.num`` data models into ``cfg.store`` as shard ``cfg.index``; returns the shard's summary
-    (its path, the positions produced now and those found finished)."""
+    (its path, the positions produced now and those found finished).
+
+    Under torchrun every rank trains each data model together (DDP, DistributedSampler); rank 0 alone holds the
+    shard's writer and lock, decides what to skip or resume, init-prunes (the pruned model is sent to the other
+    ranks) and stores; a failure in one of those steps ends every rank with its message. Other ranks return {}.
+    """
     task = cfg.task
     check_initial_speed_up(cfg)
     device = setup(cfg)
-    splits, loaders = task_data(task, cfg.seed)
+    splits, _loaders = task_data(task, cfg.seed, distributed=distributed.is_distributed())
     identity = shard_identity(cfg) | {"num_classes": splits.num_classes}
-    writer = ShardWriter(cfg.store, cfg.index, identity)  # locks the shard until the end of this call
+    shard = _Shard(cfg, identity)
     try:
-        return _fill_shard(cfg, run_dir, writer, device, splits)
+        done = set(distributed.run_on_main(shard.open))  # locks the shard (rank 0) until the end of this call
+        summary = _fill_shard(cfg, run_dir, shard, done, device)
     finally:
-        writer.close()
+        shard.close()
+    return summary if distributed.is_main_process() else {}
 
 
-def _fill_shard(cfg: DictConfig, run_dir: Path, writer: ShardWriter, device: torch.device, splits) -> dict:
+class _Shard:
+    """Rank 0's side of a shard: the :class:`ShardWriter` (its lock), resuming and storing. Every method runs on
+    rank 0 only (through ``utils.distributed.run_on_main`` under torchrun)."""
+
+    def __init__(self, cfg: DictConfig, identity: dict):
+        self.cfg, self.identity = cfg, identity
+        self.writer: ShardWriter | None = None
+
+    def open(self) -> list[int]:
+        """Lock and open the shard; the positions already stored (checked to come from this recipe)."""
+        self.writer = ShardWriter(self.cfg.store, self.cfg.index, self.identity)
+        done = self.writer.completed_positions()
+        if done:
+            check_resumable(self.cfg, self.writer, min(done))
+            log.info("%s already holds data models %s; resuming", self.writer.path, sorted(done))
+        return sorted(done)
+
+    def store_rescued(self, run_dir: Path, position: int, seed: int) -> bool:
+        """Store the model an earlier run in ``run_dir`` trained but could not store; False when there is none."""
+        rescued = rescue_path(run_dir, self.cfg.index, position)
+        if not rescued.exists():
+            return False
+        _store_rescued(self.writer, rescued, position, seed, run_dir)
+        return True
+
+    def append(self, *args, **kwargs) -> None:
+        self.writer.append(*args, **kwargs)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    @property
+    def path(self) -> str:
+        return str(shard_path(self.cfg.store, self.cfg.index))
+
+
+def _fill_shard(cfg: DictConfig, run_dir: Path, shard: _Shard, done: set[int], device: torch.device) -> dict:
     task = cfg.task
-    done = writer.completed_positions()
-    if done:
-        check_resumable(cfg, writer, min(done))
-        log.info("%s already holds data models %s; resuming", writer.path, sorted(done))
+    sharded = distributed.is_distributed()
+    sync_bn = ddp.sync_bn_setting(cfg)
     method = OmegaConf.to_container(cfg.method, resolve=True)
     config = OmegaConf.to_container(cfg, resolve=True)
     produced = []
-    for position in tqdm(range(cfg.num), desc=f"data models (shard {cfg.index})", disable=None):
+    main = distributed.is_main_process()
+    for position in tqdm(range(cfg.num), desc=f"data models (shard {cfg.index})", disable=None if main else True):
         if position in done:
             continue
         seed = derive_seed(cfg.seed, cfg.index, position)
-        rescued = rescue_path(run_dir, cfg.index, position)
-        if rescued.exists():  # trained by an earlier run in this run dir, which could not store it
-            _store_rescued(writer, rescued, position, seed, run_dir)
+        # trained by an earlier run in this run dir, which could not store it
+        if distributed.run_on_main(shard.store_rescued, run_dir, position, seed):
             produced.append(position)
             continue
         seed_everything(seed, deterministic=cfg.get("deterministic", False))
         # loaders seeded per data model too, so a resumed shard reproduces the models of an uninterrupted one
-        splits, loaders = task_data(task, seed)
+        splits, loaders = task_data(task, seed, distributed=sharded)
         started = time.time()
-        model = task_model(task, splits).to(device)
-        result = train(model, loaders, recipe(task.train), device, run_dir=run_dir, desc=f"model{position}_train")
+        model = start_model(task, splits).to(device)  # task.pretrained weights when set
+        result = train(model, loaders, recipe(task.train), device, run_dir=run_dir, desc=f"model{position}_train",
+                       sync_bn=sync_bn)
         speed_up = 1.0
         if not cfg.no_init_pruning:
-            model.eval()
-            speed_up = prune_to_speed_up(model, task.initial_speed_up, method, example_input(task, device),
-                                         iterative_steps=task.pruning.iterative_steps, progress=True)
+            model, speed_up = _init_pruned(model, cfg, method, device, splits.num_classes)
             result = train(model, loaders, recipe(task.finetune.after_init_pruning), device, run_dir=run_dir,
-                           desc=f"model{position}_finetune")
+                           desc=f"model{position}_finetune", sync_bn=sync_bn)
         model.eval()
-        metrics = dict(result.final_metrics)
-        writer.append(position, model.state_dict(), model_spec(task.model, model, splits.num_classes),
-                      metrics, speed_up, seed, config, rescue_dir=run_dir)  # saved in run_dir if it fails
+        metrics = dict(result.final_metrics)  # all-reduced under torchrun: the same on every rank
+        spec = model_spec(task.model, model, splits.num_classes)
+        distributed.run_on_main(shard.append, position, model.state_dict(), spec, metrics, speed_up, seed, config,
+                                rescue_dir=run_dir)  # saved in run_dir if it fails
         produced.append(position)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
         log.info("data model %d of shard %d stored in %.0f s: speed-up %.4fx, %s",
                  position, cfg.index, time.time() - started, speed_up, shown)
-    return {"shard": str(writer.path), "produced": produced, "skipped": sorted(done)}
+    return {"shard": shard.path, "produced": produced, "skipped": sorted(done)}
+
+
+def _init_pruned(model: torch.nn.Module, cfg: DictConfig, method: dict, device: torch.device,
+                 num_classes: int) -> tuple[torch.nn.Module, float]:
+    """The trained model init-pruned to ``task.initial_speed_up``, and the speed-up reached.
+
+    Single process: pruned in place. Under torchrun rank 0 prunes and every rank rebuilds the pruned model from
+    rank 0's state dict (``stages.ddp.change_on_main``), so all ranks fine-tune the same structure.
+    """
+    task = cfg.task
+
+    def prune(target: torch.nn.Module) -> float:
+        target.eval()
+        return prune_to_speed_up(target, task.initial_speed_up, method, example_input(task, device),
+                                 iterative_steps=task.pruning.iterative_steps, progress=True)
+
+    return ddp.change_on_main(model, prune, task.model, num_classes, device, "after init pruning")
 
 
 def _store_rescued(writer: ShardWriter, path: Path, position: int, seed: int, run_dir: Path) -> None:

@@ -1,6 +1,7 @@
 """Run mode ``meta_train``: meta-training of the graph metanetwork (reference §6, checkpoints as §9).
 
-One optimiser step per training data model, data models in a seeded random order every epoch::
+With ``task.meta_train.iterations_per_step: null`` (the CIFAR-scale tasks; single process): one optimiser
+step per training data model, data models in a seeded random order every epoch::
 
     graph   = codec.encode(data model)                          # fixed input, no gradient
     θ'      = codec.decode(metanetwork(graph))                  # generated weights, graph to the GNN
@@ -33,6 +34,52 @@ tasks, the reference's "big" loader) from the task's training split (augmented; 
 held out). A step takes the next ``batches_per_step`` batches of one stream that restarts (reshuffled)
 when exhausted and at every epoch start. The loader's order and its workers' seeds come from its own
 seeded generator (workers are not persistent), so that generator's state fixes every later batch.
+
+ImageNet scale, ``task.meta_train.iterations_per_step`` (the authors' ``optimize_every_iter``, reference §9;
+null = the one-step-per-data-model scheme above, which the CIFAR-scale tasks keep bit for bit). Under torchrun
+(or as rank 0 of 1 in a single process)::
+
+    each rank r meta-trains ONE data model: train_idx[r mod len(train_idx)]     # the reference's rank % data_model_num
+    epoch   = one pass over the rank's DistributedSampler shard of the training split (padded: every rank has
+              L = ceil(ceil(N / world) / batch_size) batches), reshuffled per epoch (sampler.set_epoch)
+    for each of the epoch's floor(L / iterations_per_step) steps:
+        θ'   = codec.decode(metanetwork(graph))                 # once per step, as the reference
+        grad = (ref_batches / n) * sum_b dCE_b/dθ' + dR/dθ'     # b: the shard's next n = iterations_per_step
+        torch.autograd.backward(θ', grad)                       # ONE backward through decoder + GNN
+        average_gradients(metanetwork)                          # mean over the ranks (the reference's DDP wrapper)
+        optimizer.step()                                        # same gradient and AdamW state on every rank, so
+                                                                # the parameters stay bit-identical across ranks
+    scheduler.step()                                            # once per epoch, as the reference
+
+The trailing ``L mod iterations_per_step`` batches of an epoch are skipped: the reference computes their CE but
+never steps on them (its accumulation restarts with the next epoch), so here they are not even loaded. The
+balance is the same formula per rank: with ``reference_batches = iterations_per_step = 200`` (the ImageNet task
+files) a rank's gradient is the authors' literal sum of 200 batch-CE gradients plus the regulariser's, i.e.
+``pruner_reg / 200`` (0.05) regulariser per unit of mean CE, and averaging over ranks keeps that balance. A
+single process is rank 0 of 1 and meta-trains only the FIRST training data model, as the reference does on one
+GPU (``0 % data_model_num``); a warning says so whenever fewer ranks than training data models run. Under
+torchrun ``iterations_per_step`` is required (the null scheme would repeat the same work on every rank).
+
+Mapping to the authors' ImageNet scripts (``meta_train.sh``, 8 GPUs x 32 images): their epochs are 0-based and
+their ``epoch_{e}.pth`` is saved after epoch e; here epochs are 1-based, so their epoch e is our epoch e + 1 and
+their checkpoint ``epoch_16.pth`` (ResNet-50's ``METANETWORK_INDEX=16``) is ``checkpoints/epoch_0017.pt``, ViT's
+``epoch_22.pth`` is ``epoch_0023.pt``. MultiStepLR milestones count scheduler steps (= finished epochs) in both, so
+the numbers are the same: milestone 2 = lr x gamma from the third epoch (their epoch 2, our epoch 3). Steps per
+epoch: their 1 281 167 images / (8 x 32) = 5005 batches per rank = 25 steps; here ``task.dataset.val_size``
+(10 000) is held out, so 4966 batches = 24 steps with 8 ranks. With fewer ranks a shard is larger and an epoch
+has more steps (4 ranks: 49), each still 200 batches per rank; an epoch is always one pass over the training set.
+
+Data in that mode: the rank's shard through a ``DistributedSampler`` (seed derived from ``seed``), batches of
+``task.meta_train.batch_size``. Every epoch reseeds torch / python / numpy and the loader's generator from
+(seed, epoch, rank), so an epoch's batches and augmentations depend only on those: a run killed mid-epoch
+resumes (``meta_train.resume``) from the last finished epoch's checkpoint, which every rank loads (rank 0 picks
+it), reruns the epoch and ends, on the CPU, bit-identical to an uninterrupted run. Resuming needs the same
+number of ranks (refused otherwise: the shards and data models per rank would differ). Rank 0 alone writes the
+checkpoints, the metrics CSV (with a ``steps`` column: optimiser steps in the epoch) and the plot, and shows
+progress; CE, R and the diagnostics of a step are means over the ranks (``grad_ce_norm`` / ``grad_reg_norm``: the
+mean of the ranks' own part norms), ``grad_norm`` the norm of the averaged gradient. ``steps`` in a checkpoint
+holds ``[epoch, step within the epoch, CE, R, |grad|]`` there (``[epoch, store index, ...]`` in the null scheme).
+A failure on one rank (a bad data model, a NaN, an error in a step) ends every rank with that rank's message.
 
 Outputs under the run dir: ``checkpoints/epoch_{k:04d}.pt`` every epoch (1-based, via
 ``nn.apply.save_metanetwork``, with optimizer + scheduler state, RNG states and the loss
@@ -81,6 +128,7 @@ import math
 import random
 import re
 import time
+from itertools import islice
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,14 +141,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch import nn as tnn
 from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from data_loaders.store import DataModelStore
 from nn.apply import build_metanetwork, save_metanetwork
 from nn.graph import GraphCodec, GraphCodecError
 from pruning.regularizer import build_regularizer, relative_change, small_share
+from stages import ddp
 from stages.common import codec_options, example_input, setup, task_data
 from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.distributed import (RankFailedError, all_gather_objects, all_reduce_mean, average_gradients,
+                               is_distributed, is_main_process, rank, run_on_main, world_size)
 from utils.io import atomic_path, atomic_write
 from utils.seed import derive_seed, seed_worker
 
@@ -113,6 +165,9 @@ __all__ = [
     "meta_gradient",
     "build_entry",
     "meta_loader",
+    "sharded_loader",
+    "rank_data_model",
+    "accumulated_step",
     "grad_norm",
     "run",
     "plot_diagnostics",
@@ -130,12 +185,14 @@ CSV_COLUMNS = ("epoch", "lr", "ce", "reg", *DIAGNOSTIC_COLUMNS, "grad_norm", "se
 _CHECKPOINT_RE = re.compile(r"^epoch_(\d+)\.pt$")
 # task.meta_train values that a resumed run must share with the checkpoint (epochs may grow)
 _RESUME_KEYS = ("lr", "weight_decay", "milestones", "gamma", "pruner_reg", "alpha", "bias", "train_split",
-                "reference_batches", "batches_per_step", "batch_size", "bn_mode")
+                "reference_batches", "batches_per_step", "batch_size", "bn_mode", "iterations_per_step")
 BN_MODES = ("eval", "batch")
-_RESUME_DEFAULTS = {"bn_mode": "eval"}
+# keys added later: what older checkpoints ran with
+_RESUME_DEFAULTS = {"bn_mode": "eval", "iterations_per_step": None}
 # every key task.meta_train may hold (a misspelt one is refused instead of silently ignored)
 _SECTION_KEYS = frozenset({"epochs", "optimizer", "lr", "weight_decay", "milestones", "gamma", "pruner_reg", "alpha",
-                           "bias", "train_split", "reference_batches", "batches_per_step", "batch_size", "bn_mode"})  # keys added later: what older checkpoints ran with
+                           "bias", "train_split", "reference_batches", "batches_per_step", "batch_size", "bn_mode",
+                           "iterations_per_step"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,6 +217,9 @@ class MetaTrainSettings:
     # BatchNorm in the CE forward: "eval" (the reference: the data model's running statistics) or "batch"
     # (each batch's statistics, as the after_metanetwork fine-tune will see them; running stats untouched)
     bn_mode: str = "eval"
+    # the authors' ImageNet step (module docstring): accumulate this many batches of the rank's shard per
+    # optimiser step, one data model per rank, gradients averaged over the ranks; None = one step per data model
+    iterations_per_step: int | None = None
 
     @classmethod
     def from_task(cls, task: DictConfig) -> "MetaTrainSettings":
@@ -208,13 +268,20 @@ class MetaTrainSettings:
             batches_per_step=read("batches_per_step", int, optional=True),
             batch_size=read("batch_size", int) if section.get("batch_size") is not None else int(task.batch_size),
             bn_mode=str(section.get("bn_mode", "eval")),
+            iterations_per_step=read("iterations_per_step", int, optional=True),
         )
         if settings.bn_mode not in BN_MODES:
             raise ValueError(f"{where}: task.meta_train.bn_mode={settings.bn_mode!r}; valid: {', '.join(BN_MODES)}")
-        for key in ("epochs", "batch_size", "reference_batches", "batches_per_step"):
+        for key in ("epochs", "batch_size", "reference_batches", "batches_per_step", "iterations_per_step"):
             value = getattr(settings, key)
             if value is not None and value < 1:
                 raise ValueError(f"{where}: task.meta_train.{key}={value} must be >= 1 (or null where allowed)")
+        if settings.iterations_per_step is not None and settings.batches_per_step is not None:
+            raise ValueError(
+                f"{where}: task.meta_train.iterations_per_step={settings.iterations_per_step} and "
+                f"task.meta_train.batches_per_step={settings.batches_per_step} are both set; batches_per_step belongs "
+                "to the one-step-per-data-model scheme, iterations_per_step to the authors' ImageNet step (one data "
+                "model per rank): set one of them to null")
         if settings.lr <= 0 or settings.pruner_reg < 0 or not 0 < settings.train_split <= 1:
             raise ValueError(f"{where}: task.meta_train needs lr > 0, pruner_reg >= 0 and 0 < train_split <= 1; got "
                              f"lr={settings.lr}, pruner_reg={settings.pruner_reg}, train_split={settings.train_split}")
@@ -446,6 +513,81 @@ class _BatchStream:
 
 
 # ----------------------------------------------------------------------------------------------
+# iterations_per_step: the authors' ImageNet step (one data model per rank, gradients averaged)
+# ----------------------------------------------------------------------------------------------
+def rank_data_model(train_idx: list[int], rank_: int) -> int:
+    """The store index rank ``rank_`` meta-trains on: training data model ``rank_ mod count`` (reference §9)."""
+    return train_idx[rank_ % len(train_idx)]
+
+
+def sharded_loader(dataset: Any, batch_size: int, num_workers: int, seed: int, rank_: int = 0,
+                   world: int = 1) -> DataLoader:
+    """Rank ``rank_``'s shard of the training split: a ``DistributedSampler`` (shuffled, padded so every rank has
+    as many batches, call ``sampler.set_epoch`` per epoch) and an own generator for the workers' seeds, which
+    :func:`_seed_epoch` reseeds every epoch. Works without torchrun (``world=1``: the whole split)."""
+    sampler = DistributedSampler(dataset, num_replicas=int(world), rank=int(rank_), shuffle=True,
+                                 seed=derive_seed(seed, "meta_train_sampler"), drop_last=False)
+    return DataLoader(dataset, batch_size=int(batch_size), sampler=sampler, generator=torch.Generator(),
+                      num_workers=int(num_workers), worker_init_fn=seed_worker, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False)
+
+
+def _seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Make an epoch's batches and augmentations a function of (seed, epoch, rank) only: what makes a run
+    resumed at an epoch start identical to an uninterrupted one, whatever the RNGs did before."""
+    value = derive_seed(seed, "meta_train_epoch", epoch, rank())
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value)
+    loader.generator.manual_seed(derive_seed(seed, "meta_train_loader", epoch, rank()))
+    loader.sampler.set_epoch(epoch)
+
+
+def _on_every_rank(fn, what: str):
+    """``fn()`` on every rank; if it raises on any rank, every rank raises (that rank its own error, the others
+    :class:`RankFailedError` naming it and its message), so no rank waits forever in the next collective. A plain
+    call without torchrun."""
+    if not is_distributed():
+        return fn()
+    value, error = None, None
+    try:
+        value = fn()
+    except BaseException as err:  # noqa: BLE001 - re-raised below once the other ranks know
+        error = err
+    failures = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, message) for r, message in enumerate(failures) if message is not None]
+    if failed:
+        raise RankFailedError(f"{what}: rank {failed[0][0]} failed: {failed[0][1]}")
+    return value
+
+
+def accumulated_step(metanetwork: tnn.Module, entry: DataModelEntry, batches: Iterable[tuple[Tensor, Tensor]],
+                     reference_batches: int | None, alpha: float, bias: bool = False,
+                     device: torch.device | str | None = None, diagnostics: bool = True,
+                     bn_mode: str = "eval") -> tuple[StepResult, float]:
+    """The gradient of one ``iterations_per_step`` optimiser step, left in the metanetwork's ``.grad``.
+
+    Zeroes the gradients, accumulates this rank's :func:`meta_gradient` over ``batches`` (one backward through
+    the GNN; ``reference_batches / len(batches)`` times the CE sum plus the regulariser), then averages it over
+    the ranks, so every rank holds the same gradient. Returns the step's scalars as means over the ranks (CE, R,
+    diagnostics) and the norm of the averaged gradient. Without torchrun: this process's gradient. Does not
+    step the optimiser.
+    """
+    metanetwork.zero_grad(set_to_none=True)
+    result = _on_every_rank(lambda: meta_gradient(metanetwork, entry, batches, reference_batches, alpha, bias,
+                                                  device, diagnostics=diagnostics, bn_mode=bn_mode),
+                            f"meta_train step on data model {entry.name}")
+    average_gradients(metanetwork.parameters())
+    keys = ("ce", "reg", *DIAGNOSTIC_COLUMNS)
+    device = torch.device(device) if device is not None else next(metanetwork.parameters()).device
+    values = all_reduce_mean(torch.tensor([getattr(result, k) for k in keys], dtype=torch.float64, device=device))
+    mean = StepResult(batches=result.batches, **dict(zip(keys, values.tolist())))
+    return mean, grad_norm(metanetwork)
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoints, RNG states, metrics
 # ----------------------------------------------------------------------------------------------
 def checkpoint_path(run_dir: str | Path, epoch: int) -> Path:
@@ -505,7 +647,9 @@ def _load_scheduler_state(scheduler: torch.optim.lr_scheduler.MultiStepLR, state
 
 def _write_metrics(path: Path, history: list[dict]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    # iterations_per_step mode also records the optimiser steps of each epoch
+    columns = (*CSV_COLUMNS[:-1], "steps", CSV_COLUMNS[-1]) if any("steps" in r for r in history) else CSV_COLUMNS
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in history:
         writer.writerow(row)
@@ -648,14 +792,18 @@ class _Training:
     loader: DataLoader
     batches_per_step: int
     entries: _EntryCache
-    first: DataModelEntry  # the first training data model: its codec sizes the metanetwork and its layout is saved
+    # the first training data model (iterations_per_step: this rank's own): its codec sizes the metanetwork and
+    # its layout is saved
+    first: DataModelEntry
     options: dict  # the metanetwork's constructor knobs (configs/metanetwork)
     metanetwork: tnn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.MultiStepLR
     meta: dict  # what a resumed run must share with the checkpoint (_check_resumable)
     history: list[dict] = field(default_factory=list)  # one row per epoch (meta_train_metrics.csv)
-    steps: list[list] = field(default_factory=list)  # [epoch, store index, CE, R, |grad|] per step
+    steps: list[list] = field(default_factory=list)  # [epoch, store index (or step), CE, R, |grad|] per step
+    sharded: bool = False  # iterations_per_step mode (module docstring)
+    steps_per_epoch: int = 0  # iterations_per_step mode: optimiser steps per epoch
 
 
 def _meta_train_data(cfg: DictConfig, settings: MetaTrainSettings) -> tuple[DataModelStore, list[int], list[int],
@@ -667,6 +815,9 @@ def _meta_train_data(cfg: DictConfig, settings: MetaTrainSettings) -> tuple[Data
     if not train_idx:
         raise ValueError(f"store {store.path} has no training data model for train_split={settings.train_split}")
     splits, _ = task_data(task, cfg.seed)
+    if settings.iterations_per_step is not None:
+        loader = _sharded_data(cfg, settings, store, train_idx, val_idx, splits.train)
+        return store, train_idx, val_idx, loader, settings.iterations_per_step
     loader = meta_loader(splits.train, settings.batch_size, int(task.dataset.get("num_workers", 0)), cfg.seed)
     batches_per_step = settings.batches_per_step or len(loader)
     scale_note = ("plain sum over batches (reference_batches=null)" if settings.reference_batches is None else
@@ -678,6 +829,36 @@ def _meta_train_data(cfg: DictConfig, settings: MetaTrainSettings) -> tuple[Data
     return store, train_idx, val_idx, loader, batches_per_step
 
 
+def _sharded_data(cfg: DictConfig, settings: MetaTrainSettings, store: DataModelStore, train_idx: list[int],
+                  val_idx: list[int], train_split: Any) -> DataLoader:
+    """iterations_per_step mode: this rank's shard loader; refuses a shard shorter than one step."""
+    world = world_size()
+    loader = sharded_loader(train_split, settings.batch_size, int(cfg.task.dataset.get("num_workers", 0)),
+                            int(cfg.seed), rank(), world)
+    batches, step = len(loader), int(settings.iterations_per_step)
+    if batches < step:
+        raise ValueError(
+            f"configs/task/{cfg.task.name}.yaml: task.meta_train.iterations_per_step={step} is more than the {batches} "
+            f"batches of a rank's shard ({len(train_split)} training images / {world} rank(s) / batch_size "
+            f"{settings.batch_size}): an epoch would take no step. Lower task.meta_train.iterations_per_step or "
+            "task.meta_train.batch_size, or run fewer ranks")
+    if is_main_process():
+        models = [rank_data_model(train_idx, r) for r in range(world)]
+        log.info("meta_train: %d rank(s), rank r meta-trains training data model r mod %d (store indices %s; "
+                 "store %s, %d held out); shard of %d images = %d batches of %d, %d optimiser step(s) of %d "
+                 "batches per epoch (%d trailing batch(es) skipped); gradient = %s + regulariser (pruner_reg=%g, "
+                 "alpha=%g), averaged over the ranks", world, len(train_idx), models, store.path, len(val_idx),
+                 len(loader.sampler), batches, settings.batch_size, batches // step, step, batches % step,
+                 "plain sum over batches" if settings.reference_batches is None else
+                 f"{settings.reference_batches} x mean batch CE", settings.pruner_reg, settings.alpha)
+        if world < len(train_idx):
+            log.warning("meta_train: %d rank(s) but %d training data models: only store indices %s are meta-trained "
+                        "(each rank takes data model rank mod %d, as the reference); launch torchrun with "
+                        "--nproc_per_node >= %d to use them all", world, len(train_idx), models, len(train_idx),
+                        len(train_idx))
+    return loader
+
+
 def _start_training(cfg: DictConfig, run_dir: Path, device: torch.device, settings: MetaTrainSettings,
                     store: DataModelStore, train_idx: list[int], loader: DataLoader,
                     batches_per_step: int) -> _Training:
@@ -686,29 +867,58 @@ def _start_training(cfg: DictConfig, run_dir: Path, device: torch.device, settin
     method = OmegaConf.to_container(cfg.method, resolve=True)
     options = OmegaConf.to_container(cfg.metanetwork, resolve=True)
     entries = _EntryCache(store, device, task, method, settings, codec_options(cfg))
-    first = entries(train_idx[0])
+    sharded = settings.iterations_per_step is not None
+    if not sharded:
+        first = entries(train_idx[0])
+    else:  # this rank's own data model; every rank's must have rank 0's graph layout
+        own = rank_data_model(train_idx, rank())
+        first = _on_every_rank(lambda: entries(own), f"building data model {own} of store {store.path}")
+        if is_distributed():
+            layouts = all_gather_objects(first.codec.layout)
+            _on_every_rank(lambda: first.codec.check_layout(layouts[0]),
+                           f"graph layout of data model {first.name} vs rank 0's")
     metanetwork = build_metanetwork(first.codec, options).to(device)
+    ddp.same_weights_everywhere(metanetwork)  # under torchrun every rank starts from rank 0's initial weights
     optimizer = torch.optim.AdamW(metanetwork.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(settings.milestones),
                                                      gamma=settings.gamma)
     meta = {"task": str(task.name), "store": str(store.path), "train_indices": list(train_idx),
             "settings": settings.resume_view(), "options": options, "seed": int(cfg.seed)}
-    return _Training(cfg, run_dir, device, settings, store, train_idx, loader, batches_per_step, entries, first,
-                     options, metanetwork, optimizer, scheduler, meta)
+    state = _Training(cfg, run_dir, device, settings, store, train_idx, loader, batches_per_step, entries, first,
+                      options, metanetwork, optimizer, scheduler, meta)
+    if sharded:
+        state.sharded = True
+        state.steps_per_epoch = len(loader) // batches_per_step
+        meta["world_size"] = world_size()  # the shards and each rank's data model depend on it
+    return state
 
 
 def _resume(state: _Training, resume: bool) -> int:
     """Continue from the newest readable checkpoint of the run dir (weights, optimiser, scheduler, history, RNG);
     returns the epoch it finished (0 for a fresh run)."""
-    run_dir = state.run_dir
+    picked = run_on_main(_pick_checkpoint, state.run_dir, resume)  # under torchrun: rank 0 picks, all ranks load it
+    if picked is None:
+        return 0
+    start_epoch, path = picked[0], Path(picked[1])
+    checkpoint = _on_every_rank(lambda: load_checkpoint(path, map_location="cpu"), f"reading {path}")
+    _on_every_rank(lambda: _load_checkpoint_state(state, path, checkpoint), f"resuming from {path}")
+    if is_main_process():
+        log.info("resuming from %s (epoch %d of %d)", path, start_epoch, state.settings.epochs)
+    return start_epoch
+
+
+def _pick_checkpoint(run_dir: Path, resume: bool) -> tuple[int, str] | None:
+    """(epoch, path) of the newest readable checkpoint, None for a fresh run (rank 0 under torchrun)."""
     found = list_checkpoints(run_dir)
     if found and not resume:
         raise FileExistsError(f"{run_dir / CHECKPOINT_DIR} already holds meta_train checkpoints and "
                               "meta_train.resume=false; use a fresh hydra.run.dir or meta_train.resume=true")
     newest = _newest_checkpoint(run_dir) if found else None
-    if newest is None:
-        return 0
-    start_epoch, path, checkpoint = newest
+    return None if newest is None else (newest[0], str(newest[1]))
+
+
+def _load_checkpoint_state(state: _Training, path: Path, checkpoint: Mapping[str, Any]) -> None:
+    """Weights, optimiser, scheduler, history and RNG states of ``checkpoint`` into ``state`` (after checks)."""
     _check_resumable(path, checkpoint, state.meta)
     state.first.codec.check_layout(checkpoint["spec"]["layout"])
     state.metanetwork.load_state_dict(checkpoint["state_dict"])
@@ -716,9 +926,7 @@ def _resume(state: _Training, resume: bool) -> int:
     _load_scheduler_state(state.scheduler, checkpoint["scheduler"])
     state.history = list(checkpoint["history"])
     state.steps = [list(s) for s in checkpoint["steps"]]
-    _restore_rng(checkpoint["rng"], state.loader.generator)
-    log.info("resuming from %s (epoch %d of %d)", path, start_epoch, state.settings.epochs)
-    return start_epoch
+    _restore_rng(checkpoint["rng"], state.loader.generator)  # iterations_per_step: reseeded per epoch anyway
 
 
 def _step(state: _Training, epoch: int, index: int, stream: _BatchStream) -> tuple[StepResult, float]:
@@ -764,9 +972,58 @@ def _epoch(state: _Training, epoch: int, stream: _BatchStream) -> dict:
     return {"epoch": epoch, "lr": lr, **means, "seconds": round(time.time() - epoch_started, 3)}
 
 
+def _sharded_epoch(state: _Training, epoch: int) -> dict:
+    """iterations_per_step mode: one pass over this rank's shard, a step every ``iterations_per_step`` batches
+    (trailing ones skipped), then the scheduler; returns the epoch's row (means over steps of rank means)."""
+    epoch_started = time.time()
+    settings, metanetwork, entry = state.settings, state.metanetwork, state.first
+    lr = float(state.optimizer.param_groups[0]["lr"])
+    _seed_epoch(state.loader, int(state.cfg.seed), epoch)
+    records = []
+    batches = iter(state.loader)
+    bar = tqdm(range(1, state.steps_per_epoch + 1), desc=f"epoch {epoch} steps", leave=False,
+               disable=None if is_main_process() else True)
+    try:
+        for step in bar:
+            metanetwork.train()
+            result, norm = accumulated_step(metanetwork, entry, islice(batches, state.batches_per_step),
+                                            settings.reference_batches, settings.alpha, settings.bias, state.device,
+                                            bn_mode=settings.bn_mode)
+            if result.batches != state.batches_per_step:  # the sampler promised len(loader) batches
+                raise RuntimeError(f"meta_train: the shard loader ran out after {result.batches} of "
+                                   f"{state.batches_per_step} batches in step {step} of epoch {epoch}")
+            bad = [what for what, v in (("cross-entropy", result.ce), ("regulariser", result.reg),
+                                        ("metanetwork gradient norm", norm)) if not math.isfinite(v)]
+            if bad:  # the values are rank means / the averaged gradient: every rank stops here together
+                last = list_checkpoints(state.run_dir)
+                raise FloatingPointError(
+                    f"meta_train: non-finite {', '.join(bad)} (mean over ranks: CE={result.ce}, R={result.reg}, "
+                    f"|grad|={norm}) at epoch {epoch}, step {step} of {state.steps_per_epoch} (this rank's data "
+                    f"model {entry.name}, store index {entry.index}, store {state.store.path}); the metanetwork "
+                    f"was not updated by this step. Last good checkpoint: "
+                    f"{last[-1][1] if last else 'none (failed in the first epoch)'}. Lower task.meta_train.lr "
+                    "or check the data models")
+            state.optimizer.step()
+            state.steps.append([epoch, step, result.ce, result.reg, norm])
+            records.append({"ce": result.ce, "reg": result.reg, "grad_norm": norm,
+                            **{key: getattr(result, key) for key in DIAGNOSTIC_COLUMNS}})
+            bar.set_postfix(ce=f"{result.ce:.4f}", reg=f"{result.reg:.4g}")
+    finally:
+        del batches  # shuts its workers down (the trailing batches are never read)
+    state.scheduler.step()
+    means = {key: float(np.mean([r[key] for r in records])) for key in ("ce", "reg", *DIAGNOSTIC_COLUMNS, "grad_norm")}
+    return {"epoch": epoch, "lr": lr, **means, "steps": len(records),
+            "seconds": round(time.time() - epoch_started, 3)}
+
+
 def _save_epoch(state: _Training, epoch: int, row: dict) -> None:
-    """Checkpoint (weights, optimiser, scheduler, history, steps, RNG), metrics CSV and diagnostics plot."""
+    """Checkpoint (weights, optimiser, scheduler, history, steps, RNG), metrics CSV and diagnostics plot; under
+    torchrun rank 0 writes them (its failure ends every rank)."""
     state.history.append(row)
+    run_on_main(_write_epoch, state, epoch, row)
+
+
+def _write_epoch(state: _Training, epoch: int, row: dict) -> None:
     save_metanetwork(checkpoint_path(state.run_dir, epoch), state.metanetwork, state.first.codec, state.options,
                      str(state.cfg.task.name), epoch, optimizer=state.optimizer.state_dict(),
                      scheduler=_scheduler_state(state.scheduler), history=state.history, steps=state.steps,
@@ -778,6 +1035,9 @@ def _save_epoch(state: _Training, epoch: int, row: dict) -> None:
              state.settings.epochs, row["lr"], row["ce"], row["reg"], row["small_group_share"],
              row["small_group_share_input"], row["weight_change"], row["grad_norm"], row["grad_ce_norm"],
              row["grad_reg_norm"], row["seconds"])
+    if "steps" in row:
+        log.info("meta_train epoch %d: %d optimiser step(s) of %d batches per rank on %d rank(s)", epoch,
+                 row["steps"], state.batches_per_step, world_size())
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -786,24 +1046,37 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     device = setup(cfg)
     settings = MetaTrainSettings.from_task(cfg.task)
+    if is_distributed() and settings.iterations_per_step is None:
+        raise ValueError(
+            f"run=meta_train under torchrun needs task.meta_train.iterations_per_step (the authors' ImageNet step: one "
+            f"data model per rank, gradients averaged over the ranks); configs/task/{cfg.task.name}.yaml has null (one "
+            "step per data model, a single-process scheme). Set task.meta_train.iterations_per_step=N (and "
+            "task.meta_train.batches_per_step=null), or launch with python instead of torchrun")
     resume = bool(cfg.get("meta_train", {}).get("resume", True))
     store, train_idx, val_idx, loader, batches_per_step = _meta_train_data(cfg, settings)
     state = _start_training(cfg, run_dir, device, settings, store, train_idx, loader, batches_per_step)
     start_epoch = _resume(state, resume)
 
-    stream = _BatchStream(loader)
-    for epoch in tqdm(range(start_epoch + 1, settings.epochs + 1), desc="meta_train epochs", disable=None,
-                      initial=start_epoch, total=settings.epochs):
-        _save_epoch(state, epoch, _epoch(state, epoch, stream))
+    main = is_main_process()
+    epochs = tqdm(range(start_epoch + 1, settings.epochs + 1), desc="meta_train epochs",
+                  disable=None if main else True, initial=start_epoch, total=settings.epochs)
+    if state.sharded:
+        for epoch in epochs:
+            _save_epoch(state, epoch, _sharded_epoch(state, epoch))
+    else:
+        stream = _BatchStream(loader)
+        for epoch in epochs:
+            _save_epoch(state, epoch, _epoch(state, epoch, stream))
 
     history = state.history
-    if not (run_dir / METRICS_CSV).exists() and history:
+    if main and not (run_dir / METRICS_CSV).exists() and history:
         _write_metrics(run_dir / METRICS_CSV, history)
-    if history and not (run_dir / DIAGNOSTICS_PNG).exists():
+    if main and history and not (run_dir / DIAGNOSTICS_PNG).exists():
         _plot_quietly(history, run_dir / DIAGNOSTICS_PNG)
     checkpoints = [str(p.relative_to(run_dir)) for _e, p in list_checkpoints(run_dir)]
-    log.info("meta_train done: %d epochs", len(history))
-    return {
+    if main:
+        log.info("meta_train done: %d epochs", len(history))
+    summary = {
         "run": "meta_train",
         "task": str(cfg.task.name),
         "store": str(store.path),
@@ -824,6 +1097,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "metrics_csv": METRICS_CSV,
         "diagnostics_png": DIAGNOSTICS_PNG if (run_dir / DIAGNOSTICS_PNG).exists() else None,
     }
+    if state.sharded:
+        used = [rank_data_model(train_idx, r) for r in range(world_size())]
+        summary["iterations_per_step"] = {
+            "world_size": world_size(), "iterations_per_step": batches_per_step,
+            "steps_per_epoch": state.steps_per_epoch, "batches_per_epoch": len(loader),
+            "skipped_batches_per_epoch": len(loader) % batches_per_step, "rank_data_models": used,
+            "unused_train_data_models": [i for i in train_idx if i not in used],
+        }
+    return summary
 
 
 def _check_resumable(path: Path, checkpoint: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
@@ -839,6 +1121,10 @@ def _check_resumable(path: Path, checkpoint: Mapping[str, Any], meta: Mapping[st
              if saved.get(k) != meta[k]]
     diffs += [f"task.meta_train.{k}: checkpoint {saved['settings'].get(k)!r}, now {v!r}"
               for k, v in meta["settings"].items() if saved["settings"].get(k, _RESUME_DEFAULTS.get(k)) != v]
+    if "world_size" in meta and saved.get("world_size", 1) != meta["world_size"]:
+        diffs.append(f"ranks: checkpoint {saved.get('world_size', 1)}, now {meta['world_size']} (the shards and each "
+                     f"rank's data model depend on it; relaunch with torchrun --nproc_per_node="
+                     f"{saved.get('world_size', 1)})")
     if diffs:
         raise ValueError(f"cannot resume from {path}: the run was started with other settings ({'; '.join(diffs)}). "
                          "Use a fresh hydra.run.dir, or restore the original settings (only task.meta_train.epochs "

@@ -6,6 +6,9 @@ meta-training reads, the selection run names the checkpoint the final run loads.
 ``results.json`` already exists is skipped, so re-running the same command (same ``hydra.run.dir``)
 after a crash resumes where it stopped. Each stage runs with the per-run boilerplate of every run
 (``stages.common.run_recorded``: ``config.yaml``, timing, ``results.json``).
+
+Under torchrun (``main_imagenet/main_imagenet.py run=pipeline``) every stage runs on all ranks; whether a stage is
+reused, refused or recomputed is decided on rank 0 (which alone moves folders aside) and told to the others.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stages import final, generate, meta_train, report, select, train
 from stages.common import RESULTS_FILE, RunFn, run_recorded
-from utils import settings_diff
+from utils import distributed, settings_diff
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +134,23 @@ def _reuse_or_run(name: str, run: RunFn, stage: DictConfig, stage_dir: Path, res
                   output: Path | None = None) -> dict:
     """:func:`_finished`'s summary, or ``run`` in ``stage_dir``; ``output``: a result the stage writes outside
     its folder (the store), moved aside with it when the stage is recomputed."""
-    finished = _finished(name, stage_dir, stage, restart)
+    # decided (and folders moved aside) by rank 0 under torchrun, then told to every rank
+    finished, restarted = distributed.run_on_main(_reuse_or_make_room, name, stage, stage_dir, restart, output)
+    if restart is not None:
+        restart.started = restarted
     if finished is not None:
         return finished
-    if output is not None and restart is not None and restart.started and output.exists():
-        restart.move_aside(output, f"the output of stage {name} was made with other settings")
     log.info("pipeline: stage %s -> %s", name, stage_dir)
     return run_recorded(run, stage, stage_dir)
+
+
+def _reuse_or_make_room(name: str, stage: DictConfig, stage_dir: Path, restart: Restart | None,
+                        output: Path | None) -> tuple[dict | None, bool]:
+    """``(finished summary or None, restart started)``; a stage to recompute has its old ``output`` moved aside."""
+    finished = _finished(name, stage_dir, stage, restart)
+    if finished is None and output is not None and restart is not None and restart.started and output.exists():
+        restart.move_aside(output, f"the output of stage {name} was made with other settings")
+    return finished, bool(restart is not None and restart.started)
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -151,6 +164,12 @@ def check_settings(cfg: DictConfig) -> None:
     final.check_speed_ups(final.final_targets(cfg), float(cfg.task.initial_speed_up))  # what pruning_final checks
 
 
+def _copy_plots(run_dir: Path) -> None:
+    for name in ("curves.png",):
+        if (run_dir / "select" / name).exists():
+            shutil.copyfile(run_dir / "select" / name, run_dir / name)
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole method on one task; the report stage prints the result table, the curve plot of the
     selection stage is copied to ``run_dir/curves.png``."""
@@ -161,9 +180,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     run_stage("meta_train", "meta_train", cfg, run_dir / "meta_train", restart, store=str(store))
     run_stage("select", "select", cfg, run_dir / "select", restart, store=str(store),
               **{"select.meta_train_dir": str(run_dir / "meta_train")})
-    for name in ("curves.png",):
-        if (run_dir / "select" / name).exists():
-            shutil.copyfile(run_dir / "select" / name, run_dir / name)
+    distributed.run_on_main(_copy_plots, run_dir)
     run_stage("pretrain_final", "pretrain_final", cfg, run_dir / "pretrain", restart)
     model = str(run_dir / "pretrain" / "model.pt")
     run_stage("pruning_final (metanetwork)", "pruning_final", cfg, run_dir / "final" / "metanetwork", restart,

@@ -20,6 +20,8 @@ from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig
 
+from utils import distributed
+
 log = logging.getLogger(__name__)
 
 FINAL_RUNS = ("pruning_final", "unstructured_pruning_final")
@@ -258,7 +260,12 @@ def build_report(root: str | Path, per_run: bool = True) -> tuple[str, list[dict
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run mode ``report``: aggregate ``cfg.report.dir``'s final results into ``<run_dir>/report.md`` and print
-    it."""
+    it. Under torchrun rank 0 does it (the others wait, return {} and end with rank 0's error if it fails)."""
+    summary = distributed.run_on_main(_report, cfg, Path(run_dir))
+    return summary if distributed.is_main_process() else {}
+
+
+def _report(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     source = cfg.report.get("dir")
     if not source:
         raise ReportError("run=report needs report.dir=<folder with final-run results.json files> "

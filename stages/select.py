@@ -62,6 +62,15 @@ computation returns); anything else is recomputed. ``select.cache`` names a sele
 ``curves.png``: every curve its own colour (checkpoints along a colormap by epoch, ``origin`` grey dashed,
 ``control`` black and thicker; ``pruning.curves.curve_styles``). Progress bars appear on a terminal only; in log
 files each curve gets one log line.
+
+Under torchrun (``main_imagenet/main_imagenet.py run=select``, DDP) every rank plans the same jobs and reads the
+same cache; each curve to compute runs on all ranks: the metanetwork is applied on every rank and rank 0's weights
+are broadcast, every fine-tune (checkpoints, control, sparse learning) is a DDP fine-tune on ``DistributedSampler``
+shards (``select.max_batches`` caps batches per rank), the fine-tuned weights (BatchNorm statistics included)
+are broadcast from rank 0 again, and the curve is measured with all-reduced validation accuracy, the pruned
+structure checked equal on every rank (``pruning.curves``). Rank 0's curve is broadcast, so the scores and the
+choice are the same on every rank; only rank 0 logs, shows bars and writes files (a failure there ends every
+rank with its message). The cache records the world size (a curve of another world size is recomputed).
 """
 from __future__ import annotations
 
@@ -85,14 +94,17 @@ from nn.apply import apply_saved_metanetwork, load_metanetwork
 from nn.graph import GraphCodec
 from pruning import curves as curves_lib
 from pruning.sparse_learning import SparseLearning
+from stages import ddp
+from stages.ddp import train
 from stages.common import codec_options, example_input, recipe, setup, task_data
 from stages.meta_train import CHECKPOINT_DIR, list_checkpoints
 from training.config import TrainConfig
-from training.loop import train
+from utils import distributed
 from utils.io import is_null, write_json
 from utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
+log.addFilter(ddp.main_process_only)  # under torchrun only rank 0 logs
 
 CACHE_FILE = "curves.json"
 SELECTION_FILE = "selection.json"
@@ -378,7 +390,7 @@ def _common_settings(cfg: DictConfig, finetune, method: dict) -> dict:
     if int(section.iterative_steps) < 1 or float(section.max_speed_up) <= 0:
         raise SelectionError(f"select.iterative_steps must be >= 1 and select.max_speed_up > 0, got "
                              f"{section.iterative_steps} and {section.max_speed_up}")
-    return _plain({
+    settings = {
         "task": task.name,
         "architecture": task.model,
         "dataset": dataset,
@@ -390,7 +402,11 @@ def _common_settings(cfg: DictConfig, finetune, method: dict) -> dict:
         "max_batches": section.get("max_batches"),
         "split": "val",
         "finetune": dataclasses.asdict(finetune),
-    })
+    }
+    if distributed.world_size() > 1:
+        # DDP fine-tunes see other batches, and max_batches caps batches per rank: not a single process's curve
+        settings["world_size"] = distributed.world_size()
+    return _plain(settings)
 
 
 def check_held_out(path: Path, checkpoint: Mapping[str, Any], store: Any, val_indices: Sequence[int],
@@ -538,7 +554,7 @@ def _ensure_data(ctx: CurveContext) -> None:
     if ctx.device is not None:
         return
     ctx.device = setup(ctx.cfg)
-    ctx.splits, loaders = task_data(ctx.cfg.task, ctx.cfg.seed)
+    ctx.splits, loaders = task_data(ctx.cfg.task, ctx.cfg.seed, distributed=distributed.is_distributed())
     if loaders.val is None:
         raise SelectionError("selection measures on the validation split but the task has none; set "
                              "task.dataset.val_size > 0")
@@ -547,16 +563,18 @@ def _ensure_data(ctx: CurveContext) -> None:
 
 def _train_and_val_loaders(ctx: CurveContext):
     """Fresh loaders seeded the same way for every curve (so a curve does not depend on which came before),
-    WITHOUT the test loader: the fine-tune cannot evaluate on test."""
+    WITHOUT the test loader: the fine-tune cannot evaluate on test. Under torchrun: DistributedSampler shards."""
     task = ctx.cfg.task
     loaders = build_loaders(ctx.splits, batch_size=task.batch_size, eval_batch_size=task.eval_batch_size,
-                            num_workers=task.dataset.get("num_workers", 0), seed=ctx.cfg.seed)
+                            num_workers=task.dataset.get("num_workers", 0), seed=ctx.cfg.seed,
+                            distributed=distributed.is_distributed())
     return dataclasses.replace(loaders, test=None)
 
 
 def _compute(job: CurveJob, ctx: CurveContext) -> dict:
     """Apply the metanetwork (checkpoints only), fine-tune (all but origin) and prune progressively: one curve
-    (all on validation data). The control takes exactly the checkpoints' path minus the metanetwork."""
+    (all on validation data). The control takes exactly the checkpoints' path minus the metanetwork. Under
+    torchrun every rank runs it: a DDP fine-tune, then the curve with all-reduced accuracy."""
     _ensure_data(ctx)
     cfg, device = ctx.cfg, ctx.device
     section = _select_section(cfg)
@@ -566,15 +584,20 @@ def _compute(job: CurveJob, ctx: CurveContext) -> dict:
     finetune_info = None
     if job.checkpoint is not None:
         apply_saved_metanetwork(model, job.checkpoint, map_location=device, **codec_options(cfg))
+        # every rank applies it to the same weights; rank 0's result everywhere, whatever the summation order
+        ddp.same_weights_everywhere(model)
     if job.finetune:
         seed_everything(cfg.seed, deterministic=cfg.get("deterministic", False))
-        hook = None
+        sparse = None
         if job.sparse_reg is not None:
-            hook = SparseLearning(model, example_input(cfg.task, device), ctx.method, reg=job.sparse_reg,
-                                  alpha=float(cfg.final.sparse_learning.alpha),
-                                  iterative_steps=int(section.iterative_steps))
+            # runs after DDP's gradient all-reduce: the same weights give the same regulariser on every rank
+            sparse = SparseLearning(model, example_input(cfg.task, device), ctx.method, reg=job.sparse_reg,
+                                    alpha=float(cfg.final.sparse_learning.alpha),
+                                    iterative_steps=int(section.iterative_steps))
+        # plain BatchNorm (distributed.sync_bn is not applied here): the curve prunes this very model, whose
+        # modules must stay the ones the pruner (and the sparse-learning hook) traced
         result = train(model, _train_and_val_loaders(ctx), ctx.finetune, device, run_dir=ctx.run_dir / "finetune",
-                       desc=f"{job.label}_model{job.model_index}", after_backward=hook)
+                       desc=f"{job.label}_model{job.model_index}", after_backward=sparse)
         finetune_info = {"epochs": result.epochs, "selected_epoch": result.selected_epoch,
                          "selection": result.selection, "metrics": result.final_metrics}
     model.eval()
@@ -609,7 +632,8 @@ def _produce(ctx: CurveContext, jobs: list[CurveJob], cache: CurveCache) -> dict
         labels.setdefault(job.label, []).append(job)
     summary = {}
     # disable=None: a bar on a terminal only; in log files the lines below say the same once per curve
-    for label, group in tqdm(labels.items(), desc="curves", total=len(labels), disable=None):
+    bar = None if distributed.is_main_process() else True
+    for label, group in tqdm(labels.items(), desc="curves", total=len(labels), disable=bar):
         for job in group:
             cached = cache.find(job.settings, job.max_speed_up)
             if cached is not None:
@@ -618,7 +642,9 @@ def _produce(ctx: CurveContext, jobs: list[CurveJob], cache: CurveCache) -> dict
                                  checkpoint=str(job.checkpoint) if job.checkpoint else None)
                 job.points, job.reused = cached[1], True
             else:
-                job.entry = _compute(job, ctx)
+                # rank 0's curve on every rank (they agree; this makes the scores and the choice equal by
+                # construction)
+                job.entry = distributed.broadcast_object(_compute(job, ctx))
                 job.points = job.entry["points"]
             log.info("curve %s, data model %d: %s, %d point(s) up to speed-up %.3fx (accuracy %.4f -> %.4f)",
                      label, job.model_index, "from cache" if job.reused else f"computed in {job.entry['seconds']} s",
@@ -664,8 +690,12 @@ def _run_curves(cfg: DictConfig, run_dir: Path, meta_train_dir: Any, cache: Curv
     summary = _produce(ctx, jobs, cache)
     meta = {"task": cfg.task.name, "meta_train_dir": str(Path(str(meta_train_dir)).expanduser().resolve()),
             "store": str(ctx.store.path.resolve()), "split": "val"}
-    cache.save(run_dir / CACHE_FILE, [job.entry for job in jobs], meta)
-    _plot(ctx, summary, run_dir / "curves.png")
+
+    def write() -> None:
+        cache.save(run_dir / CACHE_FILE, [job.entry for job in jobs], meta)
+        _plot(ctx, summary, run_dir / "curves.png")
+
+    distributed.run_on_main(write)
     reused = sum(job.reused for job in jobs)
     return ctx, jobs, summary, {"curves_reused": reused, "curves_computed": len(jobs) - reused}
 
@@ -724,8 +754,14 @@ def run_select(cfg: DictConfig, run_dir: Path) -> dict:
                  "given the same fine-tune (recipe, seed, loaders) without a metanetwork; both are reference "
                  "lines, not candidates. gain_over_control = score - control_score"),
     }
-    write_json(run_dir / "ranking.json", {"score_kind": kind, "split": "val", "ranking": ranked, **references})
-    write_json(run_dir / SELECTION_FILE, selection)
+
+    def write() -> None:
+        write_json(run_dir / "ranking.json", {"score_kind": kind, "split": "val", "ranking": ranked, **references})
+        write_json(run_dir / SELECTION_FILE, selection)
+
+    # every rank holds the same curves (broadcast from rank 0), hence the same choice; rank 0 writes it, and the
+    # other ranks return only after it is written (a later stage on any rank can read it)
+    distributed.run_on_main(write)
     if origin and best["score"] < origin["score"]:
         log.warning("the best checkpoint (epoch %d, %s %.4f) scores below the untouched data model (%.4f)",
                     best["epoch"], kind, best["score"], origin["score"])
@@ -739,8 +775,9 @@ def run_select(cfg: DictConfig, run_dir: Path) -> dict:
         "sparse_learning_scores", "best_sparse_reg", "gain_over_sparse_learning", "validation_models")},
                "ranking": [{"epoch": r["epoch"], "score": r["score"]} for r in ranked], **counts}
     versus = f", control {control['score']:.4f}" if control else ""
-    print(f"[{cfg.task.name}] select: epoch {best['epoch']} ({kind} {best['score']:.4f} on validation{versus}) -> "
-          f"{run_dir / SELECTION_FILE}")
+    if distributed.is_main_process():
+        print(f"[{cfg.task.name}] select: epoch {best['epoch']} ({kind} {best['score']:.4f} on validation{versus}) "
+              f"-> {run_dir / SELECTION_FILE}")
     return results
 
 
@@ -759,6 +796,7 @@ def run_visualize(cfg: DictConfig, run_dir: Path) -> dict:
     results = {"run": "visualize", "task": cfg.task.name, "score_kind": str(section.score), "split": "val",
                "scores": {label: item["score"] for label, item in summary.items()}, **counts,
                "plot": str(run_dir / "curves.png")}
-    print(f"[{cfg.task.name}] visualize: {counts['curves_computed']} curve(s) computed, "
-          f"{counts['curves_reused']} reused -> {run_dir / 'curves.png'}")
+    if distributed.is_main_process():
+        print(f"[{cfg.task.name}] visualize: {counts['curves_computed']} curve(s) computed, "
+              f"{counts['curves_reused']} reused -> {run_dir / 'curves.png'}")
     return results

@@ -108,3 +108,49 @@ def test_threads_key_sets_torch_threads_and_rejects_bad_values(primary):
                 setup(compose_cfg(["device=cpu", f"threads={bad}"], primary=primary))
     finally:
         torch.set_num_threads(before)
+
+
+# Sections the run modes read (configs/shared/default.yaml), composed by main.yaml and imagenet.yaml alike.
+SHARED_SECTIONS = ("name", "seed", "deterministic", "device", "threads", "protocol", "store", "codec", "meta_train",
+                   "select", "final", "pipeline", "report")
+
+
+@pytest.mark.parametrize("task", ["resnet50_on_ImageNet", "vit_b_16_on_ImageNet", "resnet20_on_digits"])
+def test_imagenet_config_has_every_run_mode_section_with_main_values(task):
+    main = OmegaConf.to_container(compose_cfg([f"task={task}"]), resolve=True)
+    imagenet = OmegaConf.to_container(compose_cfg([f"task={task}"], primary="imagenet"), resolve=True)
+    for section in SHARED_SECTIONS:
+        assert section in imagenet, section
+        assert imagenet[section] == main[section], section
+    # what differs: the torchrun default run mode and the DDP section
+    assert imagenet["run"] == "train" and main["run"] == "pipeline"
+    assert imagenet["distributed"] == {"backend": "auto", "sync_bn": False, "timeout_minutes": None} and "distributed" not in main
+    assert {k: v for k, v in imagenet.items() if k not in ("run", "distributed")} == \
+        {k: v for k, v in main.items() if k != "run"}
+
+
+@pytest.mark.parametrize("run", sorted(set(list_runs())))
+def test_every_run_mode_composes_under_imagenet(run):
+    cfg = compose_cfg([f"run={run}", "task=resnet50_on_ImageNet"], primary="imagenet")
+    OmegaConf.to_container(cfg, resolve=True)
+    assert cfg.run == run and cfg.final.target_speed_up == cfg.task.pruning.target_speed_up == 2.3095
+    assert cfg.select.meta_train_dir is None and cfg.pipeline.num_data_models == 5 and cfg.report.per_run
+
+
+def test_run_dirs_and_experiments_per_primary():
+    """imagenet.yaml's run dir has no timestamp (every torchrun rank resolves it alike); an experiment file still
+    overrides the primary config's own values (it comes last in both)."""
+    hydra_main = compose_cfg([], hydra_cfg=True).hydra
+    hydra_imagenet = compose_cfg([], primary="imagenet", hydra_cfg=True).hydra
+    assert "now:" in OmegaConf.to_yaml(hydra_main.run) and "now:" not in OmegaConf.to_yaml(hydra_imagenet.run)
+    assert hydra_imagenet.run.dir.endswith("resnet50_on_ImageNet/default/train")
+    subdir = [OmegaConf.to_container(h.sweep)["subdir"] for h in (hydra_main, hydra_imagenet)]
+    assert subdir == ["${hydra.job.num}_seed${seed}"] * 2 and hydra_imagenet.job.chdir is False
+    for primary in ("main", "imagenet"):
+        cfg = compose_cfg(["experiment=resnet56_cifar10_2.3x"], primary=primary)
+        assert (cfg.run, cfg.name, cfg.final.target_speed_up) == ("pruning_final", "resnet56_cifar10_2.3x", 2.3)
+
+
+def test_generate_config_composes_the_distributed_section():
+    generate = compose_cfg([], primary="generate")
+    assert generate.distributed == compose_cfg([], primary="imagenet").distributed

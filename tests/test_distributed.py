@@ -1,5 +1,9 @@
 """utils.distributed under torchrun (2 CPU ranks, gloo): gradient averaging, rank-0 sections whose failure ends
 every rank with its message, the cross-rank equality check."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from helpers import REPO, run_torchrun
@@ -8,7 +12,8 @@ SCRIPT = f'''
 import sys, torch
 sys.path.insert(0, {str(REPO)!r})
 from utils import distributed as d
-d.init_distributed("gloo", "cpu")
+session = d.torchrun_session({{"backend": "gloo", "timeout_minutes": 5}}, "cpu")
+session.__enter__()
 r = d.rank()
 p = torch.nn.Parameter(torch.zeros(3))
 p.grad = torch.full((3,), float(r + 1))
@@ -32,7 +37,7 @@ if mode == "fail":
         print(f"rank {{r}} saw: {{err}}", flush=True)
         raise
 print("ok", r, flush=True)
-d.cleanup()
+session.__exit__(None, None, None)
 '''
 
 
@@ -64,3 +69,13 @@ def test_structures_that_differ_between_ranks_are_refused(tmp_path, script):
     proc = run_torchrun(["differ"], tmp_path, script=script, timeout=120)
     assert proc.returncode != 0
     assert "widths differs between ranks: rank 0 has [4, 5], rank 1 has [4, 6]" in proc.stdout + proc.stderr
+
+
+def test_main_py_refuses_torchrun_and_names_the_entry_to_use(tmp_path):
+    """main/main.py is single-process: launched by torchrun (its env vars) it stops before any work."""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "main" / "main.py"), f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "main_imagenet/main_imagenet.py" in proc.stderr
+    assert not (tmp_path / "run" / "results.json").exists()

@@ -1,8 +1,11 @@
 """torchrun / DDP helpers: one process per GPU, environment set by torchrun (RANK, WORLD_SIZE, LOCAL_RANK)."""
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
 import os
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -14,11 +17,13 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed(backend: str = "auto", device: str = "auto") -> torch.device:
+def init_distributed(backend: str = "auto", device: str = "auto", timeout_minutes: float | None = None) -> torch.device:
     """Join the process group that torchrun describes and return this rank's device.
 
     Without torchrun it returns the single-process device and initialises nothing, so the same script
-    runs on a laptop. ``backend=auto`` is NCCL when CUDA is used, else gloo.
+    runs on a laptop. ``backend=auto`` is NCCL when CUDA is used, else gloo. ``timeout_minutes``: how long a
+    collective waits for the slowest rank (null = torch's default, 10 min for NCCL); the other ranks wait in
+    one while rank 0 alone prunes or writes, so large models may need more.
     """
     if not launched_by_torchrun():
         return torch.device("cuda" if _uses_cuda(device) else "cpu")
@@ -27,7 +32,8 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> torch.devic
         torch.cuda.set_device(local)
     chosen = ("nccl" if local.type == "cuda" else "gloo") if backend == "auto" else backend
     if not dist.is_initialized():
-        dist.init_process_group(backend=chosen)
+        timeout = None if timeout_minutes is None else datetime.timedelta(minutes=float(timeout_minutes))
+        dist.init_process_group(backend=chosen, timeout=timeout)
     log.info("rank %d/%d on %s (%s)", rank(), world_size(), local, chosen)
     return local
 
@@ -153,3 +159,19 @@ def check_same_on_all_ranks(value: object, what: str) -> None:
     if differing:
         raise RuntimeError(f"{what} differs between ranks: rank 0 has {values[0]!r}, rank {differing[0]} has "
                            f"{values[differing[0]]!r}")
+
+
+@contextlib.contextmanager
+def torchrun_session(settings, device: str = "auto") -> Iterator[torch.device]:
+    """What an entry script does around a run: join torchrun's process group (``settings``: the config's
+    ``distributed`` section: backend, timeout_minutes), keep the log of ranks other than 0 to warnings (one log
+    of progress), and leave the group at the end. Yields this rank's device. A plain process without torchrun
+    initialises nothing."""
+    settings = settings or {}
+    device_used = init_distributed(settings.get("backend", "auto"), device, settings.get("timeout_minutes"))
+    try:
+        if not is_main_process():
+            logging.getLogger().setLevel(logging.WARNING)
+        yield device_used
+    finally:
+        cleanup()

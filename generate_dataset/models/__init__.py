@@ -2,8 +2,9 @@
 
 Every architecture is built at arbitrary per-layer widths, so a torch-pruning-pruned state dict can be
 turned back into a model (:func:`model_from_state_dict`) and described by a small JSON spec
-(:func:`model_spec`); :func:`load_model` rebuilds the model of a saved checkpoint. Importing this package
-registers all architectures.
+(:func:`model_spec`); :func:`load_model` rebuilds the model of a saved checkpoint. :func:`load_pretrained`
+(``pretrained.py``) starts a model from ``task.pretrained``: torchvision weights from the local hub cache, or a
+local weights file. Importing this package registers all architectures.
 """
 from .registry import (
     ArchitectureMismatchError,
@@ -25,6 +26,12 @@ from .cifar_resnet import CifarBasicBlock, CifarResNet  # noqa: E402
 from .torchvision_resnet import TorchvisionResNet  # noqa: E402
 from .vgg import VGG  # noqa: E402
 from .vit import RebuildableViT  # noqa: E402
+from .pretrained import (  # noqa: E402
+    PretrainedWeightsError,
+    load_pretrained,
+    resolve_pretrained,
+    torchvision_weights_path,
+)
 
 __all__ = [
     "ArchitectureMismatchError",
@@ -43,4 +50,8 @@ __all__ = [
     "VGG",
     "TorchvisionResNet",
     "RebuildableViT",
+    "PretrainedWeightsError",
+    "load_pretrained",
+    "resolve_pretrained",
+    "torchvision_weights_path",
 ]
