@@ -24,6 +24,8 @@ contiguous chunks, so the head is the unit the removal must respect:
   another and the contiguous re-chunking then moves dims of one head into the next (tests/test_final_ddp.py
   shows it). It also rounds every MLP width to a multiple of ``num_heads``. Kept for reproduction only.
 
+The mode is the ``heads`` argument or, when a caller gives none, the method config's ``vit_heads`` key.
+
 torch-pruning's ``num_heads``/``prune_num_heads`` options address separate q/k/v ``nn.Linear`` layers (timm,
 Hugging Face); on torchvision's packed ``nn.MultiheadAttention`` they leave the embedding unpruned, and whole
 heads cannot be removed from it at all, so neither is used.
@@ -140,7 +142,7 @@ def build_pruner(
     round_to: int | None = None,
     unwrapped_parameters: Iterable[str] | None = None,
     ignored_layers: Iterable[nn.Module] | None = None,
-    heads: str = "per_head",
+    heads: str | None = None,
 ) -> tp.pruner.GroupNormPruner:
     """A global ``GroupNormPruner`` stepping the channel ratio linearly from 0 to 1 in ``iterative_steps``.
 
@@ -148,11 +150,12 @@ def build_pruner(
     ``unwrapped_parameters`` names parameters (e.g. ``class_token``) pruned along their last dim; it defaults to
     what the architecture needs (:func:`architecture_options`). ``heads`` (ViT only, module doc): ``per_head``
     prunes the embedding with one channel group per attention head (no ``round_to``); ``round_to`` is the
-    reference's ``round_to = num_heads``. An explicit ``round_to`` rounds every group and turns the head groups
+    reference's ``round_to = num_heads``; ``None`` takes the method's ``vit_heads`` (config key, default
+    ``per_head``). An explicit ``round_to`` rounds every group and turns the head groups
     off (the two do not combine: torch-pruning would round the per-head count as if it were whole channels).
     Step it with :func:`pruner_step` so attributes that mirror shapes stay in sync.
     """
-    defaults = architecture_options(model, heads)
+    defaults = architecture_options(model, heads or method.get("vit_heads", "per_head"))
     head_groups = defaults.get("head_groups", {}) if round_to is None else {}
     if round_to is None and not head_groups:
         round_to = defaults.get("round_to")

@@ -326,6 +326,23 @@ def test_reference_round_to_can_move_dims_into_another_head():
         architecture_options(_labelled_vit(0), heads="whole")
 
 
+def test_method_config_key_vit_heads_chooses_the_head_mode():
+    """``vit_heads`` in configs/method/*.yaml picks the mode when the caller gives none: ``round_to`` prunes
+    exactly as the explicit reference mode does; every structured method file ships ``per_head``."""
+    reference = _labelled_vit(4)
+    prune_to_speed_up(reference, 1.8, METHOD, torch.ones(1, 3, 32, 32), iterative_steps=10, heads="round_to")
+    configured = _labelled_vit(4)
+    prune_to_speed_up(configured, 1.8, {**METHOD, "vit_heads": "round_to"}, torch.ones(1, 3, 32, 32),
+                      iterative_steps=10)
+    assert _kept_per_head(configured) == _kept_per_head(reference)
+    assert build_pruner(_labelled_vit(0), torch.ones(1, 3, 32, 32), METHOD).out_channel_groups  # per_head default
+    with pytest.raises(ValueError, match="heads='whole'"):
+        build_pruner(_labelled_vit(0), torch.ones(1, 3, 32, 32), {**METHOD, "vit_heads": "whole"})
+    for path in (CONFIG_DIR / "method").glob("*.yaml"):
+        method = OmegaConf.to_container(OmegaConf.load(path))
+        assert method.get("vit_heads") == ("per_head" if method["kind"] == "structured" else None), path.name
+
+
 def test_vit_b_16_metanetwork_config_on_the_tiny_vit_then_pruning():
     """configs/metanetwork/vit_b_16.yaml (reference §5.3-5.4: MyGNN_ViT, 3 layers of width 4, ratio 0.05, the
     patch edges through a 64-wide encoder/decoder) built for the tiny ViT's graphs: apply it, prune to a target,
