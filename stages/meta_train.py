@@ -151,8 +151,8 @@ from pruning.regularizer import build_regularizer, relative_change, small_share
 from stages import ddp
 from stages.common import codec_options, example_input, setup, task_data
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.distributed import (RankFailedError, all_gather_objects, all_reduce_mean, average_gradients,
-                               is_distributed, is_main_process, rank, run_on_main, world_size)
+from utils.distributed import (all_gather_objects, all_reduce_mean, average_gradients, is_distributed,
+                               is_main_process, rank, run_on_every_rank, run_on_main, world_size)
 from utils.io import atomic_path, atomic_write
 from utils.seed import derive_seed, seed_worker
 
@@ -543,26 +543,6 @@ def _seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
     loader.sampler.set_epoch(epoch)
 
 
-def _on_every_rank(fn, what: str):
-    """``fn()`` on every rank; if it raises on any rank, every rank raises (that rank its own error, the others
-    :class:`RankFailedError` naming it and its message), so no rank waits forever in the next collective. A plain
-    call without torchrun."""
-    if not is_distributed():
-        return fn()
-    value, error = None, None
-    try:
-        value = fn()
-    except BaseException as err:  # noqa: BLE001 - re-raised below once the other ranks know
-        error = err
-    failures = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    failed = [(r, message) for r, message in enumerate(failures) if message is not None]
-    if failed:
-        raise RankFailedError(f"{what}: rank {failed[0][0]} failed: {failed[0][1]}")
-    return value
-
-
 def accumulated_step(metanetwork: tnn.Module, entry: DataModelEntry, batches: Iterable[tuple[Tensor, Tensor]],
                      reference_batches: int | None, alpha: float, bias: bool = False,
                      device: torch.device | str | None = None, diagnostics: bool = True,
@@ -576,7 +556,7 @@ def accumulated_step(metanetwork: tnn.Module, entry: DataModelEntry, batches: It
     step the optimiser.
     """
     metanetwork.zero_grad(set_to_none=True)
-    result = _on_every_rank(lambda: meta_gradient(metanetwork, entry, batches, reference_batches, alpha, bias,
+    result = run_on_every_rank(lambda: meta_gradient(metanetwork, entry, batches, reference_batches, alpha, bias,
                                                   device, diagnostics=diagnostics, bn_mode=bn_mode),
                             f"meta_train step on data model {entry.name}")
     average_gradients(metanetwork.parameters())
@@ -872,10 +852,10 @@ def _start_training(cfg: DictConfig, run_dir: Path, device: torch.device, settin
         first = entries(train_idx[0])
     else:  # this rank's own data model; every rank's must have rank 0's graph layout
         own = rank_data_model(train_idx, rank())
-        first = _on_every_rank(lambda: entries(own), f"building data model {own} of store {store.path}")
+        first = run_on_every_rank(lambda: entries(own), f"building data model {own} of store {store.path}")
         if is_distributed():
             layouts = all_gather_objects(first.codec.layout)
-            _on_every_rank(lambda: first.codec.check_layout(layouts[0]),
+            run_on_every_rank(lambda: first.codec.check_layout(layouts[0]),
                            f"graph layout of data model {first.name} vs rank 0's")
     metanetwork = build_metanetwork(first.codec, options).to(device)
     ddp.same_weights_everywhere(metanetwork)  # under torchrun every rank starts from rank 0's initial weights
@@ -900,8 +880,8 @@ def _resume(state: _Training, resume: bool) -> int:
     if picked is None:
         return 0
     start_epoch, path = picked[0], Path(picked[1])
-    checkpoint = _on_every_rank(lambda: load_checkpoint(path, map_location="cpu"), f"reading {path}")
-    _on_every_rank(lambda: _load_checkpoint_state(state, path, checkpoint), f"resuming from {path}")
+    checkpoint = run_on_every_rank(lambda: load_checkpoint(path, map_location="cpu"), f"reading {path}")
+    run_on_every_rank(lambda: _load_checkpoint_state(state, path, checkpoint), f"resuming from {path}")
     if is_main_process():
         log.info("resuming from %s (epoch %d of %d)", path, start_epoch, state.settings.epochs)
     return start_epoch

@@ -15,10 +15,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
-from generate_dataset.models import build_model
+from data_loaders.store import ShardWriter
+from generate_dataset.models import build_model, model_spec
 from nn.apply import build_metanetwork, save_metanetwork
 from nn.graph import GraphCodec
 from stages.common import run_recorded
+from training.config import TrainConfig
+from training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -96,3 +99,20 @@ def write_imagefolder(root: str | Path, classes: int = 3, per_class: int = 8, si
                 pixels[..., c % 3] = 200  # a learnable colour cue per class
                 Image.fromarray(pixels).save(folder / f"img{i}.JPEG")
     return root
+
+
+def write_selection_store(store: str | Path, task: str, method: str, loaders: Any, recipe: TrainConfig,
+                          speed_up: float, num_classes: int, in_channels: int) -> torch.nn.Module:
+    """A 2-model resnet8 store for selection tests: data model 0 (untrained, seed 0) meta-trains, data model 1
+    (seed 1, trained with ``recipe`` on ``loaders``, recorded at ``speed_up``) validates. Returns model 1 (eval)."""
+    info = {"task": task, "architecture": "resnet8", "num_classes": num_classes, "method": method}
+    with ShardWriter(store, 0, info) as writer:
+        torch.manual_seed(0)
+        meta_model = build_model("resnet8", num_classes, in_channels=in_channels).eval()
+        writer.append(0, meta_model.state_dict(), model_spec("resnet8", meta_model, num_classes), {}, 1.0, 0, {})
+        torch.manual_seed(1)
+        model = build_model("resnet8", num_classes, in_channels=in_channels)
+        train(model, loaders, recipe, "cpu")
+        model.eval()
+        writer.append(1, model.state_dict(), model_spec("resnet8", model, num_classes), {}, speed_up, 1, {})
+    return model

@@ -25,7 +25,19 @@ assert d.run_on_main(lambda: 41 + 1) == 42
 assert d.broadcast_object({{"r": r}}) == {{"r": 0}}
 assert d.all_gather_objects(r) == [0, 1]
 d.check_same_on_all_ranks([4, 5], "widths")
+assert d.run_on_every_rank(lambda: r * 10, "a step") == r * 10
 mode = sys.argv[1]
+if mode == "fail_one":
+    def step():
+        if r == 1:
+            raise RuntimeError("NaN loss on data model 3")
+        return 0
+    try:
+        d.run_on_every_rank(step, "a step")
+    except d.RankFailedError as err:
+        print(f"rank {{r}} saw: {{err}}", flush=True)
+        raise
+
 if mode == "differ":
     d.check_same_on_all_ranks([4, 5 + r], "widths")
 if mode == "fail":
@@ -80,3 +92,10 @@ def test_main_py_refuses_torchrun_and_names_the_entry_to_use(tmp_path):
     assert proc.returncode != 0
     assert "main_imagenet/main_imagenet.py" in proc.stderr
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_a_failure_on_any_rank_ends_every_rank_with_its_message(tmp_path, script):
+    proc = run_torchrun(["fail_one"], tmp_path, script=script, timeout=120)
+    assert proc.returncode != 0
+    assert "rank 0 saw: a step: rank 1 failed: RuntimeError: NaN loss on data model 3" in proc.stdout + proc.stderr

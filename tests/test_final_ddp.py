@@ -183,7 +183,7 @@ def test_vit_pruning_final_under_torchrun_starts_from_the_pretrained_network(env
     # the data model is the pretrained network: 0 training epochs, the start stage scores the given weights
     cfg = compose_cfg(env["runs"]["vit"])
     _splits, loaders = task_data(cfg.task, cfg.seed)
-    pretrained = model_from_state_dict("vit_tiny", torch.load(root / "vit_tiny.pth"), 3)
+    pretrained = model_from_state_dict("vit_tiny", torch.load(root / "vit_tiny.pth", weights_only=True), 3)
     start = results["stages"][0]
     assert start["stage"] == "start"
     expected = evaluate(pretrained, loaders.test, "cpu")

@@ -23,16 +23,14 @@ import json
 import pytest
 import torch
 
-from data_loaders.store import ShardWriter
-from generate_dataset.models import build_model, model_spec
-from helpers import METHOD, REPO, compose_cfg, run_torchrun, write_imagefolder
+from generate_dataset.models import build_model
+from helpers import METHOD, REPO, compose_cfg, run_torchrun, write_imagefolder, write_selection_store
 from nn.apply import build_metanetwork, save_metanetwork
 from nn.graph import GraphCodec
 from pruning import curves
 from stages import execute
 from stages.common import codec_options, task_data
 from training.config import TrainConfig
-from training.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,16 +83,8 @@ def env(tmp_path_factory):
     overrides = _overrides(root)
     cfg = compose_cfg(overrides)
     _splits, loaders = task_data(cfg.task, 0)
-    info = {"task": TASK, "architecture": "resnet8", "num_classes": 3, "method": cfg.method.name}
-    with ShardWriter(root / "store", 0, info) as writer:
-        torch.manual_seed(0)
-        meta_model = build_model("resnet8", 3, in_channels=3).eval()
-        writer.append(0, meta_model.state_dict(), model_spec("resnet8", meta_model, 3), {}, 1.0, 0, {})
-        torch.manual_seed(1)
-        model = build_model("resnet8", 3, in_channels=3)
-        train(model, loaders, TrainConfig(epochs=4, lr=0.05, milestones=[3], select="last"), "cpu")
-        model.eval()
-        writer.append(1, model.state_dict(), model_spec("resnet8", model, 3), {}, BASE_SPEED_UP, 1, {})
+    model = write_selection_store(root / "store", TASK, cfg.method.name, loaders,
+                                  TrainConfig(epochs=4, lr=0.05, milestones=[3], select="last"), BASE_SPEED_UP, 3, 3)
     codec = GraphCodec(model, **codec_options(cfg))
     checkpoints = root / "meta" / "checkpoints"
     _save_metanet(checkpoints / "epoch_0001.pt", codec, 50.0, 0, 1, root / "store")  # destroys the network

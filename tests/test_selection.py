@@ -21,7 +21,7 @@ from omegaconf import OmegaConf, open_dict
 import nn.apply
 from data_loaders.store import DataModelStore, ShardWriter
 from generate_dataset.models import build_model, model_spec
-from helpers import METHOD, compose_cfg
+from helpers import METHOD, compose_cfg, write_selection_store
 from nn.apply import LayoutMismatchError, build_metanetwork, save_metanetwork
 from nn.graph import GraphCodec
 from pruning import curves
@@ -71,16 +71,8 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("selection")
     cfg = compose_cfg([f"task={TASK}", "task.model=resnet8"])
     splits, loaders = task_data(cfg.task, 0)
-    writer = ShardWriter(root / "store", 0, {"task": TASK, "architecture": "resnet8", "num_classes": 10,
-                                               "method": "group_l2_norm_max_normalizer"})
-    torch.manual_seed(0)
-    meta_model = build_model("resnet8", 10, in_channels=1).eval()
-    writer.append(0, meta_model.state_dict(), model_spec("resnet8", meta_model, 10), {}, 1.0, 0, {})
-    torch.manual_seed(1)
-    model = build_model("resnet8", 10, in_channels=1)
-    train(model, loaders, TrainConfig(epochs=3, lr=0.1, milestones=[2], select="last"), "cpu")
-    model.eval()
-    writer.append(1, model.state_dict(), model_spec("resnet8", model, 10), {}, BASE_SPEED_UP, 1, {})
+    model = write_selection_store(root / "store", TASK, "group_l2_norm_max_normalizer", loaders,
+                                  TrainConfig(epochs=3, lr=0.1, milestones=[2], select="last"), BASE_SPEED_UP, 10, 1)
 
     codec = GraphCodec(model)
     meta = root / "meta"

@@ -152,6 +152,26 @@ def run_on_main(fn, *args, **kwargs):
     return outcome[0]
 
 
+def run_on_every_rank(fn, what: str):
+    """``fn()`` on every rank; if it raises on any rank, every rank raises (that rank its own error, the others
+    :class:`RankFailedError` naming ``what``, the rank and its message), so no rank waits forever in the next
+    collective. A plain call without torchrun. The counterpart of :func:`run_on_main` for work all ranks do."""
+    if not is_distributed():
+        return fn()
+    value, error = None, None
+    try:
+        value = fn()
+    except BaseException as err:  # noqa: BLE001 - re-raised below once the other ranks know
+        error = err
+    failures = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, message) for r, message in enumerate(failures) if message is not None]
+    if failed:
+        raise RankFailedError(f"{what}: rank {failed[0][0]} failed: {failed[0][1]}")
+    return value
+
+
 def check_same_on_all_ranks(value: object, what: str) -> None:
     """Raise (on every rank) unless ``value`` is equal on all ranks, e.g. a pruned model's layer widths."""
     values = all_gather_objects(value)
