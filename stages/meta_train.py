@@ -96,6 +96,11 @@ the mean over its training data models; see ``pruning.regularizer``, "Diagnostic
   share of Conv/Linear weight entries with ``|w|`` at most 1 % of the largest ``|w|``.
 * ``small_group_share_input``: the same on the data model's own weights (the metanetwork's input).
 * ``weight_change``: ``||θ' - θ||_2 / ||θ||_2`` over all the tensors the codec generates together.
+* ``norm_ratio_p10``, ``norm_ratio_p50``, ``norm_ratio_p90``: quantiles over all channels of the ratio of each
+  channel's group norm (as for ``small_group_share``) in the generated weights to the same norm in the data
+  model's. They tell selective from uniform: a metanetwork that singles out channels to remove drives p10
+  towards 0 while p90 stays near 1; p10 close to p90 (with both below 1) is a uniform shrink, which under
+  batch-statistics BatchNorm lowers R at almost no cost in CE and leaves the network as prunable as before.
 * ``grad_ce_norm`` and ``grad_reg_norm``: the norms of the two parts of the step's metanetwork gradient,
   the cross-entropy part (scaled by ``reference_batches`` as in the step) and the regulariser part. Their
   ratio is the CE/regulariser balance that ``pruner_reg`` sets: AdamW follows the larger part, so with
@@ -132,7 +137,7 @@ from itertools import islice
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -178,8 +183,9 @@ __all__ = [
 CHECKPOINT_DIR = "checkpoints"
 METRICS_CSV = "meta_train_metrics.csv"
 DIAGNOSTICS_PNG = "meta_train_diagnostics.png"
-DIAGNOSTIC_COLUMNS = ("small_group_share", "small_group_share_input", "weight_change", "grad_ce_norm",
-                      "grad_reg_norm")
+DIAGNOSTIC_COLUMNS = ("small_group_share", "small_group_share_input", "weight_change", "norm_ratio_p10",
+                      "norm_ratio_p50", "norm_ratio_p90", "grad_ce_norm", "grad_reg_norm")
+NORM_RATIO_QUANTILES = (0.1, 0.5, 0.9)
 SMALL_FRACTION = 0.01  # a channel group is "small" at <= 1 % of the network's largest group norm
 CSV_COLUMNS = ("epoch", "lr", "ce", "reg", *DIAGNOSTIC_COLUMNS, "grad_norm", "seconds")
 _CHECKPOINT_RE = re.compile(r"^epoch_(\d+)\.pt$")
@@ -322,6 +328,9 @@ class StepResult:
     small_group_share: float = math.nan
     small_group_share_input: float = math.nan
     weight_change: float = math.nan
+    norm_ratio_p10: float = math.nan
+    norm_ratio_p50: float = math.nan
+    norm_ratio_p90: float = math.nan
     grad_ce_norm: float = math.nan
     grad_reg_norm: float = math.nan
 
@@ -416,8 +425,8 @@ def meta_gradient(metanetwork: tnn.Module, entry: DataModelEntry, batches: Itera
     torch.autograd.backward(outputs, grads)  # the step's gradient: the diagnostics never change it
     result = StepResult(ce=float(ce_sum.item()) / n, reg=float(reg_value.item()), batches=n)
     if diagnostics:
-        result.small_group_share, result.small_group_share_input, result.weight_change = \
-            step_diagnostics(entry, leaves)
+        (result.small_group_share, result.small_group_share_input, result.weight_change,
+         (result.norm_ratio_p10, result.norm_ratio_p50, result.norm_ratio_p90)) = step_diagnostics(entry, leaves)
         result.grad_ce_norm, result.grad_reg_norm = _part_norms(metanetwork, before, ce_part)
     return result
 
@@ -452,19 +461,40 @@ def _part_norms(metanetwork: tnn.Module, before: Mapping[Tensor, Tensor], ce_par
 
 
 @torch.no_grad()
-def step_diagnostics(entry: DataModelEntry, generated: Mapping[str, Tensor]) -> tuple[float, float, float]:
-    """(small_group_share, small_group_share_input, weight_change) of ``generated`` weights (module doc).
+def step_diagnostics(entry: DataModelEntry, generated: Mapping[str, Tensor]
+                     ) -> tuple[float, float, float, tuple[float, ...]]:
+    """(small_group_share, small_group_share_input, weight_change, (norm_ratio_p10, _p50, _p90)) of
+    ``generated`` weights (module doc).
 
-    ``generated``: {state-dict key: tensor} as decoded by ``entry.codec``; the input share is computed once
-    per entry (the data model's own weights never change) and cached in ``entry.cache``.
+    ``generated``: {state-dict key: tensor} as decoded by ``entry.codec``; the input's channel norms are
+    computed once per entry (the data model's own weights never change) and cached in ``entry.cache``.
     """
     regularizer = entry.regularizer
-    share = small_share(regularizer.channel_norms(generated), SMALL_FRACTION)
-    if "small_group_share_input" not in entry.cache:
-        entry.cache["small_group_share_input"] = small_share(regularizer.channel_norms({}), SMALL_FRACTION)
-    own = dict(entry.model.named_parameters())
-    change = relative_change(generated, own)
-    return share, entry.cache["small_group_share_input"], change
+    norms = regularizer.channel_norms(generated)
+    if "input_norms" not in entry.cache:
+        entry.cache["input_norms"] = regularizer.channel_norms({})
+    own_norms = entry.cache["input_norms"]
+    share = small_share(norms, SMALL_FRACTION)
+    change = relative_change(generated, dict(entry.model.named_parameters()))
+    return share, small_share(own_norms, SMALL_FRACTION), change, norm_ratio_quantiles(norms, own_norms)
+
+
+def norm_ratio_quantiles(norms: Tensor, own_norms: Tensor,
+                         quantiles: Sequence[float] = NORM_RATIO_QUANTILES) -> tuple[float, ...]:
+    """Quantiles of ``norms / own_norms`` (per channel; channels with a zero own norm are left out).
+
+    Both are :meth:`GroupL2Regularizer.channel_norms`-style vectors of the same channels. Unstructured
+    regularisers give per-weight magnitudes, so the quantiles are then over weights. No channel: NaNs.
+    """
+    norms, own_norms = norms.detach().flatten(), own_norms.detach().flatten().to(norms.device)
+    if norms.shape != own_norms.shape:
+        raise ValueError(f"norm_ratio_quantiles: {norms.numel()} generated norms vs {own_norms.numel()} own norms")
+    keep = own_norms > 0
+    if not bool(keep.any()):
+        return tuple(math.nan for _ in quantiles)
+    ratios = (norms[keep] / own_norms[keep]).to(torch.float64)
+    return tuple(float(q) for q in torch.quantile(ratios, torch.tensor(list(quantiles), dtype=torch.float64,
+                                                                        device=ratios.device)).tolist())
 
 
 def grad_norm(module: tnn.Module) -> float:
@@ -637,8 +667,9 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
 
 
 def plot_diagnostics(history: list[Mapping[str, Any]], path: str | Path) -> Path:
-    """Six panels vs epoch: mean CE, R, the gradient's CE and regulariser parts, small_group_share (its input
-    value dashed), weight_change, and the regulariser/CE gradient ratio.
+    """Seven panels vs epoch: mean CE, R, the gradient's CE and regulariser parts, small_group_share (its input
+    value dashed), weight_change, the per-channel norm ratio's quantiles (selective vs uniform shrinking) and
+    the regulariser/CE gradient ratio.
 
     Rows lacking a column (an older checkpoint's history) are plotted as gaps. Saved as a PNG at ``path``
     (written to a temporary file, then renamed, so a reader never sees a half-written image).
@@ -666,12 +697,20 @@ def plot_diagnostics(history: list[Mapping[str, Any]], path: str | Path) -> Path
               ("grad_ce_norm", "metanetwork gradient norm, by part"),
               ("small_group_share", f"share of channel groups <= {SMALL_FRACTION:.0%} of the network's largest"),
               ("weight_change", "weight change ||θ'-θ|| / ||θ||"),
+              ("norm_ratio", "channel group norm, generated / input"),
               ("balance", "regulariser part / CE part of the gradient")]
     ce_part, reg_part = column("grad_ce_norm"), column("grad_reg_norm")
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7), sharex=True)
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7), sharex=True)
     try:
+        axes.flat[-1].axis("off")
         for ax, (key, title) in zip(axes.flat, panels):
-            if key == "balance":
+            if key == "norm_ratio":
+                # p10 far below p90: channels singled out; p10 close to p90: every channel shrinks alike
+                for q, style in (("p90", ":"), ("p50", "-"), ("p10", "--")):
+                    ax.plot(epochs, column(f"norm_ratio_{q}"), linestyle=style, marker="o", markersize=3,
+                            linewidth=1.2, label=q)
+                ax.legend(loc="best", fontsize="small")
+            elif key == "balance":
                 ax.plot(epochs, [r / c if c > 0 else math.nan for r, c in zip(reg_part, ce_part)], marker="o",
                         markersize=3, linewidth=1.2)
                 ax.set_yscale("log")
@@ -1011,9 +1050,10 @@ def _write_epoch(state: _Training, epoch: int, row: dict) -> None:
     _write_metrics(state.run_dir / METRICS_CSV, state.history)
     _plot_quietly(state.history, state.run_dir / DIAGNOSTICS_PNG)
     log.info("meta_train epoch %d/%d: lr %.3g, CE %.4f, R %.4g, small groups %.3f (input %.3f), "
-             "weight change %.4g, |grad| %.4g (CE part %.4g, regulariser part %.4g), %.1f s", epoch,
-             state.settings.epochs, row["lr"], row["ce"], row["reg"], row["small_group_share"],
-             row["small_group_share_input"], row["weight_change"], row["grad_norm"], row["grad_ce_norm"],
+             "weight change %.4g, channel norm ratio p10/p90 %.3g/%.3g, |grad| %.4g (CE part %.4g, regulariser "
+             "part %.4g), %.1f s", epoch, state.settings.epochs, row["lr"], row["ce"], row["reg"],
+             row["small_group_share"], row["small_group_share_input"], row["weight_change"],
+             row.get("norm_ratio_p10", math.nan), row.get("norm_ratio_p90", math.nan), row["grad_norm"], row["grad_ce_norm"],
              row["grad_reg_norm"], row["seconds"])
     if "steps" in row:
         log.info("meta_train epoch %d: %d optimiser step(s) of %d batches per rank on %d rank(s)", epoch,

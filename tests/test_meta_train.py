@@ -313,6 +313,7 @@ def test_step_diagnostics_are_those_of_the_generated_weights():
     result = meta_train.meta_gradient(still, entry, batch, reference_batches=1, alpha=16.0)
     assert result.weight_change == 0.0
     assert result.small_group_share == result.small_group_share_input == input_share
+    assert (result.norm_ratio_p10, result.norm_ratio_p50, result.norm_ratio_p90) == (1.0, 1.0, 1.0)
 
     net = tiny_metanetwork(entry)
     result = meta_train.meta_gradient(net, entry, batch, reference_batches=1, alpha=16.0)
@@ -323,8 +324,26 @@ def test_step_diagnostics_are_those_of_the_generated_weights():
     assert result.weight_change == pytest.approx(diff / base, rel=1e-6) and result.weight_change > 0
     assert result.small_group_share == small_share(entry.regularizer.channel_norms(generated))
     assert result.small_group_share_input == input_share
+    ratios = entry.regularizer.channel_norms(generated) / entry.regularizer.channel_norms(own)
+    expected = torch.quantile(ratios, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+    assert [result.norm_ratio_p10, result.norm_ratio_p50, result.norm_ratio_p90] == pytest.approx(expected)
     plain = meta_train.meta_gradient(net, entry, batch, reference_batches=1, alpha=16.0, diagnostics=False)
     assert math.isnan(plain.weight_change) and plain.ce == result.ce and plain.reg == result.reg
+
+
+def test_norm_ratio_quantiles_tell_a_uniform_shrink_from_singled_out_channels():
+    own = torch.linspace(1.0, 2.0, 100, dtype=torch.float64)
+    p10, p50, p90 = meta_train.norm_ratio_quantiles(0.5 * own, own)
+    assert p10 == pytest.approx(0.5) and p90 == pytest.approx(0.5)  # uniform: every channel alike
+    selective = own.clone()
+    selective[:30] = 0.0  # 30 % of the channels removed, the rest untouched
+    p10, p50, p90 = meta_train.norm_ratio_quantiles(selective, own)
+    assert p10 == 0.0 and p50 == pytest.approx(1.0) and p90 == pytest.approx(1.0)
+    own[0] = 0.0  # a channel with no own norm has no ratio: left out, never NaN or inf
+    assert all(math.isfinite(q) for q in meta_train.norm_ratio_quantiles(selective, own))
+    assert all(math.isnan(q) for q in meta_train.norm_ratio_quantiles(torch.zeros(3), torch.zeros(3)))
+    with pytest.raises(ValueError, match="3 generated norms vs 4"):
+        meta_train.norm_ratio_quantiles(torch.ones(3), torch.ones(4))
 
 
 def test_batch_bn_mode_uses_batch_statistics_and_never_touches_the_running_ones():
