@@ -32,6 +32,19 @@ index arithmetic and operation order), which ``tests/test_meta_train.py`` checks
 ``GroupNormPruner.regularize`` itself. One torch-pruning quirk is kept for parity: after a grouped conv's
 in-channel member, the truncated ``gamma`` is used for the group's later members.
 
+Scale-free variant (not the paper's; ``task.meta_train.reg_scale_free``, :func:`without_scale_component`)
+----------------------------------------------------------------------------------------------------
+Removes from each parameter tensor's regulariser gradient its component along that tensor itself::
+
+    grad_k <- grad_k - (<grad_k, w_k> / <w_k, w_k>) * w_k
+
+so that the regulariser can no longer be lowered by shrinking a whole layer alike. Under batch-statistics
+BatchNorm such a shrink costs no cross-entropy (the BN after a conv undoes its scale) and leaves the
+network exactly as prunable; with the plain gradient it is what a metanetwork learns first. What is
+left is the relative pull: a channel pulled harder than the tensor's norm-weighted mean strength
+(``gamma_c`` above it) shrinks, the others grow, i.e. the pull singles out channels. ``R`` (the logged
+value) is unchanged.
+
 Unstructured methods (:class:`SignRegularizer`, reference §12)
 -------------------------------------------------------------
 ``grad += reg * sign(w)`` on every Conv/Linear weight (the classifier included); ``alpha`` and ``bias``
@@ -73,6 +86,7 @@ __all__ = [
     "relative_change",
     "small_share",
     "swapped_parameters",
+    "without_scale_component",
 ]
 
 
@@ -282,6 +296,28 @@ class SignRegularizer:
         params = params or {}
         return _concat([(params[k] if k in params else self._params[k]).detach().abs().flatten().to(torch.float64)
                         for k in self._keys])
+
+
+@torch.no_grad()
+def without_scale_component(grads: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``grads`` with each tensor's component along its own parameter removed (module doc, scale-free variant).
+
+    ``params[key]`` is the weight the gradient ``grads[key]`` belongs to (same shape); an all-zero weight
+    keeps its gradient. The result is orthogonal to every weight tensor: ``<out[k], params[k]> = 0``.
+    """
+    out = {}
+    for key, grad in grads.items():
+        w = params[key].detach()
+        if w.shape != grad.shape:
+            raise ValueError(f"without_scale_component: {key!r} has gradient {tuple(grad.shape)} but weight "
+                             f"{tuple(w.shape)}")
+        w64, g64 = w.to(torch.float64), grad.to(torch.float64)
+        norm_sq = w64.pow(2).sum()
+        if not bool(norm_sq > 0):
+            out[key] = grad
+            continue
+        out[key] = (g64 - (g64 * w64).sum() / norm_sq * w64).to(grad.dtype)
+    return out
 
 
 def _dot(params: Mapping[str, Tensor], grads: Mapping[str, Tensor], fallback: Mapping[str, Tensor]) -> Tensor:

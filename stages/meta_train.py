@@ -152,7 +152,7 @@ from tqdm.auto import tqdm
 from data_loaders.store import DataModelStore
 from nn.apply import build_metanetwork, save_metanetwork
 from nn.graph import GraphCodec, GraphCodecError
-from pruning.regularizer import build_regularizer, relative_change, small_share
+from pruning.regularizer import build_regularizer, relative_change, small_share, without_scale_component
 from stages import ddp
 from stages.common import codec_options, example_input, setup, task_data
 from utils.checkpoint import CheckpointError, load_checkpoint
@@ -191,14 +191,15 @@ CSV_COLUMNS = ("epoch", "lr", "ce", "reg", *DIAGNOSTIC_COLUMNS, "grad_norm", "se
 _CHECKPOINT_RE = re.compile(r"^epoch_(\d+)\.pt$")
 # task.meta_train values that a resumed run must share with the checkpoint (epochs may grow)
 _RESUME_KEYS = ("lr", "weight_decay", "milestones", "gamma", "pruner_reg", "alpha", "bias", "train_split",
-                "reference_batches", "batches_per_step", "batch_size", "bn_mode", "iterations_per_step")
+                "reference_batches", "batches_per_step", "batch_size", "bn_mode", "iterations_per_step",
+                "reg_scale_free")
 BN_MODES = ("eval", "batch")
 # keys added later: what older checkpoints ran with
-_RESUME_DEFAULTS = {"bn_mode": "eval", "iterations_per_step": None}
+_RESUME_DEFAULTS = {"bn_mode": "eval", "iterations_per_step": None, "reg_scale_free": False}
 # every key task.meta_train may hold (a misspelt one is refused instead of silently ignored)
 _SECTION_KEYS = frozenset({"epochs", "optimizer", "lr", "weight_decay", "milestones", "gamma", "pruner_reg", "alpha",
                            "bias", "train_split", "reference_batches", "batches_per_step", "batch_size", "bn_mode",
-                           "iterations_per_step"})
+                           "iterations_per_step", "reg_scale_free"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,6 +227,9 @@ class MetaTrainSettings:
     # the authors' ImageNet step (module docstring): accumulate this many batches of the rank's shard per
     # optimiser step, one data model per rank, gradients averaged over the ranks; None = one step per data model
     iterations_per_step: int | None = None
+    # not the paper's: drop each tensor's own-direction component of the regulariser gradient (pruning.regularizer,
+    # "Scale-free variant"), so R cannot be lowered by shrinking whole layers alike
+    reg_scale_free: bool = False
 
     @classmethod
     def from_task(cls, task: DictConfig) -> "MetaTrainSettings":
@@ -275,6 +279,7 @@ class MetaTrainSettings:
             batch_size=read("batch_size", int) if section.get("batch_size") is not None else int(task.batch_size),
             bn_mode=str(section.get("bn_mode", "eval")),
             iterations_per_step=read("iterations_per_step", int, optional=True),
+            reg_scale_free=read("reg_scale_free", bool, default=False),
         )
         if settings.bn_mode not in BN_MODES:
             raise ValueError(f"{where}: task.meta_train.bn_mode={settings.bn_mode!r}; valid: {', '.join(BN_MODES)}")
@@ -361,7 +366,7 @@ def build_entry(index: int, model: tnn.Module, example: Tensor, method: Mapping[
 def meta_gradient(metanetwork: tnn.Module, entry: DataModelEntry, batches: Iterable[tuple[Tensor, Tensor]],
                   reference_batches: int | None, alpha: float, bias: bool = False,
                   device: torch.device | str | None = None, diagnostics: bool = True,
-                  bn_mode: str = "eval") -> StepResult:
+                  bn_mode: str = "eval", scale_free: bool = False) -> StepResult:
     """Accumulate the meta-training gradient of one data model into the metanetwork's ``.grad``.
 
     ``batches``: (images [B, C, H, W], labels [B]) pairs, moved to ``device`` (default: the model's).
@@ -372,6 +377,8 @@ def meta_gradient(metanetwork: tnn.Module, entry: DataModelEntry, batches: Itera
     result's ``small_group_share``, ``small_group_share_input`` and ``weight_change`` (:func:`step_diagnostics`).
     ``bn_mode="batch"``: BatchNorm normalises with each batch's statistics (train-mode forward on copies of
     the running buffers, so the data model's statistics never change); ``"eval"`` (the reference) uses them.
+    ``scale_free``: the regulariser gradient without each tensor's own-direction component
+    (``pruning.regularizer.without_scale_component``); R is the same either way.
     """
     if bn_mode not in BN_MODES:
         raise ValueError(f"meta_gradient: bn_mode={bn_mode!r}; valid: {', '.join(BN_MODES)}")
@@ -408,6 +415,9 @@ def meta_gradient(metanetwork: tnn.Module, entry: DataModelEntry, batches: Itera
 
     reg_grads = entry.regularizer.gradient(leaves, alpha=alpha, bias=bias)
     reg_value = entry.regularizer.value(leaves, reg_grads)
+    if scale_free:
+        own = dict(model.named_parameters())  # a tensor the metanetwork does not generate keeps its own weight
+        reg_grads = without_scale_component(reg_grads, {k: leaves.get(k, own.get(k)) for k in reg_grads})
     outputs, grads = [], []
     with torch.no_grad():
         for key, out in generated.items():
@@ -576,7 +586,7 @@ def _seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
 def accumulated_step(metanetwork: tnn.Module, entry: DataModelEntry, batches: Iterable[tuple[Tensor, Tensor]],
                      reference_batches: int | None, alpha: float, bias: bool = False,
                      device: torch.device | str | None = None, diagnostics: bool = True,
-                     bn_mode: str = "eval") -> tuple[StepResult, float]:
+                     bn_mode: str = "eval", scale_free: bool = False) -> tuple[StepResult, float]:
     """The gradient of one ``iterations_per_step`` optimiser step, left in the metanetwork's ``.grad``.
 
     Zeroes the gradients, accumulates this rank's :func:`meta_gradient` over ``batches`` (one backward through
@@ -587,7 +597,8 @@ def accumulated_step(metanetwork: tnn.Module, entry: DataModelEntry, batches: It
     """
     metanetwork.zero_grad(set_to_none=True)
     result = run_on_every_rank(lambda: meta_gradient(metanetwork, entry, batches, reference_batches, alpha, bias,
-                                                  device, diagnostics=diagnostics, bn_mode=bn_mode),
+                                                  device, diagnostics=diagnostics, bn_mode=bn_mode,
+                                                  scale_free=scale_free),
                             f"meta_train step on data model {entry.name}")
     average_gradients(metanetwork.parameters())
     keys = ("ce", "reg", *DIAGNOSTIC_COLUMNS)
@@ -955,7 +966,8 @@ def _step(state: _Training, epoch: int, index: int, stream: _BatchStream) -> tup
     metanetwork.train()
     state.optimizer.zero_grad(set_to_none=True)
     result = meta_gradient(metanetwork, entry, stream.take(state.batches_per_step), settings.reference_batches,
-                           settings.alpha, settings.bias, state.device, bn_mode=settings.bn_mode)
+                           settings.alpha, settings.bias, state.device, bn_mode=settings.bn_mode,
+                           scale_free=settings.reg_scale_free)
     norm = grad_norm(metanetwork)
     bad = [what for what, v in (("cross-entropy", result.ce), ("regulariser", result.reg),
                                 ("metanetwork gradient norm", norm)) if not math.isfinite(v)]
@@ -1007,7 +1019,7 @@ def _sharded_epoch(state: _Training, epoch: int) -> dict:
             metanetwork.train()
             result, norm = accumulated_step(metanetwork, entry, islice(batches, state.batches_per_step),
                                             settings.reference_batches, settings.alpha, settings.bias, state.device,
-                                            bn_mode=settings.bn_mode)
+                                            bn_mode=settings.bn_mode, scale_free=settings.reg_scale_free)
             if result.batches != state.batches_per_step:  # the sampler promised len(loader) batches
                 raise RuntimeError(f"meta_train: the shard loader ran out after {result.batches} of "
                                    f"{state.batches_per_step} batches in step {step} of epoch {epoch}")

@@ -14,7 +14,7 @@ from generate_dataset.models import build_model, model_spec
 from helpers import METHOD, compose_cfg
 from nn.apply import LayoutMismatchError, build_metanetwork, load_metanetwork
 from nn.graph import GraphCodec
-from pruning.regularizer import build_regularizer, group_gamma, relative_change, small_share
+from pruning.regularizer import build_regularizer, group_gamma, relative_change, small_share, without_scale_component
 from stages import execute, meta_train
 from stages.common import codec_options
 
@@ -217,6 +217,48 @@ def test_regularizer_is_finite_on_degenerate_groups():
     # members shared with a regular group keep that group's part: layer1.0.conv1's input columns
     assert mine["layer1.0.conv1.weight"].abs().min() > 0
     assert mine["layer2.0.conv2.weight"].abs().min() > 0
+
+
+def test_scale_free_regulariser_gradient_is_the_plain_one_minus_each_tensors_own_direction():
+    model = data_model(3, dtype=torch.float64)
+    entry = make_entry(model, torch.float64)
+    own = {k: p.detach().clone() for k, p in model.named_parameters()}
+    plain = entry.regularizer.gradient(own, alpha=16.0)
+    free = without_scale_component(plain, own)
+    assert free.keys() == plain.keys()
+    singled_out = 0
+    for key, grad in plain.items():
+        w = own[key].double()
+        assert float((free[key].double() * w).sum()) == pytest.approx(0.0, abs=1e-9 * float(w.norm() * grad.double().norm()))
+        # what is removed is a multiple of the weight: the rest of the plain gradient is untouched
+        removed = plain[key].double() - free[key].double()
+        coef = float((removed * w).sum() / (w * w).sum())
+        torch.testing.assert_close(removed, coef * w)
+        singled_out += int(free[key].abs().max() > 1e-6 * grad.abs().max())
+    assert singled_out > 0  # gamma differs across channels, so a relative pull remains
+    # a whole layer shrunk alike: the plain pull is exactly along the weight (gamma 1 everywhere) -> nothing left
+    uniform = {k: 3.0 * w for k, w in own.items()}
+    assert all(v.abs().max() < 1e-6 for v in without_scale_component(uniform, own).values())
+    zero = {"w": torch.zeros(3)}
+    assert torch.equal(without_scale_component({"w": torch.ones(3)}, zero)["w"], torch.ones(3))
+    with pytest.raises(ValueError, match="gradient \\(3,\\) but weight \\(4,\\)"):
+        without_scale_component({"w": torch.ones(3)}, {"w": torch.ones(4)})
+
+
+def test_reg_scale_free_changes_only_the_regulariser_part_of_the_step():
+    _, entry, net, batches = float64_case(4, num_batches=2, batch_size=6)
+
+    def step(scale_free):
+        net.zero_grad(set_to_none=True)
+        result = meta_train.meta_gradient(net, entry, batches, reference_batches=50, alpha=16.0, scale_free=scale_free)
+        return result, torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    plain, plain_total = step(False)
+    free, free_total = step(True)
+    assert free.reg == plain.reg and free.ce == plain.ce  # same R, same CE: only the pushed gradient differs
+    assert free.grad_ce_norm == pytest.approx(plain.grad_ce_norm, rel=1e-9)
+    assert free.grad_reg_norm < plain.grad_reg_norm
+    assert not torch.allclose(free_total, plain_total)
 
 
 def test_unstructured_methods_use_the_sign_regularizer():
