@@ -32,18 +32,21 @@ index arithmetic and operation order), which ``tests/test_meta_train.py`` checks
 ``GroupNormPruner.regularize`` itself. One torch-pruning quirk is kept for parity: after a grouped conv's
 in-channel member, the truncated ``gamma`` is used for the group's later members.
 
-Scale-free variant (not the paper's; ``task.meta_train.reg_scale_free``, :func:`without_scale_component`)
-----------------------------------------------------------------------------------------------------
-Removes from each parameter tensor's regulariser gradient its component along that tensor itself::
+Projected variants (not the paper's; ``task.meta_train.reg_projection``, :func:`without_scale_component`)
+-----------------------------------------------------------------------------------------------------
+``scale_free`` removes from each parameter tensor's regulariser gradient its component along that tensor::
 
-    grad_k <- grad_k - (<grad_k, w_k> / <w_k, w_k>) * w_k
+    grad_k <- grad_k - m_k * w_k,    m_k = <grad_k, w_k> / <w_k, w_k>
 
 so that the regulariser can no longer be lowered by shrinking a whole layer alike. Under batch-statistics
 BatchNorm such a shrink costs no cross-entropy (the BN after a conv undoes its scale) and leaves the
-network exactly as prunable; with the plain gradient it is what a metanetwork learns first. What is
-left is the relative pull: a channel pulled harder than the tensor's norm-weighted mean strength
-(``gamma_c`` above it) shrinks, the others grow, i.e. the pull singles out channels. ``R`` (the logged
-value) is unchanged.
+network exactly as prunable; with the plain gradient it is what a metanetwork learns first. Since the
+plain gradient is ``reg * gamma_e * w_e`` element-wise (``gamma_e >= 1`` summed over the element's
+members), ``m_k`` is the tensor's norm-weighted mean strength and what is left is ``reg * (gamma_e - m_k /
+reg) * w_e``: elements pulled harder than the mean shrink, the others are pushed to grow.
+``shrink_only`` keeps only the first part (``(gamma_e - m_k / reg)^+``): the channels pulled harder than
+their tensor's mean are pulled by the excess, the rest are left alone. ``R`` (the logged value) is the
+plain one either way.
 
 Unstructured methods (:class:`SignRegularizer`, reference §12)
 -------------------------------------------------------------
@@ -87,6 +90,7 @@ __all__ = [
     "small_share",
     "swapped_parameters",
     "without_scale_component",
+    "REG_PROJECTIONS",
 ]
 
 
@@ -298,12 +302,18 @@ class SignRegularizer:
                         for k in self._keys])
 
 
+REG_PROJECTIONS = ("none", "scale_free", "shrink_only")
+
+
 @torch.no_grad()
-def without_scale_component(grads: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``grads`` with each tensor's component along its own parameter removed (module doc, scale-free variant).
+def without_scale_component(grads: Mapping[str, Tensor], params: Mapping[str, Tensor],
+                            shrink_only: bool = False) -> dict[str, Tensor]:
+    """``grads`` with each tensor's component along its own parameter removed (module doc, projected variants).
 
     ``params[key]`` is the weight the gradient ``grads[key]`` belongs to (same shape); an all-zero weight
     keeps its gradient. The result is orthogonal to every weight tensor: ``<out[k], params[k]> = 0``.
+    ``shrink_only``: then keep it only on the elements it still pulls towards zero (``out * w > 0``), zero
+    elsewhere (no element is pushed to grow).
     """
     out = {}
     for key, grad in grads.items():
@@ -316,7 +326,10 @@ def without_scale_component(grads: Mapping[str, Tensor], params: Mapping[str, Te
         if not bool(norm_sq > 0):
             out[key] = grad
             continue
-        out[key] = (g64 - (g64 * w64).sum() / norm_sq * w64).to(grad.dtype)
+        rest = g64 - (g64 * w64).sum() / norm_sq * w64
+        if shrink_only:
+            rest = torch.where(rest * w64 > 0, rest, torch.zeros_like(rest))
+        out[key] = rest.to(grad.dtype)
     return out
 
 

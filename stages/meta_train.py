@@ -152,7 +152,8 @@ from tqdm.auto import tqdm
 from data_loaders.store import DataModelStore
 from nn.apply import build_metanetwork, save_metanetwork
 from nn.graph import GraphCodec, GraphCodecError
-from pruning.regularizer import build_regularizer, relative_change, small_share, without_scale_component
+from pruning.regularizer import (REG_PROJECTIONS, build_regularizer, relative_change, small_share,
+                                 without_scale_component)
 from stages import ddp
 from stages.common import codec_options, example_input, setup, task_data
 from utils.checkpoint import CheckpointError, load_checkpoint
@@ -192,14 +193,14 @@ _CHECKPOINT_RE = re.compile(r"^epoch_(\d+)\.pt$")
 # task.meta_train values that a resumed run must share with the checkpoint (epochs may grow)
 _RESUME_KEYS = ("lr", "weight_decay", "milestones", "gamma", "pruner_reg", "alpha", "bias", "train_split",
                 "reference_batches", "batches_per_step", "batch_size", "bn_mode", "iterations_per_step",
-                "reg_scale_free")
+                "reg_projection")
 BN_MODES = ("eval", "batch")
 # keys added later: what older checkpoints ran with
-_RESUME_DEFAULTS = {"bn_mode": "eval", "iterations_per_step": None, "reg_scale_free": False}
+_RESUME_DEFAULTS = {"bn_mode": "eval", "iterations_per_step": None, "reg_projection": "none"}
 # every key task.meta_train may hold (a misspelt one is refused instead of silently ignored)
 _SECTION_KEYS = frozenset({"epochs", "optimizer", "lr", "weight_decay", "milestones", "gamma", "pruner_reg", "alpha",
                            "bias", "train_split", "reference_batches", "batches_per_step", "batch_size", "bn_mode",
-                           "iterations_per_step", "reg_scale_free"})
+                           "iterations_per_step", "reg_projection"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,9 +228,10 @@ class MetaTrainSettings:
     # the authors' ImageNet step (module docstring): accumulate this many batches of the rank's shard per
     # optimiser step, one data model per rank, gradients averaged over the ranks; None = one step per data model
     iterations_per_step: int | None = None
-    # not the paper's: drop each tensor's own-direction component of the regulariser gradient (pruning.regularizer,
-    # "Scale-free variant"), so R cannot be lowered by shrinking whole layers alike
-    reg_scale_free: bool = False
+    # not the paper's ("none"): scale_free / shrink_only drop each tensor's own-direction component of the
+    # regulariser gradient (pruning.regularizer, "Projected variants"), so R cannot be lowered by shrinking whole
+    # layers alike
+    reg_projection: str = "none"
 
     @classmethod
     def from_task(cls, task: DictConfig) -> "MetaTrainSettings":
@@ -279,10 +281,13 @@ class MetaTrainSettings:
             batch_size=read("batch_size", int) if section.get("batch_size") is not None else int(task.batch_size),
             bn_mode=str(section.get("bn_mode", "eval")),
             iterations_per_step=read("iterations_per_step", int, optional=True),
-            reg_scale_free=read("reg_scale_free", bool, default=False),
+            reg_projection=str(section.get("reg_projection", "none")),
         )
         if settings.bn_mode not in BN_MODES:
             raise ValueError(f"{where}: task.meta_train.bn_mode={settings.bn_mode!r}; valid: {', '.join(BN_MODES)}")
+        if settings.reg_projection not in REG_PROJECTIONS:
+            raise ValueError(f"{where}: task.meta_train.reg_projection={settings.reg_projection!r}; valid: "
+                             f"{', '.join(REG_PROJECTIONS)}")
         for key in ("epochs", "batch_size", "reference_batches", "batches_per_step", "iterations_per_step"):
             value = getattr(settings, key)
             if value is not None and value < 1:
@@ -366,7 +371,7 @@ def build_entry(index: int, model: tnn.Module, example: Tensor, method: Mapping[
 def meta_gradient(metanetwork: tnn.Module, entry: DataModelEntry, batches: Iterable[tuple[Tensor, Tensor]],
                   reference_batches: int | None, alpha: float, bias: bool = False,
                   device: torch.device | str | None = None, diagnostics: bool = True,
-                  bn_mode: str = "eval", scale_free: bool = False) -> StepResult:
+                  bn_mode: str = "eval", reg_projection: str = "none") -> StepResult:
     """Accumulate the meta-training gradient of one data model into the metanetwork's ``.grad``.
 
     ``batches``: (images [B, C, H, W], labels [B]) pairs, moved to ``device`` (default: the model's).
@@ -377,11 +382,13 @@ def meta_gradient(metanetwork: tnn.Module, entry: DataModelEntry, batches: Itera
     result's ``small_group_share``, ``small_group_share_input`` and ``weight_change`` (:func:`step_diagnostics`).
     ``bn_mode="batch"``: BatchNorm normalises with each batch's statistics (train-mode forward on copies of
     the running buffers, so the data model's statistics never change); ``"eval"`` (the reference) uses them.
-    ``scale_free``: the regulariser gradient without each tensor's own-direction component
-    (``pruning.regularizer.without_scale_component``); R is the same either way.
+    ``reg_projection``: ``"scale_free"`` / ``"shrink_only"`` push the regulariser gradient without each tensor's
+    own-direction component (``pruning.regularizer.without_scale_component``); R is the same either way.
     """
     if bn_mode not in BN_MODES:
         raise ValueError(f"meta_gradient: bn_mode={bn_mode!r}; valid: {', '.join(BN_MODES)}")
+    if reg_projection not in REG_PROJECTIONS:
+        raise ValueError(f"meta_gradient: reg_projection={reg_projection!r}; valid: {', '.join(REG_PROJECTIONS)}")
     model = entry.model
     device = torch.device(device) if device is not None else next(model.parameters()).device
     with torch.no_grad():
@@ -415,9 +422,10 @@ def meta_gradient(metanetwork: tnn.Module, entry: DataModelEntry, batches: Itera
 
     reg_grads = entry.regularizer.gradient(leaves, alpha=alpha, bias=bias)
     reg_value = entry.regularizer.value(leaves, reg_grads)
-    if scale_free:
+    if reg_projection != "none":
         own = dict(model.named_parameters())  # a tensor the metanetwork does not generate keeps its own weight
-        reg_grads = without_scale_component(reg_grads, {k: leaves.get(k, own.get(k)) for k in reg_grads})
+        reg_grads = without_scale_component(reg_grads, {k: leaves.get(k, own.get(k)) for k in reg_grads},
+                                            shrink_only=reg_projection == "shrink_only")
     outputs, grads = [], []
     with torch.no_grad():
         for key, out in generated.items():
@@ -586,7 +594,7 @@ def _seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
 def accumulated_step(metanetwork: tnn.Module, entry: DataModelEntry, batches: Iterable[tuple[Tensor, Tensor]],
                      reference_batches: int | None, alpha: float, bias: bool = False,
                      device: torch.device | str | None = None, diagnostics: bool = True,
-                     bn_mode: str = "eval", scale_free: bool = False) -> tuple[StepResult, float]:
+                     bn_mode: str = "eval", reg_projection: str = "none") -> tuple[StepResult, float]:
     """The gradient of one ``iterations_per_step`` optimiser step, left in the metanetwork's ``.grad``.
 
     Zeroes the gradients, accumulates this rank's :func:`meta_gradient` over ``batches`` (one backward through
@@ -598,7 +606,7 @@ def accumulated_step(metanetwork: tnn.Module, entry: DataModelEntry, batches: It
     metanetwork.zero_grad(set_to_none=True)
     result = run_on_every_rank(lambda: meta_gradient(metanetwork, entry, batches, reference_batches, alpha, bias,
                                                   device, diagnostics=diagnostics, bn_mode=bn_mode,
-                                                  scale_free=scale_free),
+                                                  reg_projection=reg_projection),
                             f"meta_train step on data model {entry.name}")
     average_gradients(metanetwork.parameters())
     keys = ("ce", "reg", *DIAGNOSTIC_COLUMNS)
@@ -967,7 +975,7 @@ def _step(state: _Training, epoch: int, index: int, stream: _BatchStream) -> tup
     state.optimizer.zero_grad(set_to_none=True)
     result = meta_gradient(metanetwork, entry, stream.take(state.batches_per_step), settings.reference_batches,
                            settings.alpha, settings.bias, state.device, bn_mode=settings.bn_mode,
-                           scale_free=settings.reg_scale_free)
+                           reg_projection=settings.reg_projection)
     norm = grad_norm(metanetwork)
     bad = [what for what, v in (("cross-entropy", result.ce), ("regulariser", result.reg),
                                 ("metanetwork gradient norm", norm)) if not math.isfinite(v)]
@@ -1019,7 +1027,7 @@ def _sharded_epoch(state: _Training, epoch: int) -> dict:
             metanetwork.train()
             result, norm = accumulated_step(metanetwork, entry, islice(batches, state.batches_per_step),
                                             settings.reference_batches, settings.alpha, settings.bias, state.device,
-                                            bn_mode=settings.bn_mode, scale_free=settings.reg_scale_free)
+                                            bn_mode=settings.bn_mode, reg_projection=settings.reg_projection)
             if result.batches != state.batches_per_step:  # the sampler promised len(loader) batches
                 raise RuntimeError(f"meta_train: the shard loader ran out after {result.batches} of "
                                    f"{state.batches_per_step} batches in step {step} of epoch {epoch}")

@@ -239,26 +239,39 @@ def test_scale_free_regulariser_gradient_is_the_plain_one_minus_each_tensors_own
     # a whole layer shrunk alike: the plain pull is exactly along the weight (gamma 1 everywhere) -> nothing left
     uniform = {k: 3.0 * w for k, w in own.items()}
     assert all(v.abs().max() < 1e-6 for v in without_scale_component(uniform, own).values())
+    # shrink_only: the projected pull where it points towards zero, nothing where it would make a weight grow
+    shrink = without_scale_component(plain, own, shrink_only=True)
+    for key, grad in free.items():
+        w = own[key]
+        pulls = grad * w > 0
+        torch.testing.assert_close(shrink[key][pulls], grad[pulls])
+        assert torch.all(shrink[key][~pulls] == 0)
+        assert float((shrink[key] * w).sum()) >= 0
+    assert any(bool((g * own[k] < 0).any()) for k, g in free.items())  # scale_free does push some to grow
     zero = {"w": torch.zeros(3)}
     assert torch.equal(without_scale_component({"w": torch.ones(3)}, zero)["w"], torch.ones(3))
     with pytest.raises(ValueError, match="gradient \\(3,\\) but weight \\(4,\\)"):
         without_scale_component({"w": torch.ones(3)}, {"w": torch.ones(4)})
 
 
-def test_reg_scale_free_changes_only_the_regulariser_part_of_the_step():
+def test_reg_projection_changes_only_the_regulariser_part_of_the_step():
     _, entry, net, batches = float64_case(4, num_batches=2, batch_size=6)
 
-    def step(scale_free):
+    def step(reg_projection):
         net.zero_grad(set_to_none=True)
-        result = meta_train.meta_gradient(net, entry, batches, reference_batches=50, alpha=16.0, scale_free=scale_free)
+        result = meta_train.meta_gradient(net, entry, batches, reference_batches=50, alpha=16.0,
+                                          reg_projection=reg_projection)
         return result, torch.cat([p.grad.flatten() for p in net.parameters()])
 
-    plain, plain_total = step(False)
-    free, free_total = step(True)
-    assert free.reg == plain.reg and free.ce == plain.ce  # same R, same CE: only the pushed gradient differs
-    assert free.grad_ce_norm == pytest.approx(plain.grad_ce_norm, rel=1e-9)
-    assert free.grad_reg_norm < plain.grad_reg_norm
-    assert not torch.allclose(free_total, plain_total)
+    plain, plain_total = step("none")
+    for mode in ("scale_free", "shrink_only"):
+        projected, projected_total = step(mode)
+        assert projected.reg == plain.reg and projected.ce == plain.ce  # same R and CE: only the pushed gradient
+        assert projected.grad_ce_norm == pytest.approx(plain.grad_ce_norm, rel=1e-9)
+        assert projected.grad_reg_norm < plain.grad_reg_norm
+        assert not torch.allclose(projected_total, plain_total)
+    with pytest.raises(ValueError, match="reg_projection='both'"):
+        step("both")
 
 
 def test_unstructured_methods_use_the_sign_regularizer():
