@@ -477,3 +477,53 @@ def test_generator_refuses_to_resume_a_shard_made_with_another_recipe_or_seed(tm
     with pytest.raises(StoreError, match=r"seed of data model 0"):
         generate.run(reseeded, run_dir)
     assert [r.position for r in DataModelStore(store_dir)] == [0]  # nothing was appended
+
+
+def test_unwritable_store_is_a_clear_error_at_each_step(tmp_path, monkeypatch):
+    """Each way a store can refuse writes (no folder, no lock file, no shard folder, no model file) names the
+    store and the OS error, and leaves what was stored readable. Simulated, because root may write anywhere."""
+    denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    def refuse(*args, **kwargs):
+        raise denied
+
+    # the store folder cannot be created (a parent that is a file)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    with pytest.raises(StoreError, match="cannot create data-model store") as err:
+        ShardWriter(blocker / "store", 0, IDENTITY)
+    assert str(blocker / "store") in str(err.value) and "NotADirectoryError" in str(err.value)
+
+    store_dir = tmp_path / "store"
+    add_models(store_dir, 0, [0])
+    # the lock file cannot be created
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module.os, "open", refuse)
+        with pytest.raises(StoreError, match="lock file .* cannot be created") as err:
+            ShardWriter(store_dir, 1, IDENTITY)
+    assert "PermissionError" in str(err.value) and str(store_dir) in str(err.value)
+    # the shard folder cannot be created
+    real_mkdir = store_module.Path.mkdir
+
+    def refuse_shard(path, *args, **kwargs):
+        if path == shard_path(store_dir, 2):
+            raise denied
+        return real_mkdir(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module.Path, "mkdir", refuse_shard)
+        with pytest.raises(StoreError, match="cannot write shard 2 of data-model store") as err:
+            ShardWriter(store_dir, 2, IDENTITY)
+    assert "PermissionError" in str(err.value)
+    # a data model cannot be written: nothing partial is left, the shard stays readable and resumable
+    writer = ShardWriter(store_dir, 0, IDENTITY)
+    with monkeypatch.context() as patch:
+        patch.setattr(utils.io, "write_bytes", refuse)
+        with pytest.raises(StoreError, match="cannot write data model 1 of shard 0") as err:
+            append(writer, 1, pruned_like_model(1))
+    assert "PermissionError" in str(err.value)
+    append(writer, 1, pruned_like_model(1))
+    writer.close()
+    assert [r.position for r in DataModelStore(store_dir)] == [0, 1]
+    assert sorted(p.name for p in shard_path(store_dir, 0).iterdir()) == ["model_000000.h5", "model_000001.h5",
+                                                                          "shard.json"]
