@@ -101,6 +101,7 @@ from typing import Any
 import torch
 import torch.fx
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 from torch import nn as tnn
 from torch_geometric.data import Data
@@ -991,7 +992,7 @@ class GraphCodec:
                 elif op == "pad":  # kernel zero-padded into the type's K x K, centred
                     parts.append(F.pad(tensors[i].reshape(shape), pad))
                 else:  # qkv: in_proj_weight [3o, i] -> rows (o, i) with features (q, k, v)
-                    parts.append(tensors[i].reshape(3, *shape).permute(1, 2, 0))
+                    parts.append(rearrange(tensors[i], "(qkv o) i -> o i qkv", qkv=3))
             attrs[f"edge_attr__{t}"] = _flatten(parts).view(plan.edge_counts[t], plan.edge_dims[t])
         return Data(x=x, edge_index=static["edge_index"], edge_type=static["edge_type"], **attrs)
 
@@ -1036,14 +1037,13 @@ class GraphCodec:
             if d.op == "pad":
                 r0, c0, kh, kw = d.window
                 k = int(math.isqrt(src.shape[1]))
-                w = src[d.start:d.stop].view(-1, k, k)[:, r0:r0 + kh, c0:c0 + kw].reshape(d.shape)
+                kernels = rearrange(src[d.start:d.stop], "n (kh kw) -> n kh kw", kh=k)
+                w = kernels[:, r0:r0 + kh, c0:c0 + kw].reshape(d.shape)
                 out[d.key] = w.clone(memory_format=torch.contiguous_format)
             elif d.op == "qkv":
-                three_o, i = d.shape
-                out[d.key] = src[d.start:d.stop].reshape(three_o // 3, i, 3).permute(2, 0, 1).reshape(three_o, i)
+                out[d.key] = rearrange(src[d.start:d.stop], "(o i) qkv -> (qkv o) i", i=d.shape[1])
             else:  # legacy_fc: the authors' reshape(in, C).T of the out-major fc rows (§4.7.1)
-                c, i = d.shape
-                w = src[d.start:d.stop, d.col].reshape(i, c).t()
+                w = rearrange(src[d.start:d.stop, d.col], "(i c) -> c i", c=d.shape[0])
                 out[d.key] = w.clone(memory_format=torch.contiguous_format)
         return {k: out[k] for k in fp.out_order}
 
