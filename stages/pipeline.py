@@ -52,10 +52,11 @@ class StaleStageError(RuntimeError):
 
 # Keys that never change a stage's results (select.cache only saves recomputing identical curves).
 RESULT_NEUTRAL_KEYS = ("select.cache",)
-# Sections a run mode never reads: changing them leaves its finished results valid.
+# Sections a run mode never reads: changing them leaves its finished results valid. A final run rebuilds its
+# metanetwork from the checkpoint's own spec (nn.apply.load_metanetwork), never from the `metanetwork` section.
 UNREAD_SECTIONS = {
     "pretrain_final": ("task.meta_train", "task.select", "select", "meta_train", "report", "metanetwork"),
-    "pruning_final": ("task.meta_train", "task.select", "select", "meta_train", "report"),
+    "pruning_final": ("task.meta_train", "task.select", "select", "meta_train", "report", "metanetwork"),
     "meta_train": ("task.select", "select", "final", "report"),
     "select": ("final", "report"),
     "generate": ("task.meta_train", "task.select", "select", "meta_train", "metanetwork", "final", "report"),

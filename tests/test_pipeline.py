@@ -88,7 +88,7 @@ def test_a_stage_finished_with_other_settings_is_refused_not_reused(tmp_path, mo
                            **{"final.model": "m.pt", "task.finetune.after_pruning.epochs": 99})
     # settings the run never reads, result-neutral keys and keys a newer version added are not differences
     same = {"final.model": "m.pt", "task.meta_train.pruner_reg": 0.5, "select.cache": "/elsewhere",
-            "final.brand_new_key": 3}
+            "final.brand_new_key": 3, "metanetwork.hiddim": 64}
     assert pipeline.run_stage("final", "pruning_final", cfg, tmp_path / "final", **same)["marker"] == 1
 
 
