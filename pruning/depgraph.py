@@ -46,6 +46,19 @@ log = logging.getLogger(__name__)
 NO_LAYER_CAP = 300.0
 
 
+def layer_cap(method: Mapping[str, Any]) -> float:
+    """torch-pruning's ``max_pruning_ratio`` from the method's ``max_pruning_ratio`` key: the largest share of a
+    layer's channels (counted when the pruner is built) that may go; null = the reference's no cap, under which
+    global ranking can cut a whole residual stage to one channel (reference defect 19)."""
+    value = method.get("max_pruning_ratio")
+    if value is None:
+        return NO_LAYER_CAP
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"method.max_pruning_ratio={value!r}: a share of each layer's channels in (0, 1), "
+                         "or null for no per-layer cap (the reference)")
+    return float(value)
+
+
 class SpeedUpNotReachedError(RuntimeError):
     """Raised when pruning cannot reach the requested speed-up; ``achieved`` is the best reached."""
 
@@ -183,7 +196,7 @@ def build_pruner(
         reg=reg,
         global_pruning=method.get("global_pruning", True),
         pruning_ratio=1.0,
-        max_pruning_ratio=NO_LAYER_CAP,
+        max_pruning_ratio=layer_cap(method),
         iterative_steps=iterative_steps,
         ignored_layers=ignored,
         **pruner_kwargs,

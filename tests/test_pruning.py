@@ -141,3 +141,24 @@ def test_prune_to_speed_up_and_the_curve_walk_the_same_pruning_steps():
     points = accuracy_speed_up_curve(make_net(), loader, "cpu", METHOD, EXAMPLE, max_speed_up=target,
                                      iterative_steps=20, progress=False)
     assert [x for x, _ in points] == [1.0] + speed_ups[:7]
+
+
+def test_max_pruning_ratio_keeps_a_share_of_every_layer():
+    """method.max_pruning_ratio caps the share of a layer's channels global ranking removes (torch-pruning's
+    max_pruning_ratio, within one pruning step); null is the reference's no cap."""
+    def skewed():  # one strong channel in the middle layer, the rest weak: global ranking drains that layer
+        net = make_net()
+        with torch.no_grad():
+            net.body[0].weight[1:].mul_(0.01)
+            net.body[1].weight[1:].mul_(0.01)
+        return net
+
+    uncapped, capped = skewed(), skewed()
+    assert prune_to_speed_up(uncapped, 3.0, {**METHOD, "max_pruning_ratio": None}, EXAMPLE, iterative_steps=50) >= 3.0
+    assert uncapped.body[0].out_channels < 12
+    assert prune_to_speed_up(capped, 3.0, {**METHOD, "max_pruning_ratio": 0.5}, EXAMPLE, iterative_steps=50) >= 3.0
+    assert capped.body[0].out_channels >= 12 - 1  # the floor is checked before each step
+    assert capped.stem[0].out_channels < uncapped.stem[0].out_channels  # the target is met elsewhere
+    for bad in (0.0, 1.0, 1.5, "0.5", True):
+        with pytest.raises(ValueError, match="max_pruning_ratio"):
+            prune_to_speed_up(make_net(), 2.0, {**METHOD, "max_pruning_ratio": bad}, EXAMPLE)
