@@ -267,6 +267,11 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
     lines += ["", "Prunability itself: test accuracy right after pruning, BEFORE the after-pruning fine-tune (first "
               "column: just before pruning, after each method's pre-pruning training):", ""]
     lines += _method_table(table, targets, _just_pruned_acc, before=lambda r: r["pre_pruning_acc"])
+    lines += ["", f"Collapsed layers: how many entries of the pruned network's widths (`results.json` `model.widths`, "
+              f"one per prunable layer) keep at most {NARROW_CHANNELS} channels. Global ranking with no per-layer "
+              "cap (`method.max_pruning_ratio: null`, the reference's) can cut a layer, or a whole residual stage, to "
+              "one channel:", ""]
+    lines += _method_table(table, targets, _narrow_layers, scale=1, digits=1)
     lines += ["", "Paired differences (test accuracy, points; per seed, both methods from the same start model, "
               "then mean ± std over seeds):", ""]
     lines += _paired_table(table, targets)
@@ -331,17 +336,26 @@ def _just_pruned_acc(result: dict) -> float | None:
     return next((stage["test_acc"] for stage in result.get("stages", []) if stage["stage"] == "pruned"), None)
 
 
-def _method_table(table: dict, targets: list[float], value, before=None) -> list[str]:
-    """Markdown rows method x target of ``100 * value(result)`` (mean ± std over seeds); ``before``: a first
+NARROW_CHANNELS = 2  # a layer left with this many channels or fewer counts as collapsed
+
+
+def _narrow_layers(result: dict) -> int | None:
+    widths = (result.get("model") or {}).get("widths")
+    return None if widths is None else sum(1 for w in widths if w <= NARROW_CHANNELS)
+
+
+def _method_table(table: dict, targets: list[float], value, before=None, scale: float = 100,
+                  digits: int = 2) -> list[str]:
+    """Markdown rows method x target of ``scale * value(result)`` (mean ± std over seeds); ``before``: a first
     column of a per-run value measured before pruning (the same for every target, taken from the first)."""
     header = ["Method"] + (["before pruning"] if before else []) + [f"{t:g}x" for t in targets] + ["seeds"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in [m for m in (*METHODS, "transfer") if m in table]:
         per_target = [table[method].get(round(t, 4), []) for t in targets]
-        cells = [_stat([100 * v for v in map(value, runs) if v is not None]) for runs in per_target]
+        cells = [_stat([scale * v for v in map(value, runs) if v is not None], digits) for runs in per_target]
         if before:
             first = next((runs for runs in per_target if runs), [])
-            cells = [_stat([100 * before(r) for r in first])] + cells
+            cells = [_stat([scale * before(r) for r in first], digits)] + cells
         n = max(len(v) for v in table[method].values())
         rows.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {n} |")
     return rows

@@ -74,6 +74,12 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
     assert prunability["Method"] == ["before pruning", "1.5x", "2x", "seeds"]
     for label in METHOD_LABELS.values():
         assert all(0.0 <= float(cell.split(" ")[0]) <= 100.0 for cell in prunability[label][:3]), label
+    collapsed = table_rows(markdown, "Collapsed layers")  # layers left with <= 2 channels, from the widths
+    assert collapsed["Method"] == ["1.5x", "2x", "seeds"]
+    for method, label in METHOD_LABELS.items():
+        for target, cell in zip(TARGETS, collapsed[label]):
+            result = json.loads((out / "final" / "seed1" / method / f"target_{target:g}x" / "results.json").read_text())
+            assert float(cell) == sum(w <= 2 for w in result["model"]["widths"]), (method, target)
     for name in ("proxy.png", "proxy_selection.png"):
         assert (results / name).stat().st_size > 0, name
 
