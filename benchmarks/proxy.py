@@ -33,6 +33,8 @@ Usage::
     python benchmarks/proxy.py --transfer outputs/.../select      # add a transferred metanetwork
     python benchmarks/proxy.py --ablation lr3e-4 task.meta_train.lr=3e-4   # meta_train + select only, on the
                                                                   # benchmark's store; appends to the ablation table
+    python benchmarks/proxy.py --variant capped method.max_pruning_ratio=0.9   # the final runs again with the
+                      # overrides, from the same starts, metanetwork and sparse-learning strength: report <name>_capped.md
 """
 from __future__ import annotations
 
@@ -116,6 +118,44 @@ def _final_overrides(method: str, start_model: Path, targets: list[float], selec
     return updates
 
 
+def _run_methods(cfg: DictConfig, timings: Timings, final_root: Path, seed: int, start_model: Path, methods: list[str],
+                 targets: list[float], select_dir: Path, sparse_reg: float, transfer: str | None) -> None:
+    """Every method's pruning_final at every target from one seed's start, into ``final_root/seed<s>/<method>``."""
+    for method in methods + (["transfer"] if transfer else []):
+        stage_cfg = cfg
+        if method == "random":
+            stage_cfg = cfg.copy()
+            with open_dict(stage_cfg):
+                # the random importance, with the rest of the method section (its per-layer cap) as configured
+                stage_cfg.method = OmegaConf.merge(method_config("random"),
+                                                   {"max_pruning_ratio": cfg.method.get("max_pruning_ratio")})
+        updates = _final_overrides(method, start_model, targets, select_dir, sparse_reg, transfer)
+        timings.run(f"seed {seed}: {method}", final_root / f"seed{seed}" / method / "results.json", run_stage,
+                    f"{method} (seed {seed})", "pruning_final", stage_cfg, final_root / f"seed{seed}" / method,
+                    **{"seed": seed, **updates})
+
+
+def run_variant(cfg: DictConfig, out: Path, name: str, seeds: list[int], targets: list[float], transfer: str | None,
+                methods: list[str]) -> tuple[Path, dict]:
+    """The final runs again with ``cfg``'s overrides, into ``<out>/variants/<name>/final``: the same per-seed starts,
+    selected metanetwork and sparse-learning strength as the benchmark's own finals, so the two are paired."""
+    select_file = out / "select" / "selection.json"
+    if not select_file.exists():
+        raise SystemExit(f"--variant needs the benchmark's selection at {select_file}: run the benchmark first")
+    starts = {seed: out / "final" / f"seed{seed}" / "pretrain" / "init_pruned_model.pt" for seed in seeds}
+    missing = [str(path) for path in starts.values() if not path.exists()]
+    if missing:
+        raise SystemExit(f"--variant needs each seed's start from the benchmark; missing: {', '.join(missing)}")
+    folder = out / "variants" / name
+    timings = Timings(folder / "timings.json")
+    sparse_reg = json.loads(select_file.read_text()).get("best_sparse_reg") or float(cfg.final.sparse_learning.reg)
+    print(colored(f"proxy benchmark variant {name}: the finals of seeds {seeds} -> {folder}", "cyan"))
+    for seed, start in starts.items():
+        _run_methods(cfg, timings, folder / "final", seed, start, methods, targets, out / "select", sparse_reg,
+                     transfer)
+    return folder / "final", timings.values
+
+
 def run_benchmark(cfg: DictConfig, out: Path, seeds: list[int], targets: list[float], transfer: str | None,
                   methods: list[str], generate_seed: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
@@ -140,26 +180,17 @@ def run_benchmark(cfg: DictConfig, out: Path, seeds: list[int], targets: list[fl
         timings.run(f"seed {seed}: pretrain + init prune", pretrain / "results.json", run_stage,
                     f"pretrain (seed {seed})", "pretrain_final", cfg, pretrain,
                     **{"seed": seed, "final.init_prune": True})
-        start_model = pretrain / "init_pruned_model.pt"
-        for method in methods + (["transfer"] if transfer else []):
-            stage_cfg = cfg
-            if method == "random":
-                stage_cfg = cfg.copy()
-                with open_dict(stage_cfg):
-                    stage_cfg.method = method_config("random")
-            updates = _final_overrides(method, start_model, targets, out / "select", sparse_reg, transfer)
-            timings.run(f"seed {seed}: {method}", seed_dir / method / "results.json", run_stage,
-                        f"{method} (seed {seed})", "pruning_final", stage_cfg, seed_dir / method,
-                        **{"seed": seed, **updates})
+        _run_methods(cfg, timings, out / "final", seed, pretrain / "init_pruned_model.pt", methods, targets,
+                     out / "select", sparse_reg, transfer)
     return timings.values
 
 
 # ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
-def collect(out: Path) -> dict[str, dict[float, list[dict]]]:
-    """method -> target -> results (one per seed), from ``<out>/final/seed*/<method>/target_*x``."""
-    results, _skipped = find_results(out / "final")
+def collect(final_root: Path) -> dict[str, dict[float, list[dict]]]:
+    """method -> target -> results (one per seed), from ``<final_root>/seed*/<method>/target_*x``."""
+    results, _skipped = find_results(final_root)
     table: dict[str, dict[float, list[dict]]] = {}
     for result in results:
         method = Path(result["_path"]).parts[-3] if "target_" in Path(result["_path"]).parts[-2] else \
@@ -248,14 +279,22 @@ def _budget_lines(cfg: DictConfig, seeds: list[int], targets: list[float], meta:
 
 
 def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds: list[int],
-                 targets: list[float], timings: dict, transfer: str | None) -> Path:
+                 targets: list[float], timings: dict, transfer: str | None, final_root: Path | None = None,
+                 variant: list[str] | None = None) -> Path:
+    """``<results_dir>/<name>.md`` from the finals under ``final_root`` (default ``<out>/final``); ``variant``: the
+    overrides a ``--variant`` run gave its finals (said in the header)."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    table = collect(out)
+    table = collect(final_root or out / "final")
     meta = json.loads((out / "meta_train" / "results.json").read_text())
     select = json.loads((out / "select" / "selection.json").read_text())
-    lines = [f"# Proxy benchmark: {cfg.task.name}", "",
+    lines = [f"# Proxy benchmark: {cfg.task.name}" + (" (variant of the finals)" if variant is not None else ""), "",
              f"Generated by `python benchmarks/proxy.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
-             f"Hardware: {_hardware()}.", "", "## Setup and budgets", ""]
+             f"Hardware: {_hardware()}.", ""]
+    if variant is not None:
+        lines += [f"A variant of `proxy.md`: every final run again with `{' '.join(variant)}`, from the same per-seed "
+                  "starts, with the same selected metanetwork and sparse-learning strength (so each seed's runs pair "
+                  "with the benchmark's own); data models, meta-training and selection are the benchmark's.", ""]
+    lines += ["## Setup and budgets", ""]
     lines += _budget_lines(cfg, seeds, targets, meta, select)
     lines += ["", "## Test accuracy after pruning and fine-tune (mean ± std over seeds, %)", ""]
     lines += _method_table(table, targets, lambda r: r["pruned_acc"])
@@ -461,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a metanetwork (.pt or select run dir) trained on another setting, added as a method")
     parser.add_argument("--ablation", default=None, metavar="NAME",
                         help="only meta_train + select with the overrides, into <out>/ablation/NAME")
+    parser.add_argument("--variant", default=None, metavar="NAME",
+                        help="only the final runs, with the overrides, into <out>/variants/NAME (report <name>_NAME.md)")
     argv = list(sys.argv[1:] if argv is None else argv)
     # Hydra overrides (key=value, anywhere on the line) are told apart from the options by their '='
     hydra_overrides = [a for a in argv if "=" in a and not a.startswith("-")]
@@ -472,8 +513,17 @@ def main(argv: list[str] | None = None) -> int:
                  f"select.sparse_learning_regs=[{','.join(f'{r:g}' for r in args.sparse_regs)}]", *args.overrides]
     cfg = compose_config(args.task, overrides)
     out, results_dir = Path(args.out).resolve(), Path(args.results).resolve()
+    if args.ablation and args.variant:
+        parser.error("--ablation and --variant exclude each other")
     if args.ablation:
         run_ablation(cfg, out, args.ablation, args.overrides, results_dir, args.name)
+        return 0
+    if args.variant:
+        final_root, timings = run_variant(cfg, out, args.variant, args.seeds, args.targets, args.transfer,
+                                          args.methods)
+        path = write_report(cfg, out, results_dir, f"{args.name}_{args.variant}", args.seeds, args.targets, timings,
+                            args.transfer, final_root=final_root, variant=args.overrides)
+        print(colored(f"proxy benchmark variant report: {path}", "green", attrs=["bold"]))
         return 0
     timings = run_benchmark(cfg, out, args.seeds, args.targets, args.transfer, args.methods, args.generate_seed)
     path = write_report(cfg, out, results_dir, args.name, args.seeds, args.targets, timings, args.transfer)

@@ -1,4 +1,5 @@
-"""benchmarks/proxy.py end to end on the offline digits task (tiny budgets): the report, resumption, an ablation."""
+"""benchmarks/proxy.py end to end on the offline digits task (tiny budgets): the report, resumption, an ablation,
+a variant of the finals."""
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from helpers import REPO
 TARGETS = (1.5, 2.0)
@@ -133,6 +135,20 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
         assert math.isfinite(row[key]), key
     assert row["gain_over_control"] == pytest.approx(row["score"] - row["control_score"])
     assert 0.0 <= row["unpruned_acc"] <= 1.0 and row["eligible"] in (True, False)
+
+    # a variant: only the finals again, with overrides, from the same starts; the benchmark's own stay untouched
+    finished = {p: p.stat().st_mtime_ns for p in (out / "final").rglob("results.json")}
+    proxy(tmp_path, "--variant", "capped", "method.max_pruning_ratio=0.5")
+    assert {p: p.stat().st_mtime_ns for p in (out / "final").rglob("results.json")} == finished
+    variant = (results / "proxy_capped.md").read_text()
+    assert "method.max_pruning_ratio=0.5" in variant.splitlines()[4]
+    assert list(table_rows(variant, "## Test accuracy"))[2:] == list(METHOD_LABELS.values())
+    for method in METHOD_LABELS:
+        stage = out / "variants" / "capped" / "final" / "seed1" / method
+        assert OmegaConf.load(stage / "config.yaml").method.max_pruning_ratio == 0.5, method
+        for target in TARGETS:
+            result = json.loads((stage / f"target_{target:g}x" / "results.json").read_text())
+            assert result["source_model"] == str(start) and result["speed_up"] >= target
     checkpoints = sorted(p.name for p in (out / "ablation" / "smoke" / "meta_train" / "checkpoints").glob("*.pt"))
     assert checkpoints == ["epoch_0001.pt"]
     assert not (out / "ablation" / "smoke" / "final").exists()
