@@ -126,7 +126,7 @@ def _run_methods(cfg: DictConfig, timings: Timings, final_root: Path, seed: int,
         if method == "random":
             stage_cfg = cfg.copy()
             with open_dict(stage_cfg):
-                # the random importance, with the rest of the method section (its per-layer cap) as configured
+                # the random importance, with the configured per-layer cap
                 stage_cfg.method = OmegaConf.merge(method_config("random"),
                                                    {"max_pruning_ratio": cfg.method.get("max_pruning_ratio")})
         updates = _final_overrides(method, start_model, targets, select_dir, sparse_reg, transfer)
