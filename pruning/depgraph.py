@@ -49,7 +49,9 @@ NO_LAYER_CAP = 300.0
 def layer_cap(method: Mapping[str, Any]) -> float:
     """torch-pruning's ``max_pruning_ratio`` from the method's ``max_pruning_ratio`` key: the largest share of a
     layer's channels (counted when the pruner is built) that may go; null = the reference's no cap, under which
-    global ranking can cut a whole residual stage to one channel (reference defect 19)."""
+    global ranking can cut a whole residual stage to one channel (reference defect 19). The cap is soft:
+    torch-pruning checks it before each step, and one global step can take several channels of a layer at once,
+    past the floor (down to one channel)."""
     value = method.get("max_pruning_ratio")
     if value is None:
         return NO_LAYER_CAP

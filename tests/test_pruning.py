@@ -157,7 +157,7 @@ def test_max_pruning_ratio_keeps_a_share_of_every_layer():
     assert prune_to_speed_up(uncapped, 3.0, {**METHOD, "max_pruning_ratio": None}, EXAMPLE, iterative_steps=50) >= 3.0
     assert uncapped.body[0].out_channels < 12
     assert prune_to_speed_up(capped, 3.0, {**METHOD, "max_pruning_ratio": 0.5}, EXAMPLE, iterative_steps=50) >= 3.0
-    assert capped.body[0].out_channels >= 12 - 1  # the floor is checked before each step
+    assert capped.body[0].out_channels >= 12 - 1  # soft: checked before each step, one step may pass it
     assert capped.stem[0].out_channels < uncapped.stem[0].out_channels  # the target is met elsewhere
     for bad in (0.0, 1.0, 1.5, "0.5", True):
         with pytest.raises(ValueError, match="max_pruning_ratio"):
