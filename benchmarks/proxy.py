@@ -306,10 +306,11 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
     lines += ["", "Prunability itself: test accuracy right after pruning, BEFORE the after-pruning fine-tune (first "
               "column: just before pruning, after each method's pre-pruning training):", ""]
     lines += _method_table(table, targets, _just_pruned_acc, before=lambda r: r["pre_pruning_acc"])
+    cap = cfg.method.get("max_pruning_ratio")
     lines += ["", f"Collapsed layers: how many entries of the pruned network's widths (`results.json` `model.widths`, "
-              f"one per prunable layer) keep at most {NARROW_CHANNELS} channels. Global ranking with no per-layer "
-              "cap (`method.max_pruning_ratio: null`, the reference's) can cut a layer, or a whole residual stage, to "
-              "one channel:", ""]
+              f"one per prunable layer) keep at most {NARROW_CHANNELS} channels. Global ranking can cut a layer, or "
+              "a whole residual stage, to one channel; `method.max_pruning_ratio` caps that softly (here "
+              f"{'null: no cap, the reference' if cap is None else cap}):", ""]
     lines += _method_table(table, targets, _narrow_layers, scale=1, digits=1)
     lines += ["", "Paired differences (test accuracy, points; per seed, both methods from the same start model, "
               "then mean ± std over seeds):", ""]
