@@ -280,9 +280,10 @@ def _budget_lines(cfg: DictConfig, seeds: list[int], targets: list[float], meta:
 
 def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds: list[int],
                  targets: list[float], timings: dict, transfer: str | None, final_root: Path | None = None,
-                 variant: list[str] | None = None) -> Path:
+                 variant: list[str] | None = None, images_of: str | None = None) -> Path:
     """``<results_dir>/<name>.md`` from the finals under ``final_root`` (default ``<out>/final``); ``variant``: the
-    overrides a ``--variant`` run gave its finals (said in the header)."""
+    overrides a ``--variant`` run gave its finals (said in the header); ``images_of``: the report whose selection
+    and meta-training plots it shows instead of copying its own."""
     results_dir.mkdir(parents=True, exist_ok=True)
     table = collect(final_root or out / "final")
     meta = json.loads((out / "meta_train" / "results.json").read_text())
@@ -341,13 +342,17 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
     lines += ["| checkpoint | score | unpruned accuracy | eligible |", "|---|---|---|---|"]
     lines += [f"| epoch {r['epoch']} | {r['score']:.4f} | {num(r.get('unpruned_acc'))} | {r.get('eligible', '-')} |"
               for r in sorted(select["ranking"], key=lambda r: r["epoch"])]
+    # a variant shares the benchmark's selection and meta-training, and so its plots (<images_of>_*.png)
+    images = images_of or name
     if curves.exists():
-        shutil.copyfile(curves, results_dir / f"{name}_selection.png")
-        lines += ["", f"![selection curves]({name}_selection.png)"]
+        if images_of is None:
+            shutil.copyfile(curves, results_dir / f"{name}_selection.png")
+        lines += ["", f"![selection curves]({images}_selection.png)"]
     diag = out / "meta_train" / "meta_train_diagnostics.png"
     if diag.exists():
-        shutil.copyfile(diag, results_dir / f"{name}_meta_train.png")
-        lines += ["", f"![meta-training diagnostics]({name}_meta_train.png)"]
+        if images_of is None:
+            shutil.copyfile(diag, results_dir / f"{name}_meta_train.png")
+        lines += ["", f"![meta-training diagnostics]({images}_meta_train.png)"]
     ablation = results_dir / f"{name}_ablation.json"
     if ablation.exists():
         lines += ["", "## Ablation of meta-training settings (validation only)", "",
@@ -523,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         final_root, timings = run_variant(cfg, out, args.variant, args.seeds, args.targets, args.transfer,
                                           args.methods)
         path = write_report(cfg, out, results_dir, f"{args.name}_{args.variant}", args.seeds, args.targets, timings,
-                            args.transfer, final_root=final_root, variant=args.overrides)
+                            args.transfer, final_root=final_root, variant=args.overrides, images_of=args.name)
         print(colored(f"proxy benchmark variant report: {path}", "green", attrs=["bold"]))
         return 0
     timings = run_benchmark(cfg, out, args.seeds, args.targets, args.transfer, args.methods, args.generate_seed)

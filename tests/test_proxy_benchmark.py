@@ -143,6 +143,7 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
     variant = (results / "proxy_capped.md").read_text()
     assert "method.max_pruning_ratio=0.5" in variant.splitlines()[4]
     assert list(table_rows(variant, "## Test accuracy"))[2:] == list(METHOD_LABELS.values())
+    assert "](proxy_selection.png)" in variant and not (results / "proxy_capped_selection.png").exists()
     for method in METHOD_LABELS:
         stage = out / "variants" / "capped" / "final" / "seed1" / method
         assert OmegaConf.load(stage / "config.yaml").method.max_pruning_ratio == 0.5, method
