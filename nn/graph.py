@@ -1037,7 +1037,7 @@ class GraphCodec:
             if d.op == "pad":
                 r0, c0, kh, kw = d.window
                 k = int(math.isqrt(src.shape[1]))
-                kernels = rearrange(src[d.start:d.stop], "n (kh kw) -> n kh kw", kh=k)
+                kernels = rearrange(src[d.start:d.stop], "n (rows cols) -> n rows cols", rows=k)
                 w = kernels[:, r0:r0 + kh, c0:c0 + kw].reshape(d.shape)
                 out[d.key] = w.clone(memory_format=torch.contiguous_format)
             elif d.op == "qkv":
