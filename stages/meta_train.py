@@ -490,8 +490,8 @@ def step_diagnostics(entry: DataModelEntry, generated: Mapping[str, Tensor]
     regularizer = entry.regularizer
     norms = regularizer.channel_norms(generated)
     if "input_norms" not in entry.cache:
-        entry.cache["input_norms"] = own_norms = regularizer.channel_norms({})
-        entry.cache["small_group_share_input"] = small_share(own_norms, SMALL_FRACTION)
+        entry.cache["input_norms"] = regularizer.channel_norms({})
+        entry.cache["small_group_share_input"] = small_share(entry.cache["input_norms"], SMALL_FRACTION)
     own_norms = entry.cache["input_norms"]
     change = relative_change(generated, dict(entry.model.named_parameters()))
     return (small_share(norms, SMALL_FRACTION), entry.cache["small_group_share_input"], change,
