@@ -75,6 +75,8 @@ LABELS = {
     "transfer": "Meta-pruning, transferred metanetwork",
 }
 DEFAULT_SPARSE_REGS = [5e-4, 5e-3, 5e-2]
+# the per-layer cap's method keys, which the random stage (its own method section) takes from the configured method
+LAYER_CAP_KEYS = ("max_pruning_ratio", "hard_cap")
 
 
 def compose_config(task: str, overrides: list[str]) -> DictConfig:
@@ -128,7 +130,7 @@ def _run_methods(cfg: DictConfig, timings: Timings, final_root: Path, seed: int,
             with open_dict(stage_cfg):
                 # the random importance, with the configured per-layer cap
                 stage_cfg.method = OmegaConf.merge(method_config("random"),
-                                                   {"max_pruning_ratio": cfg.method.get("max_pruning_ratio")})
+                                                   {key: cfg.method.get(key) for key in LAYER_CAP_KEYS})
         updates = _final_overrides(method, start_model, targets, select_dir, sparse_reg, transfer)
         timings.run(f"seed {seed}: {method}", final_root / f"seed{seed}" / method / "results.json", run_stage,
                     f"{method} (seed {seed})", "pruning_final", stage_cfg, final_root / f"seed{seed}" / method,
@@ -310,10 +312,12 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
               "column: just before pruning, after each method's pre-pruning training):", ""]
     lines += _method_table(table, targets, _just_pruned_acc, before=lambda r: r["pre_pruning_acc"])
     cap = cfg.method.get("max_pruning_ratio")
+    cap_text = ("null: no cap, the reference" if cap is None
+                else f"{cap}, {'hard: no step passes it' if cfg.method.get('hard_cap') else 'soft'}")
     lines += ["", f"Collapsed layers: how many entries of the pruned network's widths (`results.json` `model.widths`, "
               f"one per prunable layer) keep at most {NARROW_CHANNELS} channels. Global ranking can cut a layer, or "
-              "a whole residual stage, to one channel; `method.max_pruning_ratio` caps that softly (here "
-              f"{'null: no cap, the reference' if cap is None else cap}):", ""]
+              "a whole residual stage, to one channel; `method.max_pruning_ratio` caps that, softly unless "
+              f"`method.hard_cap=true` (here {cap_text}):", ""]
     lines += _method_table(table, targets, _narrow_layers, scale=1, digits=1)
     lines += ["", "Paired differences (test accuracy, points; per seed, both methods from the same start model, "
               "then mean ± std over seeds):", ""]

@@ -33,6 +33,7 @@ heads cannot be removed from it at all, so neither is used.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
@@ -59,6 +60,16 @@ def layer_cap(method: Mapping[str, Any]) -> float:
         raise ValueError(f"method.max_pruning_ratio={value!r}: a share of each layer's channels in (0, 1), "
                          "or null for no per-layer cap (the reference)")
     return float(value)
+
+
+def hard_cap(method: Mapping[str, Any]) -> bool:
+    """The method's ``hard_cap`` key: true makes ``max_pruning_ratio`` a floor that no step passes
+    (:func:`hard_capped_step`); false (the default) leaves torch-pruning's soft check."""
+    value = method.get("hard_cap", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"method.hard_cap={value!r}: true (no pruning step takes a layer past "
+                         "max_pruning_ratio) or false (torch-pruning's soft cap)")
+    return value
 
 
 class SpeedUpNotReachedError(RuntimeError):
@@ -148,6 +159,65 @@ def pruner_step(pruner: tp.pruner.BasePruner, model: nn.Module) -> None:
     sync_after_pruning(model)
 
 
+def _layer_floor(initial: int | None, cap: float) -> int:
+    """The fewest channels a layer that started with ``initial`` may keep under the cap (at least one)."""
+    return 1 if initial is None else max(1, math.ceil(initial * (1.0 - cap) - 1e-9))
+
+
+def _room_left(pruner: tp.pruner.BasePruner, group: Any) -> int | None:
+    """How many channels ``group`` can still lose before one of its layers drops below its floor (None: no
+    layer of the group has a channel count to watch)."""
+    room = None
+    for dep, _idxs in group:
+        if dep.target.type == tp.ops.OPTYPE.PARAMETER:
+            continue
+        module = dep.target.module
+        if pruner.DG.is_out_channel_pruning_fn(dep.handler):
+            now, initial = pruner.DG.get_out_channels(module), pruner.layer_init_out_ch.get(module)
+        elif pruner.DG.is_in_channel_pruning_fn(dep.handler):
+            now, initial = pruner.DG.get_in_channels(module), pruner.layer_init_in_ch.get(module)
+        else:
+            continue
+        if now is None:
+            continue
+        left = now - _layer_floor(initial, pruner.max_pruning_ratio)
+        room = left if room is None else min(room, left)
+    return room
+
+
+def hard_capped_step(pruner: tp.pruner.BasePruner, model: nn.Module) -> None:
+    """One pruning step in which no layer loses channels past the pruner's ``max_pruning_ratio``.
+
+    torch-pruning ranks globally and picks each group's channels below the threshold; where that would take
+    a layer of the group below its floor, only the group's least important channels down to the floor go
+    (ranked by the scores the step ranked with, computed before any group of the step is pruned). The step
+    then removes fewer channels than the global ratio asks; later steps make up for it elsewhere.
+    """
+    if pruner.round_to:
+        raise ValueError("method.hard_cap does not combine with round_to (a ViT's round_to head mode): clipping a "
+                         "group to its floor would break the rounding")
+    scores = {}
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types):
+        if pruner._get_channel_groups(group) > 1:  # the same dims leave every channel group (heads, groups)
+            raise ValueError("method.hard_cap does not support layers pruned in channel groups (a ViT's per-head "
+                             "attention, grouped convolutions)")
+        root = group[0].dep
+        scores[(root.target.module, root.handler)] = pruner.estimate_importance(group)
+    for group in pruner.step(interactive=True):
+        chosen = list(group[0].root_idxs)
+        room = _room_left(pruner, group)
+        if room is None or len(chosen) <= room:
+            group.prune()
+            continue
+        if room <= 0:
+            continue
+        root = group[0].dep
+        order = torch.argsort(scores[(root.target.module, root.handler)][chosen], stable=True)
+        group.prune(idxs=[chosen[i] for i in order[:room].tolist()])
+    sync_after_pruning(model)
+
+
 def build_pruner(
     model: nn.Module,
     example_inputs: torch.Tensor,
@@ -220,8 +290,9 @@ def pruning_steps(model: nn.Module, example_inputs: torch.Tensor, method: Mappin
     when to stop (a speed-up target, an accuracy curve's range) by leaving the loop.
     """
     pruner = build_pruner(model, example_inputs, method, iterative_steps=iterative_steps, **pruner_options)
+    step = hard_capped_step if hard_cap(method) else pruner_step
     for _step in range(iterative_steps):
-        pruner_step(pruner, model)
+        step(pruner, model)
         yield count_macs(model, example_inputs)
 
 

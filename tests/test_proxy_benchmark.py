@@ -138,15 +138,17 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
 
     # a variant: only the finals again, with overrides, from the same starts; the benchmark's own stay untouched
     finished = {p: p.stat().st_mtime_ns for p in (out / "final").rglob("results.json")}
-    proxy(tmp_path, "--variant", "capped", "method.max_pruning_ratio=0.5")
+    proxy(tmp_path, "--variant", "capped", "method.max_pruning_ratio=0.5", "method.hard_cap=true")
     assert {p: p.stat().st_mtime_ns for p in (out / "final").rglob("results.json")} == finished
     variant = (results / "proxy_capped.md").read_text()
-    assert "method.max_pruning_ratio=0.5" in variant.splitlines()[4]
+    assert "method.max_pruning_ratio=0.5 method.hard_cap=true" in variant.splitlines()[4]
+    assert "(here 0.5, hard: no step passes it)" in variant
     assert list(table_rows(variant, "## Test accuracy"))[2:] == list(METHOD_LABELS.values())
     assert "](proxy_selection.png)" in variant and not (results / "proxy_capped_selection.png").exists()
     for method in METHOD_LABELS:
         stage = out / "variants" / "capped" / "final" / "seed1" / method
-        assert OmegaConf.load(stage / "config.yaml").method.max_pruning_ratio == 0.5, method
+        capped = OmegaConf.load(stage / "config.yaml").method
+        assert capped.max_pruning_ratio == 0.5 and capped.hard_cap is True, method
         for target in TARGETS:
             result = json.loads((stage / f"target_{target:g}x" / "results.json").read_text())
             assert result["source_model"] == str(start) and result["speed_up"] >= target

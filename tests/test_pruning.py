@@ -16,6 +16,7 @@ from pruning.depgraph import (
     build_pruner,
     classifier_module,
     count_macs,
+    hard_cap,
     prune_to_speed_up,
     pruning_steps,
 )
@@ -162,3 +163,57 @@ def test_max_pruning_ratio_keeps_a_share_of_every_layer():
     for bad in (0.0, 1.0, 1.5, "0.5", True):
         with pytest.raises(ValueError, match="max_pruning_ratio"):
             prune_to_speed_up(make_net(), 2.0, {**METHOD, "max_pruning_ratio": bad}, EXAMPLE)
+
+
+def graded_net():
+    """make_net with the body's middle channels graded 1.5x apart (conv rows, BN scales, the next conv's
+    columns), so their group importance ranks them by index; BN running means tag each channel with its index."""
+    net = make_net()
+    scale = 0.01 * 1.5 ** torch.arange(24.0)
+    with torch.no_grad():
+        net.body[0].weight.mul_(scale.view(-1, 1, 1, 1))
+        net.body[1].weight.mul_(scale)
+        net.body[3].weight.mul_(scale.view(1, -1, 1, 1))
+        net.body[1].running_mean.copy_(torch.arange(24.0))
+    return net
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_hard_cap_no_step_passes_the_floor_and_the_strongest_channels_stay(hard):
+    """With 5 coarse steps, one global step would take the weak middle layer from 17 channels to 10, past the 0.5
+    cap's floor of 12: the soft cap (torch-pruning's) lets it, the hard cap clips that step at the floor and
+    keeps the group's 12 most important channels; the target is still reached elsewhere."""
+    net = graded_net()
+    method = {**METHOD, "max_pruning_ratio": 0.5, "hard_cap": hard}
+    base = count_macs(net, EXAMPLE)
+    widths = []
+    for macs in pruning_steps(net, EXAMPLE, method, iterative_steps=5):
+        widths.append(net.body[0].out_channels)
+        if base / macs >= 3.0:
+            break
+    assert base / macs >= 3.0
+    if hard:
+        assert min(widths) == 12 and net.body[1].running_mean.tolist() == list(range(12, 24))
+        assert net(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    else:
+        assert min(widths) < 12
+
+
+def test_hard_cap_changes_nothing_where_no_floor_binds():
+    soft, hard = make_net(), make_net()
+    prune_to_speed_up(soft, 2.0, METHOD, EXAMPLE, iterative_steps=50)
+    prune_to_speed_up(hard, 2.0, {**METHOD, "hard_cap": True}, EXAMPLE, iterative_steps=50)
+    assert soft.state_dict().keys() == hard.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(soft.state_dict().values(), hard.state_dict().values()))
+
+
+def test_hard_cap_bad_values_and_unsupported_layouts_are_clear_errors():
+    assert hard_cap(METHOD) is False
+    for bad in ("true", 1, None):
+        with pytest.raises(ValueError, match="hard_cap"):
+            prune_to_speed_up(make_net(), 2.0, {**METHOD, "hard_cap": bad}, EXAMPLE)
+    vit = build_model("vit_tiny", 10).eval()
+    before = copy.deepcopy(vit.state_dict())
+    with pytest.raises(ValueError, match="channel groups"):
+        prune_to_speed_up(vit, 1.5, {**METHOD, "max_pruning_ratio": 0.5, "hard_cap": True}, torch.ones(1, 3, 32, 32))
+    assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items())  # refused before any pruning
