@@ -190,20 +190,23 @@ def hard_capped_step(pruner: tp.pruner.BasePruner, model: nn.Module) -> None:
 
     torch-pruning ranks globally and picks each group's channels below the threshold; where that would take
     a layer of the group below its floor, only the group's least important channels down to the floor go
-    (ranked by the scores the step ranked with, computed before any group of the step is pruned). The step
+    (ranked by the scores the step ranked with, computed before any group of the step is pruned; a random
+    importance draws them apart, leaving the step's own draws as they are without the cap). The step
     then removes fewer channels than the global ratio asks; later steps make up for it elsewhere.
     """
     if pruner.round_to:
         raise ValueError("method.hard_cap does not combine with round_to (a ViT's round_to head mode): clipping a "
                          "group to its floor would break the rounding")
     scores = {}
-    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                          root_module_types=pruner.root_module_types):
-        if pruner._get_channel_groups(group) > 1:  # the same dims leave every channel group (heads, groups)
-            raise ValueError("method.hard_cap does not support layers pruned in channel groups (a ViT's per-head "
-                             "attention, grouped convolutions)")
-        root = group[0].dep
-        scores[(root.target.module, root.handler)] = pruner.estimate_importance(group)
+    # on a forked RNG, so that a random importance draws in the step exactly what it would without the cap
+    with torch.random.fork_rng(devices=[]):
+        for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                              root_module_types=pruner.root_module_types):
+            if pruner._get_channel_groups(group) > 1:  # the same dims leave every channel group (heads, groups)
+                raise ValueError("method.hard_cap does not support layers pruned in channel groups (a ViT's "
+                                 "per-head attention, grouped convolutions)")
+            root = group[0].dep
+            scores[(root.target.module, root.handler)] = pruner.estimate_importance(group)
     for group in pruner.step(interactive=True):
         chosen = list(group[0].root_idxs)
         room = _room_left(pruner, group)
