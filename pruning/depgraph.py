@@ -205,8 +205,8 @@ def hard_capped_step(pruner: tp.pruner.BasePruner, model: nn.Module) -> None:
             if pruner._get_channel_groups(group) > 1:  # the same dims leave every channel group (heads, groups)
                 raise ValueError("method.hard_cap does not support layers pruned in channel groups (a ViT's "
                                  "per-head attention, grouped convolutions)")
-            root = group[0].dep
-            scores[(root.target.module, root.handler)] = pruner.estimate_importance(group)
+            # keyed by the root layer alone: each root layer roots one group (its output channels)
+            scores[group[0].dep.target.module] = pruner.estimate_importance(group)
     for group in pruner.step(interactive=True):
         chosen = list(group[0].root_idxs)
         room = _room_left(pruner, group)
@@ -215,8 +215,7 @@ def hard_capped_step(pruner: tp.pruner.BasePruner, model: nn.Module) -> None:
             continue
         if room <= 0:
             continue
-        root = group[0].dep
-        order = torch.argsort(scores[(root.target.module, root.handler)][chosen], stable=True)
+        order = torch.argsort(scores[group[0].dep.target.module][chosen], stable=True)
         group.prune(idxs=[chosen[i] for i in order[:room].tolist()])
     sync_after_pruning(model)
 

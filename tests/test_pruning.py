@@ -222,3 +222,6 @@ def test_hard_cap_bad_values_and_unsupported_layouts_are_clear_errors():
     with pytest.raises(ValueError, match="channel groups"):
         prune_to_speed_up(vit, 1.5, {**METHOD, "max_pruning_ratio": 0.5, "hard_cap": True}, torch.ones(1, 3, 32, 32))
     assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items())  # refused before any pruning
+    with pytest.raises(ValueError, match="round_to"):
+        prune_to_speed_up(vit, 1.5, {**METHOD, "max_pruning_ratio": 0.5, "hard_cap": True, "vit_heads": "round_to"},
+                          torch.ones(1, 3, 32, 32))
