@@ -75,9 +75,8 @@ LABELS = {
     "transfer": "Meta-pruning, transferred metanetwork",
 }
 DEFAULT_SPARSE_REGS = [5e-4, 5e-3, 5e-2]
-# the per-layer cap's method keys (with their defaults), which the random stage (its own method section) takes from
-# the configured method
-LAYER_CAP_KEYS = {"max_pruning_ratio": None, "hard_cap": False}
+# the per-layer cap's method keys, which the random stage (its own method section) takes from the configured method
+LAYER_CAP_KEYS = ("max_pruning_ratio", "hard_cap")
 
 
 def compose_config(task: str, overrides: list[str]) -> DictConfig:
@@ -129,10 +128,9 @@ def _run_methods(cfg: DictConfig, timings: Timings, final_root: Path, seed: int,
         if method == "random":
             stage_cfg = cfg.copy()
             with open_dict(stage_cfg):
-                # the random importance, with the configured per-layer cap
-                stage_cfg.method = OmegaConf.merge(method_config("random"),
-                                                   {key: cfg.method.get(key, default)
-                                                    for key, default in LAYER_CAP_KEYS.items()})
+                # the random importance, with the configured per-layer cap (random.yaml's defaults where unset)
+                cap = {key: cfg.method[key] for key in LAYER_CAP_KEYS if key in cfg.method}
+                stage_cfg.method = OmegaConf.merge(method_config("random"), cap)
         updates = _final_overrides(method, start_model, targets, select_dir, sparse_reg, transfer)
         timings.run(f"seed {seed}: {method}", final_root / f"seed{seed}" / method / "results.json", run_stage,
                     f"{method} (seed {seed})", "pruning_final", stage_cfg, final_root / f"seed{seed}" / method,

@@ -161,6 +161,8 @@ def pruner_step(pruner: tp.pruner.BasePruner, model: nn.Module) -> None:
 
 def _layer_floor(initial: int | None, cap: float) -> int:
     """The fewest channels a layer that started with ``initial`` may keep under the cap (at least one)."""
+    # torch-pruning's own test is `channels < initial * (1 - cap)`; the epsilon keeps float noise
+    # (10 * (1 - 0.7) = 3.0000000000000004) from raising the floor by one
     return 1 if initial is None else max(1, math.ceil(initial * (1.0 - cap) - 1e-9))
 
 
