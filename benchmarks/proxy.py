@@ -361,14 +361,16 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
     ablation = results_dir / f"{name}_ablation.json"
     if ablation.exists():
         lines += ["", "## Ablation of meta-training settings (validation only)", "",
-                  "Each row: meta_train + select on this benchmark's store with the overrides shown; score = "
-                  f"{select['score_kind']} on the validation data model(s) of the checkpoint chosen as `run=select` chooses "
-                  "(with select.max_accuracy_drop when set: eligible = it keeps the unpruned accuracy). Gain = chosen "
-                  "checkpoint - control.", "",
-                  "| name | overrides | chosen epoch | score | unpruned acc. | eligible | control | gain | seconds |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "Each row: meta_train + select on this benchmark's store with the overrides shown; score = the row's "
+                  "`select.score` (auc unless the overrides say otherwise; finetuned = mean validation accuracy after "
+                  "pruning and the after-pruning fine-tune) on the validation data model(s) of the checkpoint chosen as "
+                  "`run=select` chooses (with select.max_accuracy_drop when set: eligible = it keeps the unpruned "
+                  "accuracy). Gain = chosen checkpoint - control, in the same score.", "",
+                  "| name | overrides | chosen epoch | score | kind | unpruned acc. | eligible | control | gain | seconds |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for row in json.loads(ablation.read_text()):
             lines.append(f"| {row['name']} | `{' '.join(row['overrides'])}` | {row['epoch']} | {row['score']:.4f} | "
+                         f"{row.get('score_kind', 'auc')} | "
                          f"{num(row.get('unpruned_acc'))} | {row.get('eligible', '-')} | {row['control_score']:.4f} | "
                          f"{row['gain_over_control']:+.4f} | {row['seconds']:.0f} |")
     notes = results_dir / f"{name}_notes.md"  # the written reading of these numbers, kept beside them
@@ -460,7 +462,8 @@ def ablation_row(selection_file: Path) -> dict:
     select.max_accuracy_drop, and the reference scores."""
     selection = json.loads(selection_file.read_text())
     best = selection["ranking"][0]
-    return {"epoch": selection["epoch"], "score": selection["score"], "unpruned_acc": best.get("unpruned_acc"),
+    return {"epoch": selection["epoch"], "score": selection["score"], "score_kind": selection.get("score_kind", "auc"),
+            "unpruned_acc": best.get("unpruned_acc"),
             "eligible": best.get("eligible", True), "max_accuracy_drop": selection.get("max_accuracy_drop"),
             "control_score": selection["control_score"], "gain_over_control": selection["gain_over_control"],
             "control_unpruned_acc": selection.get("control_unpruned_acc"),

@@ -17,8 +17,13 @@ For every requested checkpoint ``<select.meta_train_dir>/checkpoints/epoch_{k:04
    ``select.max_speed_up`` (default ``task.visualize.max_speed_up``) and record validation accuracy.
 
 Each checkpoint's score is the mean over the validation data models of ``select.score``: ``auc`` (mean accuracy
-over ``[data model speed-up, max_speed_up]``, step-wise, see ``pruning.curves``) or ``acc_at`` (accuracy at
-``select.target_speed_up``). Ties go to the earlier epoch. ``select.max_accuracy_drop`` (null = off, the
+over ``[data model speed-up, max_speed_up]``, step-wise, see ``pruning.curves``), ``acc_at`` (accuracy at
+``select.target_speed_up``) or ``finetuned``: what the final runs report, measured on validation data. A copy of
+the step-2 model is pruned to each of ``select.finetuned_targets`` (total speed-ups; null = ``target_speed_up``)
+with the final runs' pruning (``task.pruning.iterative_steps``), fine-tuned with ``task.finetune.after_pruning``
+(its last epoch kept: the score itself is read on the validation split) and scored by its validation accuracy,
+averaged over the targets. It costs one after-pruning fine-tune per target and curve; the curves are still drawn.
+Not under torchrun (a clear error). Ties go to the earlier epoch. ``select.max_accuracy_drop`` (null = off, the
 reference's pure curve score) makes the choice accuracy-aware: a candidate whose unpruned validation accuracy
 (the curve's first point, after the fine-tune) is more than that much below the control's is ranked after every
 candidate that keeps it (``ranking.json``: ``unpruned_acc``, ``eligible``), so a checkpoint that is easy to prune
@@ -74,6 +79,7 @@ rank with its message). The cache records the world size (a curve of another wor
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -93,12 +99,14 @@ from data_loaders.store import DataModelStore
 from nn.apply import apply_saved_metanetwork, load_metanetwork
 from nn.graph import GraphCodec
 from pruning import curves as curves_lib
+from pruning.depgraph import count_macs, prune_to_speed_up
 from pruning.sparse_learning import SparseLearning
 from stages import ddp
 from stages.ddp import train
 from stages.common import codec_options, example_input, recipe, setup, task_data
 from stages.meta_train import CHECKPOINT_DIR, list_checkpoints
 from training.config import TrainConfig
+from training.loop import evaluate
 from utils import distributed
 from utils.io import is_null, write_json
 from utils.seed import seed_everything
@@ -109,7 +117,7 @@ log.addFilter(ddp.main_process_only)  # under torchrun only rank 0 logs
 CACHE_FILE = "curves.json"
 SELECTION_FILE = "selection.json"
 CACHE_VERSION = 1
-SCORE_KINDS = ("auc", "acc_at")
+SCORE_KINDS = ("auc", "acc_at", "finetuned")
 ORIGIN = "origin"
 CONTROL = "control"
 SPARSE_PREFIX = "sparse_reg_"  # sparse-learning reference curves, one per select.sparse_learning_regs value
@@ -330,6 +338,9 @@ class CurveContext:
     device: torch.device | None = None
     splits: Any = None
     val_loader: Any = None
+    # select.score=finetuned: the total speed-ups and the after-pruning recipe of the score (None otherwise)
+    finetuned_targets: list[float] | None = None
+    after_pruning: TrainConfig | None = None
 
 
 def _select_section(cfg: DictConfig) -> DictConfig:
@@ -361,6 +372,31 @@ def _finetune_recipe(cfg: DictConfig) -> TrainConfig:
     return train_cfg
 
 
+def _after_pruning_recipe(cfg: DictConfig) -> TrainConfig:
+    """``after_pruning`` recipe for ``select.score=finetuned``: its last epoch is kept, because the score is read
+    on the validation split (choosing the epoch there as well would flatter every candidate)."""
+    train_cfg = dataclasses.replace(recipe(cfg.task.finetune.after_pruning, cfg.protocol), select="last")
+    max_batches = _select_section(cfg).get("max_batches")
+    if max_batches is not None:
+        train_cfg = dataclasses.replace(train_cfg, max_batches_per_epoch=int(max_batches))
+    return train_cfg
+
+
+def _finetuned_targets(cfg: DictConfig) -> list[float]:
+    """``select.finetuned_targets`` (null: ``select.target_speed_up``), checked."""
+    section = _select_section(cfg)
+    value = section.get("finetuned_targets")
+    if is_null(value):
+        value = [section.target_speed_up]
+    values = [float(t) for t in (value if isinstance(value, (list, tuple, ListConfig)) else [value])]
+    if not values or any(not math.isfinite(t) or t <= 1 for t in values):
+        raise SelectionError(f"select.finetuned_targets must be total speed-ups > 1, got {list(values)}")
+    if distributed.world_size() > 1:
+        raise SelectionError("select.score=finetuned runs in a single process only (its pruned copies are not "
+                             "kept equal across ranks); use select.score=auc under torchrun")
+    return values
+
+
 def _validation_models(cfg: DictConfig) -> tuple[DataModelStore, list[int]]:
     section = _select_section(cfg)
     task = cfg.task
@@ -381,7 +417,7 @@ def _validation_models(cfg: DictConfig) -> tuple[DataModelStore, list[int]]:
     return store, val_idx[:wanted]
 
 
-def _common_settings(cfg: DictConfig, finetune, method: dict) -> dict:
+def _common_settings(cfg: DictConfig, finetune, method: dict, finetuned: dict | None = None) -> dict:
     task = cfg.task
     section = _select_section(cfg)
     dataset = OmegaConf.to_container(task.dataset, resolve=True)
@@ -406,6 +442,9 @@ def _common_settings(cfg: DictConfig, finetune, method: dict) -> dict:
     if distributed.world_size() > 1:
         # DDP fine-tunes see other batches, and max_batches caps batches per rank: not a single process's curve
         settings["world_size"] = distributed.world_size()
+    if finetuned is not None:
+        # only a finetuned score adds this, so curves cached for the curve scores stay valid for them
+        settings["finetuned"] = finetuned
     return _plain(settings)
 
 
@@ -466,9 +505,15 @@ def _plan(cfg: DictConfig, run_dir: Path, meta_train_dir: Any,
     records = {index: store[index] for index in val_indices}
     finetune = _finetune_recipe(cfg)
     method = OmegaConf.to_container(cfg.method, resolve=True)
-    common = _common_settings(cfg, finetune, method)
+    targets = after_pruning = finetuned = None
+    if str(section.score) == "finetuned":
+        targets, after_pruning = _finetuned_targets(cfg), _after_pruning_recipe(cfg)
+        finetuned = {"targets": targets, "recipe": dataclasses.asdict(after_pruning),
+                     "iterative_steps": int(cfg.task.pruning.iterative_steps)}
+    common = _common_settings(cfg, finetune, method, finetuned)
     ctx = CurveContext(cfg=cfg, run_dir=run_dir, store=store, val_indices=val_indices, records=records,
-                   finetune=finetune, method=method, common=common)
+                       finetune=finetune, method=method, common=common, finetuned_targets=targets,
+                       after_pruning=after_pruning)
 
     # Refuse a checkpoint of another layout before any (long) computation; the error names the checkpoint.
     first = records[val_indices[0]].build_model()
@@ -601,6 +646,7 @@ def _compute(job: CurveJob, ctx: CurveContext) -> dict:
         finetune_info = {"epochs": result.epochs, "selected_epoch": result.selected_epoch,
                          "selection": result.selection, "metrics": result.final_metrics}
     model.eval()
+    finetuned = _finetuned_accuracies(job, ctx, model) if ctx.finetuned_targets else None
     points = curves_lib.accuracy_speed_up_curve(
         model, ctx.val_loader, device, ctx.method, example_input(cfg.task, device), job.max_speed_up,
         base_speed_up=job.base_speed_up, iterative_steps=int(section.iterative_steps),
@@ -608,7 +654,28 @@ def _compute(job: CurveJob, ctx: CurveContext) -> dict:
     return {"label": job.label, "epoch": job.epoch, "checkpoint": str(job.checkpoint) if job.checkpoint else None,
             "model_index": job.model_index, "base_speed_up": job.base_speed_up, "settings": job.settings,
             "max_speed_up": job.max_speed_up, "points": [[x, a] for x, a in points], "finetune": finetune_info,
-            "seconds": round(time.time() - started, 2)}
+            **({"finetuned": finetuned} if finetuned is not None else {}), "seconds": round(time.time() - started, 2)}
+
+
+def _finetuned_accuracies(job: CurveJob, ctx: CurveContext, model: torch.nn.Module) -> dict[str, dict]:
+    """``select.score=finetuned``: ``{target: {speed_up, val_acc}}`` of copies of ``model`` pruned to each total
+    speed-up (the data model's own init pruning counted, as in the final runs) and fine-tuned after pruning."""
+    cfg, device = ctx.cfg, ctx.device
+    example = example_input(cfg.task, device)
+    base_macs = count_macs(model, example) * job.base_speed_up
+    results = {}
+    for target in ctx.finetuned_targets:
+        pruned = copy.deepcopy(model)
+        achieved = prune_to_speed_up(pruned, target, ctx.method, example,
+                                     iterative_steps=int(cfg.task.pruning.iterative_steps), base_macs=base_macs)
+        seed_everything(cfg.seed, deterministic=cfg.get("deterministic", False))
+        train(pruned, _train_and_val_loaders(ctx), ctx.after_pruning, device, run_dir=ctx.run_dir / "finetune",
+              desc=f"{job.label}_model{job.model_index}_{target:g}x")
+        acc = evaluate(pruned, ctx.val_loader, device, max_batches=_select_section(cfg).get("max_batches"))["acc"]
+        results[f"{target:g}"] = {"speed_up": achieved, "val_acc": acc}
+        log.info("%s, data model %d: pruned to %.3fx and fine-tuned: validation accuracy %.4f", job.label,
+                 job.model_index, achieved, acc)
+    return results
 
 
 def score_points(points: Sequence[Sequence[float]], kind: str, max_speed_up: float, target_speed_up: float) -> float:
@@ -618,6 +685,13 @@ def score_points(points: Sequence[Sequence[float]], kind: str, max_speed_up: flo
     if kind == "acc_at":
         return curves_lib.accuracy_at(points, target_speed_up)
     raise SelectionError(f"select.score={kind!r} is unknown; valid: {', '.join(SCORE_KINDS)}")
+
+
+def _score(job: CurveJob, kind: str, max_speed_up: float, target_speed_up: float) -> float:
+    if kind == "finetuned":
+        accuracies = [item["val_acc"] for item in job.entry["finetuned"].values()]
+        return sum(accuracies) / len(accuracies)
+    return score_points(job.points, kind, max_speed_up, target_speed_up)
 
 
 def _produce(ctx: CurveContext, jobs: list[CurveJob], cache: CurveCache) -> dict[str, dict]:
@@ -649,7 +723,7 @@ def _produce(ctx: CurveContext, jobs: list[CurveJob], cache: CurveCache) -> dict
             log.info("curve %s, data model %d: %s, %d point(s) up to speed-up %.3fx (accuracy %.4f -> %.4f)",
                      label, job.model_index, "from cache" if job.reused else f"computed in {job.entry['seconds']} s",
                      len(job.points), job.points[-1][0], job.points[0][1], job.points[-1][1])
-        scores = [score_points(job.points, kind, max_speed_up, target) for job in group]
+        scores = [_score(job, kind, max_speed_up, target) for job in group]
         score = sum(scores) / len(scores)
         summary[label] = {"label": label, "epoch": group[0].epoch,
                           "checkpoint": str(group[0].checkpoint) if group[0].checkpoint else None,
@@ -658,6 +732,11 @@ def _produce(ctx: CurveContext, jobs: list[CurveJob], cache: CurveCache) -> dict
                           # before any pruning: what select.max_accuracy_drop compares with the control's
                           "unpruned_acc": sum(j.points[0][1] for j in group) / len(group),
                           "reused": sum(j.reused for j in group)}
+        if kind == "finetuned":
+            # per target, mean over the validation data models: what the ranking shows
+            summary[label]["finetuned"] = {
+                target: sum(j.entry["finetuned"][target]["val_acc"] for j in group) / len(group)
+                for target in group[0].entry["finetuned"]}
         log.info("%s: %s = %.4f (mean over %d validation data model(s)%s)", label, kind, score, len(group),
                  ", from cache" if all(j.reused for j in group) else "")
     return summary
@@ -678,6 +757,9 @@ def _plot(ctx: CurveContext, summary: dict[str, dict], path: Path) -> Path:
              f"mean over {n} validation data model(s); origin = untouched data model"]
     if CONTROL in summary:
         lines.append("control = the checkpoints' fine-tune without a metanetwork")
+    if kind == "finetuned":
+        lines.append(f"score (legend): validation accuracy after pruning to {ctx.finetuned_targets}x + after_pruning "
+                     "fine-tune")
     title = "\n".join(lines)
     ylim = cfg.task.get("visualize", {}).get("ylim")
     return curves_lib.plot_curves(shown, path, float(section.max_speed_up),
@@ -717,7 +799,8 @@ def run_select(cfg: DictConfig, run_dir: Path) -> dict:
     ranking = sorted(candidates, key=lambda item: (not eligible(item, floor), -item["score"], item["epoch"]))
     ranked = [{"rank": i + 1, "epoch": item["epoch"], "checkpoint": item["checkpoint"], "score": item["score"],
                "unpruned_acc": item["unpruned_acc"], "eligible": eligible(item, floor),
-               "per_model": item["per_model"]} for i, item in enumerate(ranking)]
+               "per_model": item["per_model"], **({"finetuned": item["finetuned"]} if "finetuned" in item else {})}
+              for i, item in enumerate(ranking)]
     best = ranking[0]
     if not eligible(best, floor):
         log.warning("no checkpoint keeps the unpruned validation accuracy within select.max_accuracy_drop=%s of "

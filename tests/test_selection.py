@@ -235,6 +235,67 @@ def test_max_accuracy_drop_needs_the_control_and_a_valid_number(env, select_dir,
         execute(make_cfg(env, cache=str(select_dir), max_accuracy_drop=0.02, control="false"), tmp_path / "b")
 
 
+def _finetuned_cfg(env, **select):
+    cfg = make_cfg(env, score="finetuned", finetune_epochs=1, **select)
+    with open_dict(cfg):
+        cfg.task.finetune.after_pruning.epochs = 1
+        cfg.task.finetune.after_pruning.milestones = []
+    return cfg
+
+
+def test_finetuned_score_prunes_copies_to_each_target_and_finetunes_them(env, select_dir, tmp_path, monkeypatch):
+    trained, pruned = [], []
+    real_train, real_prune = select.train, select.prune_to_speed_up
+
+    def counting_train(model, loaders, cfg, *args, **kwargs):
+        assert loaders.test is None  # the score's fine-tunes cannot read the test split either
+        trained.append((kwargs.get("desc"), cfg.epochs, cfg.select))
+        return real_train(model, loaders, cfg, *args, **kwargs)
+
+    def counting_prune(model, target, *args, **kwargs):
+        achieved = real_prune(model, target, *args, **kwargs)
+        pruned.append((target, achieved))
+        return achieved
+
+    monkeypatch.setattr(select, "train", counting_train)
+    monkeypatch.setattr(select, "prune_to_speed_up", counting_prune)
+    result = execute(_finetuned_cfg(env, checkpoints="[2]", finetuned_targets="[1.5,2.0]"), tmp_path / "a")
+    assert result["score_kind"] == "finetuned" and result["epoch"] == 2
+    # origin is pruned and fine-tuned once per target (no fine-tune before); control and epoch 2 as well
+    after = sorted(desc for desc, _epochs, _select in trained if desc.endswith("x"))
+    assert after == sorted(f"{label}_model1_{t}x" for label in ("origin", "control", "epoch_2") for t in ("1.5", "2"))
+    assert all(select_ == "last" for desc, _epochs, select_ in trained if desc.endswith("x"))  # score read on val
+    assert len(pruned) == 6 and all(achieved >= target for target, achieved in pruned)
+    ranking = json.loads((tmp_path / "a" / "ranking.json").read_text())
+    chosen = ranking["ranking"][0]
+    assert set(chosen["finetuned"]) == {"1.5", "2"}
+    assert chosen["score"] == pytest.approx(sum(chosen["finetuned"].values()) / 2)
+    assert all(0.0 <= acc <= 1.0 for acc in chosen["finetuned"].values())
+    entries = {e["label"]: e for e in json.loads((tmp_path / "a" / "curves.json").read_text())["entries"]}
+    assert entries["epoch_2"]["finetuned"]["2"]["speed_up"] >= 2.0
+    # epoch 2 is the identity: the same fine-tunes give the control's score
+    assert result["gain_over_control"] == pytest.approx(0.0, abs=1e-6)
+    assert entries["epoch_2"]["points"]  # the curves are still drawn
+
+    # the same request is served from the cache; curves cached for a curve score do not stand for it
+    _forbid_computation(monkeypatch)
+    again = execute(_finetuned_cfg(env, checkpoints="[2]", finetuned_targets="[1.5,2.0]", cache=tmp_path / "a"),
+                    tmp_path / "b")
+    assert again["curves_computed"] == 0 and again["score"] == pytest.approx(result["score"])
+    with pytest.raises(AssertionError, match="recomputed"):
+        execute(_finetuned_cfg(env, checkpoints="[2]", finetuned_targets="[1.5,2.0]", cache=str(select_dir)),
+                tmp_path / "c")
+
+
+def test_finetuned_score_errors(env, select_dir, tmp_path, monkeypatch):
+    _forbid_computation(monkeypatch)
+    with pytest.raises(SelectionError, match="finetuned_targets must be total speed-ups > 1"):
+        execute(_finetuned_cfg(env, finetuned_targets="[1.0]"), tmp_path / "a")
+    monkeypatch.setattr(select.distributed, "world_size", lambda: 2)
+    with pytest.raises(SelectionError, match="single process only"):
+        execute(_finetuned_cfg(env), tmp_path / "b")
+
+
 # ----------------------------------------------------------------------------------------------
 # run=visualize and the cache
 # ----------------------------------------------------------------------------------------------
