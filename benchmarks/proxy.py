@@ -35,6 +35,8 @@ Usage::
                                                                   # benchmark's store; appends to the ablation table
     python benchmarks/proxy.py --variant capped method.max_pruning_ratio=0.9   # the final runs again with the
                       # overrides, from the same starts, metanetwork and sparse-learning strength: report <name>_capped.md
+    python benchmarks/proxy.py --variant ft --select runs/proxy/ablation/ft/select   # the finals with another
+                      # selection (an ablation row's choice of checkpoint and sparse-learning strength)
 """
 from __future__ import annotations
 
@@ -138,12 +140,15 @@ def _run_methods(cfg: DictConfig, timings: Timings, final_root: Path, seed: int,
 
 
 def run_variant(cfg: DictConfig, out: Path, name: str, seeds: list[int], targets: list[float], transfer: str | None,
-                methods: list[str]) -> tuple[Path, dict]:
+                methods: list[str], select_dir: Path | None = None) -> tuple[Path, dict]:
     """The final runs again with ``cfg``'s overrides, into ``<out>/variants/<name>/final``: the same per-seed starts,
-    selected metanetwork and sparse-learning strength as the benchmark's own finals, so the two are paired."""
-    select_file = out / "select" / "selection.json"
+    selected metanetwork and sparse-learning strength as the benchmark's own finals (or those of ``select_dir``, a
+    select run dir such as an ablation row's), so the two are paired."""
+    select_dir = select_dir or out / "select"
+    select_file = select_dir / "selection.json"
     if not select_file.exists():
-        raise SystemExit(f"--variant needs the benchmark's selection at {select_file}: run the benchmark first")
+        raise SystemExit(f"--variant needs a finished selection at {select_file}: run the benchmark (or the "
+                         "ablation row named by --select) first")
     starts = {seed: out / "final" / f"seed{seed}" / "pretrain" / "init_pruned_model.pt" for seed in seeds}
     missing = [str(path) for path in starts.values() if not path.exists()]
     if missing:
@@ -153,7 +158,7 @@ def run_variant(cfg: DictConfig, out: Path, name: str, seeds: list[int], targets
     sparse_reg = json.loads(select_file.read_text()).get("best_sparse_reg") or float(cfg.final.sparse_learning.reg)
     print(colored(f"proxy benchmark variant {name}: the finals of seeds {seeds} -> {folder}", "cyan"))
     for seed, start in starts.items():
-        _run_methods(cfg, timings, folder / "final", seed, start, methods, targets, out / "select", sparse_reg,
+        _run_methods(cfg, timings, folder / "final", seed, start, methods, targets, select_dir, sparse_reg,
                      transfer)
     return folder / "final", timings.values
 
@@ -267,10 +272,12 @@ def _budget_lines(cfg: DictConfig, seeds: list[int], targets: list[float], meta:
         f"{mt.reference_batches}, {mt.batches_per_step or 'all'} batches of {mt.batch_size or task.batch_size} "
         "images per step; metanetwork "
         f"{OmegaConf.to_container(cfg.metanetwork)}.",
-        f"- Selection: checkpoints scored by `{select.get('score_kind')}` of validation accuracy (no fine-tune "
-        f"after pruning) up to {cfg.select.max_speed_up}x on the validation data model(s) "
-        f"{select.get('validation_models')}, after the {ft.after_metanetwork.epochs}-epoch after_metanetwork "
-        "fine-tune.",
+        f"- Selection: checkpoints scored by `{select.get('score_kind')}` "
+        + ("(mean validation accuracy after pruning to each final target and the after-pruning fine-tune)"
+           if select.get("score_kind") == "finetuned" else
+           f"of validation accuracy (no fine-tune after pruning) up to {cfg.select.max_speed_up}x")
+        + f" on the validation data model(s) {select.get('validation_models')}, after the "
+        f"{ft.after_metanetwork.epochs}-epoch after_metanetwork fine-tune.",
         f"- Final runs, per seed ({', '.join(map(str, seeds))}) from one shared start (trained "
         f"{task.train.epochs} epochs, init-pruned, fine-tuned {ft.after_init_pruning.epochs}): metanetwork, "
         f"control and sparse learning get {ft.after_metanetwork.epochs} epochs before pruning, DepGraph and "
@@ -282,19 +289,28 @@ def _budget_lines(cfg: DictConfig, seeds: list[int], targets: list[float], meta:
 
 def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds: list[int],
                  targets: list[float], timings: dict, transfer: str | None, final_root: Path | None = None,
-                 variant: tuple[str, list[str]] | None = None) -> Path:
+                 variant: tuple[str, list[str]] | None = None, select_dir: Path | None = None) -> Path:
     """``<results_dir>/<name>.md`` from the finals under ``final_root`` (default ``<out>/final``). ``variant``: (the
     benchmark's report name, the overrides a ``--variant`` run gave its finals): said in the header, and the
-    report shows that benchmark report's selection and meta-training plots instead of copying its own."""
+    report shows that benchmark report's selection and meta-training plots instead of copying its own, unless
+    ``select_dir`` (default ``<out>/select``) names another selection: then its own plots."""
     base, overrides = variant if variant is not None else (name, None)
+    own_selection = select_dir is not None and select_dir.resolve() != (out / "select").resolve()
+    select_dir = select_dir or out / "select"
     results_dir.mkdir(parents=True, exist_ok=True)
     table = collect(final_root or out / "final")
-    meta = json.loads((out / "meta_train" / "results.json").read_text())
-    select = json.loads((out / "select" / "selection.json").read_text())
+    select = json.loads((select_dir / "selection.json").read_text())
+    meta_dir = Path(select.get("meta_train_dir") or out / "meta_train")
+    meta = json.loads((meta_dir / "results.json").read_text())
     lines = [f"# Proxy benchmark: {cfg.task.name}" + (" (variant of the finals)" if variant is not None else ""), "",
              f"Generated by `python benchmarks/proxy.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
              f"Hardware: {_hardware()}.", ""]
-    if variant is not None:
+    if variant is not None and own_selection:
+        lines += [f"A variant of `{base}.md`: every final run again with `{' '.join(overrides) or 'no overrides'}`, "
+                  f"from the same per-seed starts, with the metanetwork checkpoint and sparse-learning strength chosen "
+                  f"by the selection in `{select_dir}` (below) instead of the benchmark's; data models are the "
+                  "benchmark's.", ""]
+    elif variant is not None:
         lines += [f"A variant of `{base}.md`: every final run again with `{' '.join(overrides)}`, from the same "
                   "per-seed starts, with the same selected metanetwork and sparse-learning strength (so each seed's "
                   "runs pair with the benchmark's own); data models, meta-training and selection are the benchmark's.",
@@ -326,7 +342,7 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
 
     plot = plot_results(table, results_dir / f"{name}.png", f"{cfg.task.name}: accuracy vs speed-up (test)")
     lines += [f"![accuracy vs speed-up]({plot.name})", ""]
-    curves = out / "select" / "curves.png"
+    curves = select_dir / "curves.png"
     lines += ["## Selection (validation data models, validation images)", ""]
     def num(value, sign=""):
         return "-" if value is None else f"{value:{sign}.4f}"
@@ -348,16 +364,18 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
     lines += ["| checkpoint | score | unpruned accuracy | eligible |", "|---|---|---|---|"]
     lines += [f"| epoch {r['epoch']} | {r['score']:.4f} | {num(r.get('unpruned_acc'))} | {r.get('eligible', '-')} |"
               for r in sorted(select["ranking"], key=lambda r: r["epoch"])]
-    # a variant shares the benchmark's selection and meta-training, and so its plots (<base>_*.png)
+    # a variant shares the benchmark's selection and meta-training, and so its plots (<base>_*.png), unless it
+    # names its own selection
+    plots = name if variant is None or own_selection else base
     if curves.exists():
-        if variant is None:
+        if plots == name:
             shutil.copyfile(curves, results_dir / f"{name}_selection.png")
-        lines += ["", f"![selection curves]({base}_selection.png)"]
-    diag = out / "meta_train" / "meta_train_diagnostics.png"
+        lines += ["", f"![selection curves]({plots}_selection.png)"]
+    diag = meta_dir / "meta_train_diagnostics.png"
     if diag.exists():
-        if variant is None:
+        if plots == name:
             shutil.copyfile(diag, results_dir / f"{name}_meta_train.png")
-        lines += ["", f"![meta-training diagnostics]({base}_meta_train.png)"]
+        lines += ["", f"![meta-training diagnostics]({plots}_meta_train.png)"]
     ablation = results_dir / f"{name}_ablation.json"
     if ablation.exists():
         lines += ["", "## Ablation of meta-training settings (validation only)", "",
@@ -516,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="only meta_train + select with the overrides, into <out>/ablation/NAME")
     parser.add_argument("--variant", default=None, metavar="NAME",
                         help="only the final runs, with the overrides, into <out>/variants/NAME (report <name>_NAME.md)")
+    parser.add_argument("--select", default=None, metavar="DIR",
+                        help="with --variant: the select run dir whose checkpoint and sparse-learning strength the "
+                             "finals use (default <out>/select), e.g. <out>/ablation/NAME/select")
     argv = list(sys.argv[1:] if argv is None else argv)
     # Hydra overrides (key=value, anywhere on the line) are told apart from the options by their '='
     hydra_overrides = [a for a in argv if "=" in a and not a.startswith("-")]
@@ -529,14 +550,18 @@ def main(argv: list[str] | None = None) -> int:
     out, results_dir = Path(args.out).resolve(), Path(args.results).resolve()
     if args.ablation and args.variant:
         parser.error("--ablation and --variant exclude each other")
+    if args.select and not args.variant:
+        parser.error("--select goes with --variant")
+    select_dir = Path(args.select).resolve() if args.select else None
     if args.ablation:
         run_ablation(cfg, out, args.ablation, args.overrides, results_dir, args.name)
         return 0
     if args.variant:
         final_root, timings = run_variant(cfg, out, args.variant, args.seeds, args.targets, args.transfer,
-                                          args.methods)
+                                          args.methods, select_dir)
         path = write_report(cfg, out, results_dir, f"{args.name}_{args.variant}", args.seeds, args.targets, timings,
-                            args.transfer, final_root=final_root, variant=(args.name, args.overrides))
+                            args.transfer, final_root=final_root, variant=(args.name, args.overrides),
+                            select_dir=select_dir)
         print(colored(f"proxy benchmark variant report: {path}", "green", attrs=["bold"]))
         return 0
     timings = run_benchmark(cfg, out, args.seeds, args.targets, args.transfer, args.methods, args.generate_seed)

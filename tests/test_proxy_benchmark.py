@@ -125,12 +125,17 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
     assert again_seconds < 0.6 * first_seconds
     assert (results / "proxy.md").exists()
 
-    # an ablation: meta_train + select only, on the benchmark's store, appended to the ablation table
-    proxy(tmp_path, "--ablation", "smoke", "task.meta_train.epochs=1")
+    # an ablation: meta_train + select only, on the benchmark's store, appended to the ablation table; this one
+    # scores by the accuracy after pruning and fine-tuning (select.score=finetuned)
+    proxy(tmp_path, "--ablation", "smoke", "select.score=finetuned", "select.finetuned_targets=[1.5]",
+          "task.meta_train.epochs=1")
     rows = json.loads((results / "proxy_ablation.json").read_text())
     assert [r["name"] for r in rows] == ["smoke"]
     row = rows[0]
     assert row["epoch"] == 1 and row["overrides"][-1] == "task.meta_train.epochs=1"
+    assert row["score_kind"] == "finetuned"
+    smoke = json.loads((out / "ablation" / "smoke" / "select" / "ranking.json").read_text())["ranking"][0]
+    assert row["score"] == pytest.approx(smoke["finetuned"]["1.5"])
     for key in ("score", "control_score", "gain_over_control"):
         assert math.isfinite(row[key]), key
     assert row["gain_over_control"] == pytest.approx(row["score"] - row["control_score"])
@@ -152,6 +157,18 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
         for target in TARGETS:
             result = json.loads((stage / f"target_{target:g}x" / "results.json").read_text())
             assert result["source_model"] == str(start) and result["speed_up"] >= target
+
+    # a variant with another selection (the ablation row's): its checkpoint in the metanetwork's finals
+    proxy(tmp_path, "--variant", "smoke_select", "--select", str(out / "ablation" / "smoke" / "select"),
+          "--methods", "metanetwork")
+    assert {p: p.stat().st_mtime_ns for p in (out / "final").rglob("results.json")} == finished
+    result = json.loads((out / "variants" / "smoke_select" / "final" / "seed1" / "metanetwork" / "target_2x" /
+                         "results.json").read_text())
+    assert Path(result["metanetwork"]) == (out / "ablation" / "smoke" / "meta_train" / "checkpoints" /
+                                           "epoch_0001.pt").resolve()
+    report = (results / "proxy_smoke_select.md").read_text()
+    assert "chosen by the selection in" in report and "](proxy_smoke_select_selection.png)" in report
+    assert "scored by `finetuned`" in report and (results / "proxy_smoke_select_selection.png").exists()
     checkpoints = sorted(p.name for p in (out / "ablation" / "smoke" / "meta_train" / "checkpoints").glob("*.pt"))
     assert checkpoints == ["epoch_0001.pt"]
     assert not (out / "ablation" / "smoke" / "final").exists()
