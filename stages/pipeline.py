@@ -76,6 +76,28 @@ def changed_settings(stage_dir: Path, stage: DictConfig) -> list[str]:
         skip=RESULT_NEUTRAL_KEYS + UNREAD_SECTIONS.get(str(stage.get("run")), ()))
 
 
+def changed_checkpoint(stage_dir: Path, stage: DictConfig) -> list[str]:
+    """``final.metanetwork`` given as a select run dir is the same setting whichever checkpoint that selection
+    chooses; a final run records the checkpoint it applied (``metanetwork`` in its ``results.json``, per target
+    with several targets). When the selection now chooses another one (re-run, or a new meta-training copied in),
+    the finished run stands for another metanetwork: ``["final.metanetwork: ... -> ..."]``, else ``[]``."""
+    source = OmegaConf.select(stage, "final.metanetwork")
+    if str(stage.get("run")) != "pruning_final" or source is None or str(source).endswith(".pt"):
+        return []
+    try:
+        now = Path(select.chosen_checkpoint(source)).resolve()
+    except (FileNotFoundError, KeyError, ValueError):
+        return []  # the run itself reports a missing or broken selection
+    used = set()
+    for done in [stage_dir / RESULTS_FILE, *sorted(stage_dir.glob(f"target_*/{RESULTS_FILE}"))]:
+        if done.exists():
+            recorded = json.loads(done.read_text()).get("metanetwork")
+            if recorded:
+                used.add(Path(recorded).resolve())
+    then = sorted(str(path) for path in used if path != now)
+    return [f"final.metanetwork ({source}) chose checkpoint {then[0]} -> {now}"] if then else []
+
+
 def _finished(name: str, stage_dir: Path, stage: DictConfig, restart: Restart | None = None) -> dict | None:
     """The summary of a stage that finished before with the same settings; None when it has to run. A stage
     that finished with other settings is refused (its results would silently stand for the new ones), or with
@@ -86,7 +108,7 @@ def _finished(name: str, stage_dir: Path, stage: DictConfig, restart: Restart | 
         return None
     if not done.exists():
         return None
-    changed = changed_settings(stage_dir, stage)
+    changed = changed_settings(stage_dir, stage) + changed_checkpoint(stage_dir, stage)
     if changed:
         shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
         if restart is not None and restart.allowed:

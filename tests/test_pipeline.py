@@ -92,6 +92,39 @@ def test_a_stage_finished_with_other_settings_is_refused_not_reused(tmp_path, mo
     assert pipeline.run_stage("final", "pruning_final", cfg, tmp_path / "final", **same)["marker"] == 1
 
 
+def test_a_final_run_of_another_chosen_checkpoint_is_refused(tmp_path, monkeypatch):
+    # final.metanetwork names a select run dir: the same setting, whichever checkpoint it chooses; the finished
+    # run records the checkpoint it applied, and a selection that now chooses another one makes it stale
+    monkeypatch.setattr(pipeline, "run_recorded", lambda *a, **k: pytest.fail("a finished stage was re-run"))
+    checkpoints = tmp_path / "meta_train" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for epoch in (5, 14):
+        (checkpoints / f"epoch_{epoch:04d}.pt").write_bytes(b"")
+    select_dir = tmp_path / "select"
+    select_dir.mkdir()
+
+    def choose(epoch):
+        (select_dir / "selection.json").write_text(json.dumps({"chosen": str(checkpoints / f"epoch_{epoch:04d}.pt")}))
+
+    cfg = compose_cfg(["task=resnet20_on_digits"])
+    updates = {"final.model": "m.pt", "final.metanetwork": str(select_dir), "final.target_speed_up": [2.0, 3.0]}
+    stage_dir = tmp_path / "final"
+    _finished_stage(stage_dir, pipeline.stage_config(cfg, "pruning_final", **updates))
+    for target in ("2x", "3x"):
+        (stage_dir / f"target_{target}").mkdir()
+        (stage_dir / f"target_{target}" / "results.json").write_text(
+            json.dumps({"metanetwork": str(checkpoints / "epoch_0005.pt")}))
+    choose(5)
+    assert pipeline.run_stage("final", "pruning_final", cfg, stage_dir, **updates)["marker"] == 1
+    choose(14)
+    with pytest.raises(pipeline.StaleStageError, match=r"chose checkpoint .*epoch_0005\.pt -> .*epoch_0014\.pt"):
+        pipeline.run_stage("final", "pruning_final", cfg, stage_dir, **updates)
+    # a baseline (no metanetwork) is not affected
+    baseline = {"final.model": "m.pt"}
+    _finished_stage(tmp_path / "baseline", pipeline.stage_config(cfg, "pruning_final", **baseline))
+    assert pipeline.run_stage("baseline", "pruning_final", cfg, tmp_path / "baseline", **baseline)["marker"] == 1
+
+
 def test_pipeline_settings_fail_fast(tmp_path):
     base = ["task=resnet20_on_digits", "run=pipeline"]
     for override, message in [("pipeline.num_data_models=1", "at least 2 data models"),
