@@ -391,9 +391,6 @@ def _finetuned_targets(cfg: DictConfig) -> list[float]:
     values = [float(t) for t in (value if isinstance(value, (list, tuple, ListConfig)) else [value])]
     if not values or any(not math.isfinite(t) or t <= 1 for t in values):
         raise SelectionError(f"select.finetuned_targets must be total speed-ups > 1, got {list(values)}")
-    if distributed.world_size() > 1:
-        raise SelectionError("select.score=finetuned runs in a single process only (its pruned copies are not "
-                             "kept equal across ranks); use select.score=auc under torchrun")
     return values
 
 
@@ -507,6 +504,9 @@ def _plan(cfg: DictConfig, run_dir: Path, meta_train_dir: Any,
     method = OmegaConf.to_container(cfg.method, resolve=True)
     targets = after_pruning = finetuned = None
     if str(section.score) == "finetuned":
+        if distributed.world_size() > 1:
+            raise SelectionError("select.score=finetuned runs in a single process only (its pruned copies are not "
+                                 "kept equal across ranks); use select.score=auc under torchrun")
         targets, after_pruning = _finetuned_targets(cfg), _after_pruning_recipe(cfg)
         finetuned = {"targets": targets, "recipe": dataclasses.asdict(after_pruning),
                      "iterative_steps": int(cfg.task.pruning.iterative_steps)}

@@ -169,6 +169,9 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
     report = (results / "proxy_smoke_select.md").read_text()
     assert "chosen by the selection in" in report and "](proxy_smoke_select_selection.png)" in report
     assert "scored by `finetuned`" in report and (results / "proxy_smoke_select_selection.png").exists()
+    assert "after pruning to 1.5x" in report  # the row's own select.finetuned_targets
+    # its own meta-training (not the benchmark's): its own diagnostics plot
+    assert "](proxy_smoke_select_meta_train.png)" in report and (results / "proxy_smoke_select_meta_train.png").exists()
     checkpoints = sorted(p.name for p in (out / "ablation" / "smoke" / "meta_train" / "checkpoints").glob("*.pt"))
     assert checkpoints == ["epoch_0001.pt"]
     assert not (out / "ablation" / "smoke" / "final").exists()
