@@ -184,7 +184,11 @@ class _FusedLayerEdges(torch.autograd.Function):
     the backward recomputes the messages.
     """
 
+    # Under autocast the kernel computes in float32 (its sums of squares overflow or lose the std in
+    # half precision): inputs are cast up and autocast is off inside, on either device type.
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
     def forward(ctx, L: Tensor, e: Tensor, idx: _EdgeIndexData):
         N, H = idx.num_nodes, e.size(1)
         Lsw = _swap_pairs(L, H)  # gathered at t: [L2 | L1 | L4 | L3]
@@ -202,6 +206,8 @@ class _FusedLayerEdges(torch.autograd.Function):
         return acc.view(2, N, 2, H), mx, mn, e_new
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    @torch.amp.custom_bwd(device_type="cpu")
     @once_differentiable
     def backward(ctx, g_sq, g_mx, g_mn, g_e_new):
         L, e, mx, mn = ctx.saved_tensors

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,9 @@ from data_loaders.image_datasets import DataLoaders, DataSplits, build_datasets,
 from generate_dataset.models import build_model, load_pretrained, resolve_pretrained
 from stages import ddp
 from training.config import TrainConfig
-from training.loop import TrainResult
-from utils import distributed
-from utils.device import resolve_device
+from training.loop import RESUME_DIR, TrainResult
+from utils import distributed, preemption
+from utils.device import configure_cuda, resolve_device
 from utils.io import is_null, write_json
 from utils.seed import seed_everything
 
@@ -121,8 +122,11 @@ def codec_options(cfg: DictConfig) -> dict[str, Any]:
 
 
 def setup(cfg: DictConfig) -> torch.device:
-    """Seed everything, apply ``threads`` and pick the device for a run (this rank's GPU under torchrun)."""
-    seed_everything(cfg.seed, deterministic=cfg.get("deterministic", False))
+    """Seed everything, apply ``threads`` and pick the device for a run (this rank's GPU under torchrun); on CUDA turn
+    on the throughput settings unless ``deterministic=true`` (``utils.device.configure_cuda``)."""
+    deterministic = bool(cfg.get("deterministic", False))
+    configure_cuda(deterministic)  # before any CUDA work: cuBLAS reads its workspace setting once
+    seed_everything(cfg.seed, deterministic=deterministic)
     threads = cfg.get("threads")
     if not is_null(threads):
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -220,9 +224,25 @@ def run_recorded(run: RunFn, cfg: DictConfig, run_dir: str | os.PathLike) -> dic
         (run_dir / RESULTS_FILE).unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     started = time.time()
-    summary = run(cfg, run_dir)
+    with preemption.handle_stop_signals():
+        try:
+            summary = run(cfg, run_dir)
+        except preemption.RunInterrupted as stop:
+            # SLURM and other schedulers send SIGTERM before they preempt a job: say what was kept, exit 128 + signal
+            log.warning("%s: %s", run_dir, stop)
+            raise SystemExit(stop.exit_code) from None
     if main and summary:
         summary["seconds"] = round(time.time() - started, 1)
         write_json(run_dir / RESULTS_FILE, summary)
         log.info("results written to %s", run_dir / RESULTS_FILE)
+    if main and not cfg.get("keep_resume_checkpoints", False):
+        remove_resume_checkpoints(run_dir)
     return summary
+
+
+def remove_resume_checkpoints(run_dir: Path) -> None:
+    """Delete the trainings' resume checkpoints (``training.loop.resume_path``) under a finished run's ``run_dir``:
+    they only serve a re-run of an unfinished one (``keep_resume_checkpoints=true`` keeps them)."""
+    for folder in sorted(Path(run_dir).rglob(RESUME_DIR)):
+        if folder.is_dir() and all(p.suffix == ".pt" for p in folder.iterdir()):
+            shutil.rmtree(folder)

@@ -113,7 +113,7 @@ def _put_back(model: nn.Module, originals: dict[str, nn.Module]) -> None:
 
 def train(model: nn.Module, loaders: Any, config: TrainConfig, device: torch.device,
           run_dir: str | Path | None = None, desc: str = "train", sync_bn: bool = False,
-          after_backward: Callable[[nn.Module], Any] | None = None) -> TrainResult:
+          after_backward: Callable[[nn.Module], Any] | None = None, resume: bool = True) -> TrainResult:
     """``training.loop.train`` on ``model`` in place (metrics in ``<run_dir>/<desc>_metrics.csv``, rank 0), the way
     every stage trains under torchrun.
 
@@ -122,9 +122,16 @@ def train(model: nn.Module, loaders: Any, config: TrainConfig, device: torch.dev
     pruner, the codec and the checkpoints keep seeing plain BatchNorm. Afterwards every rank takes rank 0's weights
     and buffers. ``after_backward(model)`` gets the plain model and runs after DDP's gradient all-reduce (the same
     on every rank). Only rank 0 logs the epochs.
+
+    ``resume`` (with ``run_dir``): the training writes its resume checkpoint every epoch and a re-run continues it
+    (``training.loop.train``; rank 0 writes, every rank reads). ``channels_last`` is applied before DDP wraps the
+    model, so DDP's buckets see the layout the training uses.
     """
+    if config.channels_last and torch.device(device).type == "cuda":
+        model.to(memory_format=torch.channels_last)
     if not distributed.is_distributed():
-        return loop.train(model, loaders, config, device, run_dir=run_dir, desc=desc, after_backward=after_backward)
+        return loop.train(model, loaders, config, device, run_dir=run_dir, desc=desc, after_backward=after_backward,
+                          resume=resume)
     originals = ({name: module for name, module in model.named_modules()
                   if name and isinstance(module, nn.modules.batchnorm._BatchNorm)} if sync_bn else {})
     wrapped = distributed.wrap_for_training(model, device, sync_bn=bool(originals))
@@ -134,7 +141,7 @@ def train(model: nn.Module, loaders: Any, config: TrainConfig, device: torch.dev
             after_backward(model)
     try:
         result = loop.train(wrapped, loaders, config, device, run_dir=run_dir, desc=desc, after_backward=hook,
-                            log=None if distributed.is_main_process() else quiet)
+                            log=None if distributed.is_main_process() else quiet, resume=resume)
     finally:
         del wrapped
         _put_back(model, originals)

@@ -30,6 +30,7 @@ from pruning.depgraph import prune_to_speed_up
 from stages import ddp
 from stages.ddp import train
 from stages.common import example_input, recipe, setup, start_model, task_data
+from training.loop import resume_path
 from utils import distributed, settings_diff
 from utils.seed import derive_seed, seed_everything
 
@@ -168,6 +169,9 @@ def _fill_shard(cfg: DictConfig, run_dir: Path, shard: _Shard, done: set[int], d
         spec = model_spec(task.model, model, splits.num_classes)
         distributed.run_on_main(shard.append, position, model.state_dict(), spec, metrics, speed_up, seed, config,
                                 rescue_dir=run_dir)  # saved in run_dir if it fails
+        if distributed.is_main_process() and not cfg.get("keep_resume_checkpoints", False):
+            for desc in (f"model{position}_train", f"model{position}_finetune"):  # stored: nothing left to resume
+                resume_path(run_dir, desc).unlink(missing_ok=True)
         produced.append(position)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
         log.info("data model %d of shard %d stored in %.0f s: speed-up %.4fx, %s",

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("multistep", "cosine", "constant")
 SELECTIONS = ("val", "test", "last")
+AMP_DTYPES = ("auto", "bfloat16", "float16")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -28,8 +29,8 @@ class TrainConfig:
     ``milestones`` are epochs (a list, or the reference's comma string ``"60,90"``). With a warm-up
     they count from the end of the warm-up, as torch's ``SequentialLR`` (and the reference) do.
     ``select`` picks the kept weights: ``"val"`` best validation accuracy, ``"test"`` best TEST
-    accuracy (the paper's protocol), ``"last"`` the last epoch. ``amp`` and ``channels_last`` only
-    act on CUDA. ``max_batches_per_epoch`` caps training and evaluation batches (smoke tests).
+    accuracy (the paper's protocol), ``"last"`` the last epoch. ``amp`` (in ``amp_dtype``) and
+    ``channels_last`` only act on CUDA. ``max_batches_per_epoch`` caps training and evaluation batches (smoke tests).
     """
 
     epochs: int
@@ -49,9 +50,16 @@ class TrainConfig:
     cutmix_alpha: float = 0.0
     clip_grad_norm: float | None = None
     amp: bool = False
+    # autocast dtype with amp=true: auto = bfloat16 where the GPU supports it (no loss scaling needed), else float16
+    # (GradScaler; a step whose loss or gradients are not finite is skipped, not fatal)
+    amp_dtype: str = "auto"
     channels_last: bool = False
     select: str = "val"
     max_batches_per_epoch: int | None = None
+    # on CUDA / under torchrun: check the loss for NaN/inf (and agree on a stop request) every this many batches and
+    # at the end of each epoch, not after every batch (each check waits for the GPU; a single CPU process checks
+    # every batch, which costs nothing there)
+    sync_every: int = 50
     # false: the test split is evaluated once, on the kept weights, instead of after every epoch (saves a
     # test pass per epoch in CPU benchmarks; select=test always evaluates it every epoch)
     test_every_epoch: bool = True
@@ -64,6 +72,8 @@ class TrainConfig:
         self.optimizer = _as_choice(self.optimizer, "optimizer", OPTIMIZERS)
         self.scheduler = _as_choice(self.scheduler, "scheduler", SCHEDULERS)
         self.select = _as_choice(self.select, "select", SELECTIONS)
+        self.amp_dtype = _as_choice(self.amp_dtype, "amp_dtype", AMP_DTYPES)
+        self.sync_every = _as_int(self.sync_every, "sync_every", minimum=1)
         self.milestones = _parse_milestones(self.milestones)
         for name in ("momentum", "weight_decay", "gamma", "lr_min", "label_smoothing", "warmup_start_factor",
                      "mixup_alpha", "cutmix_alpha"):

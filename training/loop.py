@@ -12,10 +12,13 @@ Accuracies are fractions in [0, 1]; losses are mean cross-entropy per sample (na
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import logging
 import math
 import sys
+import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +32,18 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from training.config import TrainConfig, as_config
-from utils.distributed import is_distributed, is_main_process
+from utils import preemption, tracking
+from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils.distributed import broadcast_object, is_distributed, is_main_process, run_on_every_rank, run_on_main, world_size
+from utils.seed import restore_rng, rng_state
 
 logger = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
+# Throughput of an epoch: seconds of the training pass and of the whole epoch, training images/s (all ranks), peak
+# GPU memory in GiB (CUDA only; blank on the CPU).
+THROUGHPUT_COLUMNS = ("train_seconds", "epoch_seconds", "images_per_s", "peak_mem_gb")
+CSV_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
+               *THROUGHPUT_COLUMNS)
 PROTOCOL_NOTES = {
     "val": "honest protocol: epoch chosen on the validation set (best val_acc); test never consulted",
     "test": "paper protocol: epoch chosen on the TEST set (best test_acc); test accuracy is optimistic",
@@ -216,41 +226,94 @@ class _EpochContext:
     device: torch.device
     cfg: TrainConfig
     amp: bool
+    amp_dtype: torch.dtype
     channels_last: bool
     desc: str
     mixer: _BatchMixer
+    # batches between host synchronisations (finite-loss check, stop request, progress bar)
+    sync_every: int
+    # the train loader's generator (order and worker seeds); saved and restored for resumption
+    generator: torch.Generator | None
     # called with the model after every backward, before the optimiser step (gradients unscaled),
     # e.g. DepGraph's sparse-learning regulariser (pruning.sparse_learning)
     after_backward: Callable[[nn.Module], Any] | None = None
 
-
-def _check_finite(loss: torch.Tensor, ctx: _EpochContext, epoch: int, batch_index: int) -> None:
-    """Raise ``FloatingPointError`` when the loss is NaN/inf (on any rank, so no rank hangs)."""
-    bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
-    bad = _all_reduce_sum(bad)
-    if bad.item() > 0:
-        raise FloatingPointError(
-            f"{ctx.desc}: loss is not finite (this process: {loss.item()}) at epoch {epoch}, "
-            f"batch {batch_index} (0-based) "
-            f"(lr={ctx.optimizer.param_groups[0]['lr']:.3g}); lower lr, set clip_grad_norm, "
-            "or check the inputs for NaN/inf"
-        )
+    @property
+    def skips_nonfinite(self) -> bool:
+        """float16 autocast: GradScaler skips a step whose loss or gradients overflow, instead of the run failing."""
+        return self.scaler.is_enabled()
 
 
-def _train_one_epoch(model: nn.Module, loader: Iterable, ctx: _EpochContext, epoch: int) -> dict[str, float]:
-    """One pass over ``loader``; returns running-average ``{"loss", "acc"}`` of this epoch."""
+@dataclass
+class _Partial:
+    """Where an epoch stopped (a stop signal after ``batches`` steps): what resumes it mid-way. ``epoch_rng`` is the
+    random state the epoch started with (it rebuilds the same batch order), ``rng`` the one at the stop."""
+
+    epoch: int
+    batches: int
+    sums: list[float]  # loss_sum, correct, count, skipped steps
+    epoch_rng: dict
+    rng: dict
+
+
+class _Stopped(Exception):
+    """Raised inside an epoch when a stop signal was honoured; carries where it stopped."""
+
+    def __init__(self, partial: _Partial, signal_name: str):
+        super().__init__(signal_name)
+        self.partial, self.signal_name = partial, signal_name
+
+
+def _nonfinite_error(ctx: _EpochContext, epoch: int, batch_index: int, loss: float | None) -> FloatingPointError:
+    shown = f" (this process: {loss})" if loss is not None else ""
+    return FloatingPointError(
+        f"{ctx.desc}: loss is not finite{shown} at epoch {epoch}, batch {batch_index} (0-based) "
+        f"(lr={ctx.optimizer.param_groups[0]['lr']:.3g}); lower lr, set clip_grad_norm, "
+        "or check the inputs for NaN/inf"
+    )
+
+
+def _synchronise(flags: torch.Tensor) -> list[float]:
+    """The one host synchronisation of a stretch of batches: ``flags`` summed over the ranks, on the host."""
+    return _all_reduce_sum(flags).tolist()
+
+
+def _train_one_epoch(model: nn.Module, loader: Iterable, ctx: _EpochContext, epoch: int,
+                     partial: _Partial | None = None) -> dict[str, float]:
+    """One pass over ``loader``; returns running-average ``{"loss", "acc"}``, the images trained on (all ranks) and the
+    steps skipped under float16. ``partial``: continue an epoch a stop signal interrupted (its first batches are
+    loaded again, in the same order, and not trained on). Raises :class:`_Stopped` after the step during which a stop
+    signal arrived (under torchrun: at the next synchronisation, on every rank at the same batch)."""
     model.train()
-    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss_sum, correct, count
+    epoch_rng = partial.epoch_rng if partial is not None else rng_state(ctx.generator)
+    if partial is not None:
+        restore_rng(partial.epoch_rng, ctx.generator)  # the same order (and workers' seeds) as the interrupted epoch
+    _set_sampler_epoch(loader, epoch)
+    skip = partial.batches if partial is not None else 0
+    # loss_sum, correct, count, skipped steps: accumulated on the device, read at the end of the epoch
+    sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)
+    if partial is not None:
+        sums += torch.tensor(partial.sums, dtype=torch.float64).to(ctx.device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=ctx.device)  # first batch with a non-finite loss
+    distributed_run = is_distributed()
+    interval = ctx.sync_every if (ctx.device.type != "cpu" or distributed_run) else 1
     bar = _progress(loader, f"{ctx.desc} {epoch}/{ctx.cfg.epochs}", ctx.cfg.max_batches_per_epoch)
+    started, done = time.perf_counter(), 0
     for batch_index, batch in enumerate(bar):
+        if batch_index < skip:  # already trained before the stop: load (same random state), do not train
+            if batch_index == skip - 1:
+                restore_rng(partial.rng, ctx.generator)
+            continue
         inputs, targets = _split_batch(batch, ctx.device, ctx.channels_last)
         inputs, targets_b, lam = ctx.mixer(inputs, targets)
-        with torch.autocast(device_type=ctx.device.type, enabled=ctx.amp):
+        with torch.autocast(device_type=ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp):
             logits = model(inputs)
             loss = ctx.criterion(logits.float(), targets)
             if lam < 1.0:
                 loss = lam * loss + (1.0 - lam) * ctx.criterion(logits.float(), targets_b)
-        _check_finite(loss, ctx, epoch, batch_index)
+        finite = torch.isfinite(loss.detach())
+        if not ctx.skips_nonfinite:
+            first_bad = torch.where(~finite & (first_bad < 0), torch.full_like(first_bad, batch_index), first_bad)
         ctx.optimizer.zero_grad(set_to_none=True)
         ctx.scaler.scale(loss).backward()
         if ctx.cfg.clip_grad_norm is not None or ctx.after_backward is not None:
@@ -262,17 +325,55 @@ def _train_one_epoch(model: nn.Module, loader: Iterable, ctx: _EpochContext, epo
         ctx.scaler.step(ctx.optimizer)
         ctx.scaler.update()
         with torch.no_grad():
-            sums[0] += loss.detach().double() * targets.numel()
-            sums[1] += logits.argmax(dim=1).eq(targets).sum()
-            sums[2] += targets.numel()
-        if not bar.disable:
-            bar.set_postfix(loss=f"{sums[0].item() / sums[2].item():.4f}",
-                            acc=f"{sums[1].item() / sums[2].item():.4f}", refresh=False)
+            # a skipped float16 step adds nothing to the running loss and accuracy
+            weight = finite.double() if ctx.skips_nonfinite else 1.0
+            sums[0] += torch.nan_to_num(loss.detach().double()) * targets.numel() * weight
+            sums[1] += logits.argmax(dim=1).eq(targets).sum() * weight
+            sums[2] += targets.numel() * weight
+            sums[3] += 1.0 - finite.double()
+        done += 1
+        if done % interval == 0:
+            _check_stretch(ctx, epoch, first_bad, loss, batch_index, sums, bar, started, done, epoch_rng)
     bar.close()
-    loss_sum, correct, count = _all_reduce_sum(sums).tolist()
+    _check_stretch(ctx, epoch, first_bad, loss if done else None, None, sums, None, started, done, epoch_rng)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    seconds = time.perf_counter() - started
+    loss_sum, correct, count, skipped = _all_reduce_sum(sums).tolist()
     if count == 0:
+        if skipped:
+            raise FloatingPointError(f"{ctx.desc}: every step of epoch {epoch} had a non-finite loss under float16 "
+                                     "autocast and was skipped; lower lr, set clip_grad_norm or amp_dtype=bfloat16")
         raise ValueError(f"{ctx.desc}: the training loader yielded no batches in epoch {epoch}")
-    return {"loss": loss_sum / count, "acc": correct / count}
+    return {"loss": loss_sum / count, "acc": correct / count, "images": count, "skipped": skipped,
+            "seconds": seconds}
+
+
+def _check_stretch(ctx: _EpochContext, epoch: int, first_bad: torch.Tensor, loss: torch.Tensor | None,
+                   batch_index: int | None, sums: torch.Tensor, bar: tqdm | None, started: float, done: int,
+                   epoch_rng: dict) -> None:
+    """At a synchronisation point: fail on a non-finite loss (any rank), stop on a stop request (any rank), refresh the
+    progress bar. In a single process the stop request is read on the host, with no synchronisation."""
+    stop = preemption.stop_requested()
+    if is_distributed():
+        flags = torch.stack([(first_bad >= 0).double(), torch.tensor(float(stop is not None), device=ctx.device)
+                             .double()])
+        bad_anywhere, stop_anywhere = _synchronise(flags)
+    else:
+        bad_anywhere, stop_anywhere = float(int(first_bad) >= 0), float(stop is not None)
+    if bad_anywhere:
+        index = int(first_bad)
+        shown = float(loss.detach()) if (loss is not None and index >= 0) else None
+        raise _nonfinite_error(ctx, epoch, index if index >= 0 else (batch_index or 0), shown)
+    if bar is not None and not bar.disable:
+        loss_sum, correct, count = sums[:3].tolist()
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix(loss=f"{loss_sum / max(count, 1):.4f}", acc=f"{correct / max(count, 1):.4f}",
+                        img_s=f"{count / elapsed * world_size():.0f}", refresh=False)
+    if stop_anywhere and batch_index is not None:
+        partial = _Partial(epoch=epoch, batches=batch_index + 1, sums=sums.tolist(), epoch_rng=epoch_rng,
+                           rng=rng_state(ctx.generator))
+        raise _Stopped(partial, stop or "SIGTERM")
 
 
 class _BatchMixer:
@@ -331,13 +432,17 @@ def evaluate_splits(model: nn.Module, loaders: Any, device: torch.device | str,
 
 
 class _MetricsCSV:
-    """Per-epoch metrics CSV, flushed after every row so a crashed run keeps its history."""
+    """Per-epoch metrics CSV, flushed after every row so a crashed run keeps its history. A resumed training rewrites
+    it with the rows of the epochs it resumes after."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, rows: Iterable[Mapping[str, float]] = ()):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         with path.open("w", newline="") as handle:
-            csv.writer(handle, lineterminator="\n").writerow(CSV_COLUMNS)
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(CSV_COLUMNS)
+            for row in rows:
+                writer.writerow([row.get(column, "") for column in CSV_COLUMNS])
 
     def append(self, row: Mapping[str, float]) -> None:
         with self.path.open("a", newline="") as handle:
@@ -352,7 +457,10 @@ def _log_function(log: logging.Logger | Callable[[str], Any] | None) -> Callable
 
 def _format_row(desc: str, row: Mapping[str, float], epochs: int) -> str:
     parts = [f"{desc} epoch {row['epoch']}/{epochs}", f"lr {row['lr']:.4g}"]
-    parts += [f"{key} {row[key]:.4f}" for key in CSV_COLUMNS[2:] if key in row]
+    parts += [f"{key} {row[key]:.4f}" for key in CSV_COLUMNS[2:8] if key in row]
+    parts.append(f"{row['epoch_seconds']:.1f} s, {row['images_per_s']:.0f} img/s")
+    if "peak_mem_gb" in row:
+        parts.append(f"peak {row['peak_mem_gb']:.2f} GB")
     return " | ".join(parts)
 
 
@@ -380,18 +488,193 @@ def _cuda_only_flags(cfg: TrainConfig, device: torch.device, say: Callable[[str]
     return cfg.amp and on_cuda, cfg.channels_last and on_cuda
 
 
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """``amp_dtype`` resolved: ``auto`` is bfloat16 where the device supports it, else float16."""
+    if cfg.amp_dtype == "bfloat16":
+        return torch.bfloat16
+    if cfg.amp_dtype == "float16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def _plain_model(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (its state dict has no ``module.`` prefix), else the model."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumption: the "last" checkpoint of a training
+# ----------------------------------------------------------------------------------------------
+RESUME_DIR = "resume"
+
+
+def resume_path(run_dir: str | Path, desc: str) -> Path:
+    """``<run_dir>/resume/<desc>.pt``: the checkpoint a re-run of training ``desc`` in ``run_dir`` continues from."""
+    return Path(run_dir) / RESUME_DIR / f"{desc}.pt"
+
+
+@dataclass
+class _Progress:
+    """How far a training got: what the resume checkpoint holds besides the model and the optimiser."""
+
+    epoch: int = 0  # finished epochs
+    history: list = dataclasses.field(default_factory=list)
+    selected_epoch: int = 0
+    best_score: float = -math.inf
+    best_state: dict | None = None
+    partial: _Partial | None = None
+    finished: dict | None = None  # final_metrics once the training has finished
+
+
+def _fingerprint(model: nn.Module) -> list:
+    """[name, shape, sum] of every tensor of the model entering a training: a resumed training checks that the steps
+    before it rebuilt the same model (layer widths exactly, weights to 1e-3 relative, so that a GPU's summation order
+    does not count as a change)."""
+    return [[name, list(t.shape), float(t.detach().double().sum())] for name, t in model.state_dict().items()
+            if t.is_floating_point()]
+
+
+def _fingerprint_change(saved: list, now: list) -> str | None:
+    saved_map = {name: (shape, total) for name, shape, total in saved}
+    now_map = {name: (shape, total) for name, shape, total in now}
+    if saved_map.keys() != now_map.keys():
+        return f"other tensors ({sorted(saved_map.keys() ^ now_map.keys())[:3]} ...)"
+    for name, (shape, total) in saved_map.items():
+        shape_now, total_now = now_map[name]
+        if shape != shape_now:
+            return f"{name} has shape {shape_now}, the checkpoint's training started from {shape}"
+        if not math.isclose(total, total_now, rel_tol=1e-3, abs_tol=1e-3 * (1 + math.prod(shape)) ** 0.5 * 1e-3):
+            return f"{name} sums to {total_now:.6g}, the checkpoint's training started from {total:.6g}"
+    return None
+
+
+def _plain_scheduler_state(scheduler: Any) -> dict:
+    """The scheduler's state with MultiStepLR's ``Counter`` milestones as plain dicts (weights-only checkpoints)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, Counter):
+            return {int(k): int(v) for k, v in value.items()}
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(plain(v) for v in value)
+        return value
+    return plain(scheduler.state_dict())
+
+
+def _load_scheduler_state(scheduler: Any, state: Mapping[str, Any]) -> None:
+    scheduler.load_state_dict(dict(state))
+    for each in [scheduler, *getattr(scheduler, "_schedulers", [])]:
+        milestones = getattr(each, "milestones", None)
+        if isinstance(milestones, dict) and not isinstance(milestones, Counter):
+            each.milestones = Counter({int(k): int(v) for k, v in milestones.items()})
+
+
+def _recipe_changes(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
+    now = dataclasses.asdict(cfg)
+    # sync_every only changes how often the host looks: not a change of recipe
+    return [f"{key}: {saved[key]!r} -> {now[key]!r}" for key in sorted(saved.keys() & now.keys())
+            if saved[key] != now[key] and key != "sync_every"]
+
+
+@dataclass
+class _Resumer:
+    """Writes and reads a training's resume checkpoint (rank 0 writes, every rank reads)."""
+
+    path: Path
+    desc: str
+    cfg: TrainConfig
+    entry: list  # fingerprint of the model entering the training
+
+    def load(self, plain: nn.Module, ctx: _EpochContext, scheduler: Any, say: Callable[[str], Any]) -> _Progress:
+        """The saved progress put back into the model, optimiser, scheduler, scaler and RNGs; a fresh one if none."""
+        if not broadcast_object(self.path.is_file() if is_main_process() else None):
+            return _Progress()
+        checkpoint = run_on_every_rank(lambda: load_checkpoint(self.path, map_location="cpu"),
+                                       f"reading {self.path}")
+        spec = checkpoint["spec"]
+        if spec.get("kind") != "training_resume" or spec.get("desc") != self.desc:
+            raise CheckpointError(f"{self.path} is not the resume checkpoint of training {self.desc!r} (spec {spec}); "
+                                  "delete it to train from the start")
+        changes = _recipe_changes(checkpoint["recipe"], self.cfg)
+        if changes:
+            raise ValueError(f"cannot resume {self.desc} from {self.path}: its recipe changed ({'; '.join(changes)}). "
+                             "Restore the original settings, use a fresh run dir, or delete the file to train this "
+                             "step from the start")
+        changed = _fingerprint_change(checkpoint["entry"], self.entry)
+        if changed:
+            raise ValueError(f"cannot resume {self.desc} from {self.path}: the model entering it is not the one its "
+                             f"training started from ({changed}); an earlier step ran with other settings. Use a "
+                             "fresh run dir, or delete the file to train this step from the start")
+        if checkpoint.get("world_size", 1) != world_size():
+            raise ValueError(f"cannot resume {self.desc} from {self.path}: it was trained on "
+                             f"{checkpoint.get('world_size', 1)} processes, this run has {world_size()} (the data "
+                             "shards depend on it); relaunch with the same number of processes")
+        plain.load_state_dict(checkpoint["state_dict"])
+        ctx.optimizer.load_state_dict(checkpoint["optimizer"])
+        _load_scheduler_state(scheduler, checkpoint["scheduler"])
+        if checkpoint.get("scaler"):
+            ctx.scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng(checkpoint["rng"], ctx.generator)
+        selection = checkpoint["selection"]
+        best_state = selection["state"]
+        if best_state is not None:
+            best_state = {k: v.to(ctx.device) for k, v in best_state.items()}
+        partial = checkpoint.get("partial")
+        progress = _Progress(epoch=int(checkpoint["epoch"]), history=list(checkpoint["history"]),
+                             selected_epoch=int(selection["epoch"]), best_score=float(selection["score"]),
+                             best_state=best_state, partial=_Partial(**partial) if partial else None,
+                             finished=checkpoint.get("finished"))
+        where = (f"finished earlier ({progress.epoch} epochs): not retrained" if progress.finished is not None
+                 else f"resuming after epoch {progress.epoch} of {self.cfg.epochs}"
+                 + (f" and {progress.partial.batches} batches of epoch {progress.partial.epoch}"
+                    if progress.partial else ""))
+        say(f"{self.desc}: {where} ({self.path})")
+        return progress
+
+    def save(self, plain: nn.Module, ctx: _EpochContext, scheduler: Any, progress: _Progress,
+             rng: dict | None = None) -> None:
+        """Write the checkpoint atomically (rank 0; the others wait, so that every rank can read it after)."""
+        def write() -> None:
+            best = progress.best_state
+            partial = progress.partial
+            save_checkpoint(
+                self.path, _plain_model(plain).state_dict(), {"kind": "training_resume", "desc": self.desc},
+                recipe=dataclasses.asdict(self.cfg), entry=self.entry, world_size=world_size(),
+                optimizer=ctx.optimizer.state_dict(), scheduler=_plain_scheduler_state(scheduler),
+                scaler=ctx.scaler.state_dict(), epoch=progress.epoch, history=progress.history,
+                selection={"epoch": progress.selected_epoch, "score": progress.best_score,
+                           "state": None if best is None else {k: v.cpu() for k, v in best.items()}},
+                rng=rng if rng is not None else rng_state(ctx.generator),
+                partial=None if partial is None else dataclasses.asdict(partial), finished=progress.finished)
+        run_on_main(write)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
 def train(model: nn.Module, loaders: Any, cfg: TrainConfig | Mapping[str, Any], device: torch.device | str,
           run_dir: str | Path | None = None, desc: str = "train",
           log: logging.Logger | Callable[[str], Any] | None = None,
-          after_backward: Callable[[nn.Module], Any] | None = None) -> TrainResult:
+          after_backward: Callable[[nn.Module], Any] | None = None, resume: bool = False) -> TrainResult:
     """Train ``model`` in place and keep the weights of the epoch chosen by ``cfg.select``.
 
     ``loaders`` is any object with ``.train``, ``.val`` and ``.test`` loaders (val/test may be
     None) yielding ``(inputs [B, ...], targets [B])``. Each epoch: train, step the scheduler,
-    evaluate val and test, log one line, append a row to ``<run_dir>/<desc>_metrics.csv``. At the
+    evaluate val and test, log one line, append a row to ``<run_dir>/<desc>_metrics.csv`` (with the epoch's seconds,
+    images/s and, on CUDA, peak memory) and send it to the experiment logger (``utils.tracking``). At the
     end the selected epoch's weights are loaded back into ``model``. ``model`` may be a DDP
     wrapper; then only rank 0 writes the CSV and metrics are all-reduced. ``after_backward(model)`` runs
     after every backward and before the optimiser step (e.g. a sparsity regulariser adding to ``.grad``).
+
+    ``resume=True`` (needs ``run_dir``): at the end of every epoch the model, optimiser, scheduler, GradScaler,
+    history, selection state (best epoch, score and weights) and every RNG state are written atomically to
+    :func:`resume_path`; a re-run continues after the last finished epoch and ends with the weights an
+    uninterrupted run ends with (bitwise on CPU), and a finished training is not retrained (its kept weights are
+    loaded). A changed recipe or a different entering model is refused, naming the change. A stop signal
+    (``utils.preemption``: SIGTERM) ends the training after the current step with a checkpoint that resumes
+    mid-epoch; :class:`utils.preemption.RunInterrupted` is raised.
     """
     cfg = as_config(cfg)
     device = torch.device(device)
@@ -401,48 +684,119 @@ def train(model: nn.Module, loaders: Any, cfg: TrainConfig | Mapping[str, Any], 
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    plain = _plain_model(model)
 
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
+    dtype = autocast_dtype(cfg, device)
+    train_loader = getattr(loaders, "train", None)
     ctx = _EpochContext(optimizer=optimizer,
                         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-                        scaler=torch.amp.GradScaler(device.type, enabled=amp), device=device, cfg=cfg,
-                        amp=amp, channels_last=channels_last, desc=desc,
-                        mixer=_BatchMixer(cfg.mixup_alpha, cfg.cutmix_alpha), after_backward=after_backward)
-    csv_log = (_MetricsCSV(Path(run_dir) / f"{desc}_metrics.csv")
-               if run_dir is not None and is_main_process() else None)
+                        scaler=torch.amp.GradScaler(device.type, enabled=amp and dtype == torch.float16),
+                        device=device, cfg=cfg, amp=amp, amp_dtype=dtype, channels_last=channels_last, desc=desc,
+                        mixer=_BatchMixer(cfg.mixup_alpha, cfg.cutmix_alpha), sync_every=cfg.sync_every,
+                        generator=getattr(train_loader, "generator", None), after_backward=after_backward)
+    resumer = None
+    if resume and run_dir is not None and cfg.epochs > 0:
+        resumer = _Resumer(resume_path(run_dir, desc), desc, cfg, _fingerprint(plain))
+    progress = resumer.load(plain, ctx, scheduler, say) if resumer is not None else _Progress()
+    if progress.finished is not None:
+        _rewrite_csv(run_dir, desc, progress.history)
+        say(f"{desc}: kept epoch {progress.selected_epoch} ({PROTOCOL_NOTES[cfg.select]})")
+        return TrainResult(selected_epoch=progress.selected_epoch, selection=cfg.select,
+                           protocol_note=PROTOCOL_NOTES[cfg.select], history=progress.history,
+                           final_metrics=dict(progress.finished), epochs=cfg.epochs)
+    csv_log = _rewrite_csv(run_dir, desc, progress.history)
 
-    history: list[dict[str, float]] = []
-    selected_epoch, best_score, best_state = 0, -math.inf, None
     per_epoch = ("val", "test") if cfg.test_every_epoch or cfg.select == "test" else ("val",)
-    for epoch in range(1, cfg.epochs + 1):
-        _set_sampler_epoch(loaders.train, epoch)
-        lr = optimizer.param_groups[0]["lr"]  # the lr used during this epoch
-        train_metrics = _train_one_epoch(model, loaders.train, ctx, epoch)
-        scheduler.step()
-        row = {"epoch": epoch, "lr": lr, "train_loss": train_metrics["loss"], "train_acc": train_metrics["acc"]}
-        row.update(evaluate_splits(model, loaders, device, per_epoch, amp, cfg.max_batches_per_epoch, channels_last))
-        history.append(row)
-        if csv_log is not None:
-            csv_log.append(row)
-        say(_format_row(desc, row, cfg.epochs))
+    with preemption.honoured():
+        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+            lr = optimizer.param_groups[0]["lr"]  # the lr used during this epoch
+            started = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                train_metrics = _train_one_epoch(model, loaders.train, ctx, epoch, progress.partial)
+            except _Stopped as stop:
+                progress.partial = stop.partial
+                if resumer is not None:
+                    resumer.save(plain, ctx, scheduler, progress, rng=stop.partial.rng)
+                where = f"in {desc} epoch {epoch}/{cfg.epochs} after {stop.partial.batches} batches"
+                saved = str(resumer.path) if resumer is not None else None
+                say(f"{desc}: stopped by {stop.signal_name} {where}"
+                    + (f"; resume state in {saved}" if saved else " (no resume checkpoint: resume=False)"))
+                raise preemption.RunInterrupted(stop.signal_name, where, saved) from None
+            progress.partial = None
+            scheduler.step()
+            row = {"epoch": epoch, "lr": lr, "train_loss": train_metrics["loss"], "train_acc": train_metrics["acc"]}
+            row.update(evaluate_splits(model, loaders, device, per_epoch, amp, cfg.max_batches_per_epoch,
+                                       channels_last))
+            row.update(_throughput(train_metrics, started, device))
+            if train_metrics["skipped"]:
+                say(f"{desc} epoch {epoch}: {int(train_metrics['skipped'])} steps skipped (non-finite loss or "
+                    "gradients under float16 autocast; GradScaler lowered the scale)")
+            progress.history.append(row)
+            if csv_log is not None:
+                csv_log.append(row)
+            tracking.log_metrics(desc, row, step=epoch)
+            say(_format_row(desc, row, cfg.epochs))
 
-        score = row[f"{cfg.select}_acc"] if cfg.select != "last" else epoch
-        if score > best_score:  # strict: ties keep the earliest epoch
-            selected_epoch, best_score = epoch, score
-            # The last epoch's weights are already in the model; no copy needed.
-            best_state = _snapshot(model) if epoch < cfg.epochs and cfg.select != "last" else None
+            score = row[f"{cfg.select}_acc"] if cfg.select != "last" else epoch
+            if score > progress.best_score:  # strict: ties keep the earliest epoch
+                progress.selected_epoch, progress.best_score = epoch, score
+                # The last epoch's weights are already in the model; no copy needed.
+                progress.best_state = _snapshot(model) if epoch < cfg.epochs and cfg.select != "last" else None
+            progress.epoch = epoch
+            if resumer is not None:
+                resumer.save(plain, ctx, scheduler, progress)
+            signal_name = _stop_agreed(device)
+            if signal_name is not None and epoch < cfg.epochs:
+                where = f"at the end of {desc} epoch {epoch}/{cfg.epochs}"
+                saved = str(resumer.path) if resumer is not None else None
+                say(f"{desc}: stopped by {signal_name} {where}" + (f"; resume state in {saved}" if saved else ""))
+                raise preemption.RunInterrupted(signal_name, where, saved)
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    history = progress.history
+    if progress.best_state is not None:
+        model.load_state_dict(progress.best_state)
     if history:
-        final = {key: value for key, value in history[selected_epoch - 1].items() if key not in ("epoch", "lr")}
+        final = {key: value for key, value in history[progress.selected_epoch - 1].items()
+                 if key not in ("epoch", "lr") and key not in THROUGHPUT_COLUMNS}
         if "test" not in per_epoch:  # the kept weights are in the model now
             final.update(evaluate_splits(model, loaders, device, ("test",), amp, cfg.max_batches_per_epoch,
                                          channels_last))
     else:
         final = evaluate_splits(model, loaders, device, ("val", "test"), amp, cfg.max_batches_per_epoch, channels_last)
-    say(f"{desc}: kept epoch {selected_epoch} ({PROTOCOL_NOTES[cfg.select]})")
-    return TrainResult(selected_epoch=selected_epoch, selection=cfg.select,
+    if resumer is not None:  # the kept weights and their metrics: a re-run reuses them instead of retraining
+        progress.finished, progress.best_state = final, None
+        resumer.save(plain, ctx, scheduler, progress)
+    say(f"{desc}: kept epoch {progress.selected_epoch} ({PROTOCOL_NOTES[cfg.select]})")
+    return TrainResult(selected_epoch=progress.selected_epoch, selection=cfg.select,
                        protocol_note=PROTOCOL_NOTES[cfg.select], history=history,
                        final_metrics=final, epochs=cfg.epochs)
+
+
+def _stop_agreed(device: torch.device) -> str | None:
+    """The stop signal's name when any rank received one (one small all-reduce per epoch under torchrun)."""
+    name = preemption.stop_requested()
+    if not is_distributed():
+        return name
+    flag = _all_reduce_sum(torch.tensor([float(name is not None)], device=device)).item()
+    return (name or "SIGTERM") if flag else None
+
+
+def _rewrite_csv(run_dir: str | Path | None, desc: str, history: list) -> _MetricsCSV | None:
+    """Rank 0's metrics CSV of training ``desc``, holding the rows of ``history`` (a resumed training's epochs)."""
+    if run_dir is None or not is_main_process():
+        return None
+    return _MetricsCSV(Path(run_dir) / f"{desc}_metrics.csv", history)
+
+
+def _throughput(train_metrics: Mapping[str, float], started: float, device: torch.device) -> dict[str, float]:
+    """Seconds of the training pass and of the whole epoch (with evaluation), training images/s over all ranks, and
+    peak GPU memory of this rank (CUDA only)."""
+    row = {"train_seconds": train_metrics["seconds"], "epoch_seconds": time.perf_counter() - started,
+           "images_per_s": train_metrics["images"] / max(train_metrics["seconds"], 1e-9)}
+    if device.type == "cuda":
+        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return row

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 
@@ -64,3 +65,38 @@ def seed_worker(worker_id: int) -> None:
     worker_seed = torch.initial_seed() & _SEED_MASK
     np.random.seed(worker_seed)
     random.seed(worker_seed)
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    """Every random state a resumed run needs, as plain containers a weights-only checkpoint can hold: torch (CPU),
+    CUDA (every device, when present), python ``random``, numpy, and ``generator`` (a loader's, or None)."""
+    np_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None,
+        "python": [version, list(internal), gauss],
+        "numpy": [str(np_state[0]), [int(v) for v in np_state[1]], int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "loader": generator.get_state() if generator is not None else None,
+    }
+
+
+def restore_rng(state: dict, generator: torch.Generator | None = None) -> None:
+    """Put back what :func:`rng_state` saved (``generator`` gets the saved loader state when both exist). CUDA states
+    saved on a machine with another device count are skipped with a warning: the CPU states still make the data
+    order and augmentations exact."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        if len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        else:
+            logging.getLogger(__name__).warning(
+                "checkpoint has CUDA RNG states for %d devices, this machine has %d: not restored",
+                len(state["cuda"]), torch.cuda.device_count())
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    if generator is not None and state.get("loader") is not None:
+        generator.set_state(state["loader"].cpu())
