@@ -244,5 +244,6 @@ def remove_resume_checkpoints(run_dir: Path) -> None:
     """Delete the trainings' resume checkpoints (``training.loop.resume_path``) under a finished run's ``run_dir``:
     they only serve a re-run of an unfinished one (``keep_resume_checkpoints=true`` keeps them)."""
     for folder in sorted(Path(run_dir).rglob(RESUME_DIR)):
-        if folder.is_dir() and all(p.suffix == ".pt" for p in folder.iterdir()):
+        # checkpoints, and the temporary files of writes a kill interrupted (utils.io.temporary_path)
+        if folder.is_dir() and all(p.suffix in (".pt", ".tmp") for p in folder.iterdir()):
             shutil.rmtree(folder)
