@@ -43,6 +43,11 @@ setup(
         #   pip install --no-build-isolation torch_scatter==2.1.2
         "scatter": ["torch_scatter==2.1.2"],
         "slurm": ["hydra-submitit-launcher>=1.2,<1.3"],
-        "dev": ["pytest", "pytest-timeout"],
+        # experiment trackers (configs/logger/, utils/tracking.py): imported only when logger=<name> is chosen
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
+        "mlflow": ["mlflow"],
+        # tensorboard: tests/test_tracking.py reads its event files back
+        "dev": ["pytest", "pytest-timeout", "tensorboard"],
     },
 )

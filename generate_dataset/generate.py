@@ -21,6 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from stages import generate
 from stages.common import run_recorded
 from utils.distributed import broadcast_object, torchrun_session
+from utils.tracking import tracking_session
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ def main(cfg: DictConfig) -> None:
     with torchrun_session(cfg.distributed, cfg.device):
         # configs/generate.yaml's run dir has a timestamp, which two ranks may resolve a second apart: use rank 0's
         run_dir = broadcast_object(HydraConfig.get().runtime.output_dir)
-        summary = run_recorded(generate.run, cfg, run_dir)
+        with tracking_session(cfg, run_dir):  # logger=...: every data model's training rows
+            summary = run_recorded(generate.run, cfg, run_dir)
         if summary:
             log.info("shard summary: %s", json.dumps(summary))
 

@@ -3,7 +3,8 @@
 Each run mode is a function ``run(cfg, run_dir) -> summary`` that writes its outputs under ``run_dir`` and
 returns a JSON-serialisable summary. Entry scripts only call :func:`execute`, which looks the mode up in
 :data:`RUNS` (an explicit table: nothing registers itself on import) and does the per-run boilerplate once
-(``stages.common.run_recorded``: ``config.yaml``, timing, ``results.json`` from the summary).
+(``stages.common.run_recorded``: ``config.yaml``, timing, ``results.json`` from the summary) inside one experiment
+tracking session (``utils.tracking.tracking_session``, the ``logger=`` group), which the pipeline's stages share.
 
 Data-model generation (``stages.generate``) is a stage with its own entry script and primary config
 (``generate_dataset/generate.py``, ``configs/generate.yaml``), so it is not a ``run=`` mode of ``main.py``.
@@ -17,6 +18,7 @@ from omegaconf import DictConfig
 from stages import analyse, final, meta_train, pipeline, report, select, train
 from stages.common import RunFn, run_recorded
 from utils.distributed import is_distributed
+from utils.tracking import tracking_session
 
 RUNS: dict[str, RunFn] = {
     "train": train.run_train,
@@ -55,7 +57,8 @@ def get_run(name: str) -> RunFn:
 
 def execute(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     """Run ``cfg.run`` with outputs under ``run_dir``: resolved ``config.yaml`` first, ``results.json`` (the
-    returned summary plus ``seconds``) last; ``run=help`` only prints the valid modes."""
+    returned summary plus ``seconds``) last, the whole run inside the ``logger=`` tracking session (metrics sent
+    with ``utils.tracking.log_metrics``); ``run=help`` only prints the valid modes."""
     if cfg.run == HELP:
         print("valid run modes: " + ", ".join(list_runs()))
         return {}
@@ -65,4 +68,5 @@ def execute(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
             f"run={cfg.run} runs in a single process; launch it with python, not torchrun "
             f"(runs that support torchrun/DDP: {', '.join(sorted(DDP_RUNS))})"
         )
-    return run_recorded(run_fn, cfg, run_dir)
+    with tracking_session(cfg, run_dir):
+        return run_recorded(run_fn, cfg, run_dir)

@@ -31,9 +31,12 @@ null`` reproduces the authors' literal sum (balance then changes with the number
 
 Data: ``task.meta_train.batch_size`` images per batch (null = ``task.batch_size``; 500 for the CIFAR
 tasks, the reference's "big" loader) from the task's training split (augmented; the validation split is
-held out). A step takes the next ``batches_per_step`` batches of one stream that restarts (reshuffled)
-when exhausted and at every epoch start. The loader's order and its workers' seeds come from its own
-seeded generator (workers are not persistent), so that generator's state fixes every later batch.
+held out). A step takes the next ``batches_per_step`` batches of one stream of passes over the split, each
+pass reshuffled, that restarts at every epoch start. The stream is ONE loader iterator per epoch (its workers
+start once per epoch, not once per pass, which with ``batches_per_step: null`` would be once per step). The
+loader's order and its workers' seeds come from its own seeded generator, drawn exactly as a fresh iterator per
+pass would draw them, so that generator's state (saved in each checkpoint) fixes every later batch; with
+``num_workers: 0`` the batches are bit for bit those of one iterator per pass.
 
 ImageNet scale, ``task.meta_train.iterations_per_step`` (the authors' ``optimize_every_iter``, reference §9;
 null = the one-step-per-data-model scheme above, which the CIFAR-scale tasks keep bit for bit). Under torchrun
@@ -161,6 +164,7 @@ from utils.distributed import (all_gather_objects, all_reduce_mean, average_grad
                                is_main_process, rank, run_on_every_rank, run_on_main, world_size)
 from utils.io import atomic_path, atomic_write
 from utils.seed import derive_seed, seed_worker
+from utils.tracking import log_metrics
 
 log = logging.getLogger(__name__)
 
@@ -528,8 +532,10 @@ def grad_norm(module: tnn.Module) -> float:
 def meta_loader(dataset: Any, batch_size: int, num_workers: int, seed: int) -> DataLoader:
     """Shuffled loader of the training split for meta-training, its order from a seeded generator.
 
-    Workers are not persistent: every pass starts workers seeded from the generator, so the generator's
-    state (saved in each checkpoint) fixes all later batches and augmentations and a resumed run is exact.
+    One pass per iterator; meta-training reads it through :class:`_BatchStream` (one iterator per epoch over
+    successive passes). Workers are not persistent: every iterator starts workers seeded from the generator, so
+    the generator's state (saved in each checkpoint) fixes all later batches and augmentations and a resumed run
+    is exact.
     """
     generator = torch.Generator().manual_seed(derive_seed(seed, "meta_train_loader"))
     return DataLoader(dataset, batch_size=int(batch_size), shuffle=True, generator=generator,
@@ -537,28 +543,63 @@ def meta_loader(dataset: Any, batch_size: int, num_workers: int, seed: int) -> D
                       persistent_workers=False)
 
 
-class _BatchStream:
-    """Successive batches of a loader; a new pass (reshuffled) starts when one ends or on ``restart``."""
+class _Passes(torch.utils.data.Sampler):
+    """Batches of index lists over successive shuffled passes of ``size`` items, without end.
 
-    def __init__(self, loader: Any):
+    Each pass is the batch sampler of a ``DataLoader(shuffle=True, generator=generator)`` (torch's own
+    ``BatchSampler(RandomSampler)``, the last batch short); before every pass but the first it draws the one number
+    a fresh loader iterator draws from the generator (its workers' base seed), so the generator's stream, hence
+    every batch, equals that of one iterator per pass, and so does the generator's state between batches (draws
+    stay lazy, as torch's). ``len`` is the batches of one pass.
+    """
+
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator):
+        self.size, self.batch_size, self.generator = int(size), int(batch_size), generator
+
+    def __len__(self) -> int:
+        return -(-self.size // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.size == 0:
+            raise ValueError("the meta-training loader yields no batch (empty training split)")
+        one_pass = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(range(self.size),
+                                                                                generator=self.generator),
+                                                 self.batch_size, drop_last=False)
+        yield from one_pass
+        while True:
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # what a fresh iterator draws
+            yield from one_pass
+
+
+class _BatchStream:
+    """Successive batches of ``loader``'s passes (each reshuffled), read through one iterator per epoch.
+
+    ``loader``: a :func:`meta_loader` (shuffled, seeded generator, last batch kept). The stream reads the same
+    dataset with the same workers, collation and generator through :class:`_Passes`, so a new pass does not start
+    new workers; :meth:`restart` (every epoch start) does, as a fresh loader iterator would. A step's batches
+    run on across a pass boundary.
+    """
+
+    def __init__(self, loader: DataLoader):
+        if not isinstance(loader.sampler, torch.utils.data.RandomSampler) or loader.drop_last:
+            raise ValueError("_BatchStream needs a shuffled loader that keeps its last batch (meta_loader)")
         self.loader = loader
+        self._passes = DataLoader(
+            loader.dataset, batch_sampler=_Passes(len(loader.dataset), int(loader.batch_size), loader.generator),
+            num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+            worker_init_fn=loader.worker_init_fn, generator=loader.generator, timeout=loader.timeout,
+            multiprocessing_context=loader.multiprocessing_context)
         self._it: Iterator | None = None
 
     def restart(self) -> None:
-        self._it = None
+        """Start over with a new (reshuffled) pass and fresh workers; the unread rest is dropped."""
+        self._it = None  # the old iterator's workers shut down once it is released
 
     def take(self, count: int) -> Iterator:
         for _ in range(count):
             if self._it is None:
-                self._it = iter(self.loader)
-            try:
-                yield next(self._it)
-            except StopIteration:
-                self._it = iter(self.loader)
-                try:
-                    yield next(self._it)
-                except StopIteration:
-                    raise ValueError("the meta-training loader yields no batch (empty training split)") from None
+                self._it = iter(self._passes)
+            yield next(self._it)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1069,6 +1110,7 @@ def _write_epoch(state: _Training, epoch: int, row: dict) -> None:
                      scheduler=_scheduler_state(state.scheduler), history=state.history, steps=state.steps,
                      rng=_rng_state(state.loader.generator), meta=state.meta)
     _write_metrics(state.run_dir / METRICS_CSV, state.history)
+    log_metrics("meta_train", row, step=epoch)  # the CSV row, to the logger= experiment tracker
     _plot_quietly(state.history, state.run_dir / DIAGNOSTICS_PNG)
     log.info("meta_train epoch %d/%d: lr %.3g, CE %.4f, R %.4g, small groups %.3f (input %.3f), "
              "weight change %.4g, channel norm ratio p10/p90 %.3g/%.3g, |grad| %.4g (CE part %.4g, regulariser "

@@ -68,6 +68,12 @@ computation returns); anything else is recomputed. ``select.cache`` names a sele
 ``control`` black and thicker; ``pruning.curves.curve_styles``). Progress bars appear on a terminal only; in log
 files each curve gets one log line.
 
+Experiment tracking (``logger=``, ``utils.tracking``): ``run=select`` sends one row per candidate checkpoint as
+``select/<key>`` at step = its meta-training epoch (``score``, ``unpruned_acc``, ``rank``, ``eligible``,
+``gain_over_control``, ``per_model/<store index>``, ``finetuned/<target>``) and the choice with the reference
+scores as ``select_summary/<key>`` at the chosen epoch; ``run=visualize`` sends ``visualize/score``,
+``visualize/unpruned_acc`` and ``visualize/per_model/<store index>`` per checkpoint.
+
 Under torchrun (``main_imagenet/main_imagenet.py run=select``, DDP) every rank plans the same jobs and reads the
 same cache; each curve to compute runs on all ranks: the metanetwork is applied on every rank and rank 0's weights
 are broadcast, every fine-tune (checkpoints, control, sparse learning) is a DDP fine-tune on ``DistributedSampler``
@@ -110,6 +116,7 @@ from training.loop import evaluate
 from utils import distributed
 from utils.io import is_null, write_json
 from utils.seed import seed_everything
+from utils.tracking import log_metrics
 
 log = logging.getLogger(__name__)
 log.addFilter(ddp.main_process_only)  # under torchrun only rank 0 logs
@@ -802,6 +809,11 @@ def run_select(cfg: DictConfig, run_dir: Path) -> dict:
                "per_model": item["per_model"], **({"finetuned": item["finetuned"]} if "finetuned" in item else {})}
               for i, item in enumerate(ranking)]
     best = ranking[0]
+    for item in sorted(ranked, key=lambda r: r["epoch"]):  # one row per candidate, at its checkpoint's epoch
+        log_metrics("select", {**{k: item[k] for k in ("rank", "score", "unpruned_acc", "eligible", "per_model",
+                                                       "finetuned") if k in item},
+                               "gain_over_control": item["score"] - control["score"] if control else None},
+                    step=item["epoch"])
     if not eligible(best, floor):
         log.warning("no checkpoint keeps the unpruned validation accuracy within select.max_accuracy_drop=%s of "
                     "the control's (%.4f); choosing the best-scoring one anyway", section.max_accuracy_drop,
@@ -842,6 +854,7 @@ def run_select(cfg: DictConfig, run_dir: Path) -> dict:
         write_json(run_dir / "ranking.json", {"score_kind": kind, "split": "val", "ranking": ranked, **references})
         write_json(run_dir / SELECTION_FILE, selection)
 
+    log_metrics("select_summary", {"epoch": best["epoch"], "score": best["score"], **references}, step=best["epoch"])
     # every rank holds the same curves (broadcast from rank 0), hence the same choice; rank 0 writes it, and the
     # other ranks return only after it is written (a later stage on any rank can read it)
     distributed.run_on_main(write)
@@ -876,6 +889,9 @@ def run_visualize(cfg: DictConfig, run_dir: Path) -> dict:
                              "select.cache=<select run dir> (whose curves.json records the meta_train dir)")
     # a re-plot: checkpoints meta-trained on these data models are plotted with a warning (select refuses them)
     _ctx, _jobs, summary, counts = _run_curves(cfg, run_dir, meta_train_dir, cache, strict=False)
+    for label, item in sorted(summary.items(), key=lambda kv: kv[1]["epoch"] or 0):
+        if not is_reference(label):
+            log_metrics("visualize", {k: item[k] for k in ("score", "unpruned_acc", "per_model")}, step=item["epoch"])
     results = {"run": "visualize", "task": cfg.task.name, "score_kind": str(section.score), "split": "val",
                "scores": {label: item["score"] for label, item in summary.items()}, **counts,
                "plot": str(run_dir / "curves.png")}

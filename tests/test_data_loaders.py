@@ -370,8 +370,8 @@ def test_val_split_is_disjoint_deterministic_and_uses_eval_transforms():
     c = _synthetic(val_size=0.25, split_seed=1)
     assert len(a.val) == 15 and len(a.train) == 45
     assert set(a.train.indices).isdisjoint(a.val.indices)
-    assert sorted(a.train.indices + a.val.indices) == list(range(60))
-    assert a.val.indices == b.val.indices and a.val.indices != c.val.indices
+    assert sorted(a.train.indices.tolist() + a.val.indices.tolist()) == list(range(60))
+    assert np.array_equal(a.val.indices, b.val.indices) and not np.array_equal(a.val.indices, c.val.indices)
     assert a.train.base is a.val.base  # one copy of the training data
     # val: eval transform (deterministic, un-augmented), train: augmentation
     assert a.val.transform is None and a.train.transform is not None
@@ -380,6 +380,30 @@ def test_val_split_is_disjoint_deterministic_and_uses_eval_transforms():
     torch.manual_seed(0)
     k = a.train.indices[0]
     assert any(not torch.equal(a.train[0][0], a.train.base[k][0]) for _ in range(10))
+
+
+# The splits as the code made them when subsets held Python lists (synthetic, 60 training images): the move to
+# numpy index arrays must keep every index and its order.
+OLD_VAL_15_SEED_0 = [2, 3, 9, 11, 19, 25, 31, 34, 35, 43, 44, 47, 48, 49, 53]
+OLD_TRAIN_20_OF_45_SEED_0 = [0, 4, 6, 7, 13, 17, 20, 21, 26, 27, 33, 37, 39, 40, 45, 52, 55, 56, 58, 59]
+OLD_TRAIN_10_OF_60_SEED_0 = [1, 4, 11, 14, 25, 28, 35, 48, 56, 59]
+
+
+def test_subset_indices_are_int64_arrays_equal_to_the_old_lists():
+    a = _synthetic(val_size=15, split_seed=0)
+    for subset in (a.train, a.val):
+        assert isinstance(subset.indices, np.ndarray) and subset.indices.dtype == np.int64
+        assert subset.indices.ndim == 1
+    assert a.val.indices.tolist() == OLD_VAL_15_SEED_0
+    assert a.train.indices.tolist() == [i for i in range(60) if i not in OLD_VAL_15_SEED_0]
+    assert _synthetic(val_size=15, split_seed=0, train_size=20).train.indices.tolist() == OLD_TRAIN_20_OF_45_SEED_0
+    assert _synthetic(val_size=0, split_seed=0, train_size=10).train.indices.tolist() == OLD_TRAIN_10_OF_60_SEED_0
+    assert a.test.indices is None  # the whole test set, unindexed
+    # items are the base's at those indices (a numpy integer never reaches the base dataset)
+    for position, index in ((0, OLD_VAL_15_SEED_0[0]), (14, OLD_VAL_15_SEED_0[14])):
+        image, label = a.val[position]
+        assert type(label) is int and label == int(a.val.base.labels[index])
+        assert torch.equal(image, a.val.base[index][0])
 
 
 def test_val_split_uses_eval_pipeline_for_pil_datasets(tmp_path):
@@ -438,6 +462,19 @@ def test_seeded_loader_with_workers_reproduces_augmented_batches():
     assert torch.equal(batches[0], batches[1])
 
 
+def test_only_the_train_loader_keeps_persistent_workers():
+    splits = _synthetic(val_size=10)
+    loaders = build_loaders(splits, batch_size=16, eval_batch_size=25, num_workers=1, seed=3)
+    assert loaders.train.persistent_workers
+    assert not loaders.val.persistent_workers and not loaders.test.persistent_workers
+    no_workers = build_loaders(splits, 16, 25)
+    assert not any(l.persistent_workers for l in (no_workers.train, no_workers.val, no_workers.test))
+    # persistent workers still give every epoch its own order, and two seeded loaders the same epochs
+    again = build_loaders(splits, batch_size=16, eval_batch_size=25, num_workers=1, seed=3)
+    first = [_epoch_labels(loaders.train).tolist() for _ in range(2)]
+    assert first[0] != first[1] and [_epoch_labels(again.train).tolist() for _ in range(2)] == first
+
+
 def test_distributed_loaders_use_distributed_sampler(tmp_path):
     splits = _synthetic(val_size=10)
     with pytest.raises(RuntimeError, match="init_process_group"):
@@ -468,13 +505,14 @@ def test_train_size_keeps_a_seeded_subset_disjoint_from_val():
     assert len(small.train) == 20 and len(set(small.train.indices)) == 20
     # a subset of what the validation split left; val and test are unchanged
     assert set(small.train.indices) <= set(full.train.indices)
-    assert small.val.indices == full.val.indices and set(small.train.indices).isdisjoint(small.val.indices)
+    assert np.array_equal(small.val.indices, full.val.indices)
+    assert set(small.train.indices).isdisjoint(small.val.indices)
     assert len(small.test) == len(full.test) == 30
-    assert small.train.indices == sorted(small.train.indices)
+    assert small.train.indices.tolist() == sorted(small.train.indices)
     # deterministic for a split_seed, another seed draws another subset (and another val split)
-    assert _synthetic(val_size=15, split_seed=0, train_size=20).train.indices == small.train.indices
+    assert np.array_equal(_synthetic(val_size=15, split_seed=0, train_size=20).train.indices, small.train.indices)
     other = _synthetic(val_size=15, split_seed=1, train_size=20)
-    assert other.train.indices != small.train.indices
+    assert not np.array_equal(other.train.indices, small.train.indices)
     assert set(other.train.indices).isdisjoint(other.val.indices)
     # the items are the base's images at those indices, with the train augmentation attached
     assert torch.equal(small.train.base.images, full.train.base.images)
@@ -513,7 +551,7 @@ def test_fashion_mnist_resized_in_memory(tmp_path):
             assert image.shape == (1, 14, 14) and image.dtype == torch.float32
             assert label == full[i][1]
     assert [splits.test[i][1] for i in range(5)] == arrays["t10k-labels-idx1-ubyte"].tolist()
-    assert splits.val.indices == native.val.indices
+    assert np.array_equal(splits.val.indices, native.val.indices)
     # the eval pipeline only normalises the resized uint8 image
     torch.testing.assert_close(splits.test[2][0], _normalised(splits.test.base.images[2].numpy(), (0.2860,),
                                                                (0.3530,)))

@@ -1,5 +1,6 @@
 """Meta-training: exact one-backward gradient, the regulariser vs torch-pruning, CE/regulariser balance,
-exact resumption, NaN stop, the per-epoch diagnostics, and a run composed through Hydra on a tiny store."""
+exact resumption, NaN stop, the per-epoch diagnostics, the batch stream (one loader iterator per epoch, the
+batches of one iterator per pass), and a run composed through Hydra on a tiny store."""
 import csv
 import json
 import math
@@ -465,6 +466,91 @@ def test_bad_settings_fail_fast_naming_the_key(key, value, message):
     task.meta_train[key] = value
     with pytest.raises((KeyError, ValueError), match=message):
         meta_train.MetaTrainSettings.from_task(task)
+
+
+# ------------------------------------------------------------------------------------------------
+# The batch stream
+# ------------------------------------------------------------------------------------------------
+class NoisyDataset(torch.utils.data.Dataset):
+    """Item i: (i + augmentation noise from the global torch RNG, i), like a random-crop/flip pipeline."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        return torch.full((2,), float(i)) + torch.rand(2), i
+
+
+def one_iterator_per_pass(loader, counts):
+    """The stream as it was before one iterator per epoch: a fresh loader iterator whenever a pass ends (and at
+    every epoch start, marked by a count of None); returns each step's batches and the generator's state after."""
+    steps, it = [], None
+    for count in counts:
+        if count is None:
+            it = None
+            continue
+        batches = []
+        for _ in range(count):
+            if it is None:
+                it = iter(loader)
+            try:
+                batches.append(next(it))
+            except StopIteration:
+                it = iter(loader)
+                batches.append(next(it))
+        steps.append((batches, loader.generator.get_state()))
+    return steps
+
+
+def streamed(loader, counts):
+    stream, steps = meta_train._BatchStream(loader), []
+    for count in counts:
+        if count is None:
+            stream.restart()
+            continue
+        steps.append((list(stream.take(count)), loader.generator.get_state()))
+    return steps
+
+
+@pytest.mark.parametrize("size, batch_size", [(10, 4), (12, 4), (3, 5)])
+def test_the_stream_gives_the_batches_and_generator_states_of_one_iterator_per_pass(size, batch_size):
+    # steps within and across pass boundaries, several passes in one step, epoch restarts (None)
+    counts = [1, 3, 5, None, 2, 7, 3, None, 4, 1, 9]
+    torch.manual_seed(0)
+    expected = one_iterator_per_pass(meta_train.meta_loader(NoisyDataset(size), batch_size, 0, seed=3), counts)
+    expected_rng = torch.get_rng_state()
+    torch.manual_seed(0)
+    got = streamed(meta_train.meta_loader(NoisyDataset(size), batch_size, 0, seed=3), counts)
+    assert torch.equal(torch.get_rng_state(), expected_rng)  # the augmentations drew the same random numbers
+    assert len(got) == len(expected) == 9
+    for (batches, state), (want, want_state) in zip(got, expected):
+        assert len(batches) == len(want)
+        for (x, y), (wx, wy) in zip(batches, want):
+            assert torch.equal(x, wx) and torch.equal(y, wy)  # order and augmentation, bit for bit
+        assert torch.equal(state, want_state)  # what a checkpoint saves
+
+
+def test_the_stream_starts_one_loader_iterator_per_epoch_not_per_pass():
+    loader = meta_train.meta_loader(NoisyDataset(6), 4, 1, seed=3)  # a worker process: 2 batches per pass
+    stream = meta_train._BatchStream(loader)
+    first = list(stream.take(3))
+    iterator = stream._it
+    assert type(iterator).__name__ == "_MultiProcessingDataLoaderIter"
+    second = list(stream.take(4))  # passes 2 to 4 ...
+    assert stream._it is iterator  # ... read by the same iterator (its worker started once)
+    labels = [y.tolist() for _x, y in first + second]
+    for p in range(0, 6, 2):  # every pass covers the split once
+        assert sorted(labels[p] + labels[p + 1]) == list(range(6))
+    stream.restart()
+    list(stream.take(1))
+    assert stream._it is not iterator  # a new epoch: a new iterator, as before
+    # seeded alike, a stream with workers repeats its batches (augmentation included): resumption stays exact
+    again = meta_train._BatchStream(meta_train.meta_loader(NoisyDataset(6), 4, 1, seed=3))
+    for (x, y), (wx, wy) in zip(list(again.take(7)), first + second):
+        assert torch.equal(x, wx) and torch.equal(y, wy)
 
 
 # ------------------------------------------------------------------------------------------------
