@@ -16,13 +16,15 @@ Graph format (shared with ``nn.metanetwork``)
 * ``edge_index`` long [2, E]: row 0 = node of the later layer (output channel), row 1 = node of the
   earlier layer (input channel). Edge types are concatenated in ``edge_dims`` order; inside a type,
   edges follow the forward order of the weights, and inside one weight its row-major (out, in) order.
-* ``edge_type`` long [E]: index of the edge's type in ``edge_dims``.
+* ``edge_type`` long [E]: index of the edge's type in ``edge_dims`` (non-decreasing: types are contiguous).
 * ``edge_attr__<type>`` float [E_t, edge_dims[type]]: the features of the edges of that type, in the
   order they appear in ``edge_index``.
-``edge_index`` and ``edge_type`` are cached per architecture+widths and shared between encodes: treat
-them as read-only. ``decode`` returns freshly allocated contiguous tensors (never views of the graph:
-CPU kernels choose their summation order by stride and pointer alignment, and the decoded network must
-compute bit for bit what the source network computes).
+``edge_index``/``edge_type`` are int64 (as PyG's scatter ops need). On a CPU they are cached int64 copies
+shared between encodes: treat them as read-only; on another device every encode makes its own from a
+cached int32 ``edge_index`` without a host synchronisation (see "Memory" below). ``decode``
+returns freshly allocated contiguous tensors (never views of the graph: CPU kernels choose their summation
+order by stride and pointer alignment, and the decoded network must compute bit for bit what the source
+network computes).
 
 How the structure is found
 --------------------------
@@ -38,6 +40,16 @@ cache holds no reference to any model. New module types / functions are supporte
 handler (``nn.graph_handlers.register_module_handler`` / ``register_function_handler`` /
 ``register_channelwise_function``); an unsupported leaf module raises ``UnsupportedModuleError`` naming
 it and listing the supported types.
+
+Memory. Index tensors are stored as int32: the plan (CPU) holds 12 bytes per edge and a device 8
+(``edge_index`` only; ``edge_type`` is filled per type at encode), where int64 triples took 24 bytes per
+edge on every device (1.7 GB for ViT-B/16's ~70M edges). Only the CPU's entry keeps int64 copies (24 bytes
+per edge): casting there costs more than the rest of an encode of a large model. The copies of a plan's
+static tensors on a device (index tensors; constants per dtype) live in one module-level LRU bounded in
+bytes (``set_device_cache_limit``, default :data:`DEFAULT_DEVICE_CACHE_BYTES` = 2 GiB; ``device_cache_info()``
+reports it): when an insertion passes the bound, the least recently used copies (any plan, any device) are
+dropped, and a copy larger than the bound is used for its call without being kept. A "copy" that is the
+plan's own CPU tensor costs nothing.
 
 Per call (no Python loop over channels or edges): ``encode`` walks ``_modules`` to the encoded tensors,
 builds ``x`` with one ``cat`` and one gather on a cached index, and each ``edge_attr__<t>`` with one
@@ -91,8 +103,10 @@ mixing architectures, split it with ``batch.to_data_list()`` and decode each gra
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -114,12 +128,18 @@ __all__ = [
     "GraphCodecError",
     "UnsupportedModuleError",
     "clear_cache",
+    "device_cache_info",
+    "set_device_cache_limit",
+    "DEFAULT_DEVICE_CACHE_BYTES",
     "LAYOUT_VERSION",
 ]
 
 LAYOUT_VERSION = 1
 _CACHE_MAX_ENTRIES = 64
-_CACHE_MAX_EDGES = 100_000_000  # bounds the cached edge_index + edge_type memory (24 bytes per edge)
+_CACHE_MAX_EDGES = 100_000_000  # bounds the CPU plans' edge_index + edge_type memory (12 bytes per edge, int32)
+DEFAULT_DEVICE_CACHE_BYTES = 2 * 1024 ** 3  # the per-device copies of all plans together (set_device_cache_limit)
+_INDEX_DTYPE = torch.int32  # stored indices; every graph here has far fewer than 2**31 nodes, edges, entries
+_INT64_EDGE_DEVICES = ("cpu",)  # device types whose cache keeps int64 edge_index/edge_type (Plan._copies)
 
 
 # ====================================================================================================
@@ -291,6 +311,9 @@ class _Decoder:
     piece: int = -1  # index of the edge piece (block) it is read from
 
 
+_PLAN_IDS = itertools.count()
+
+
 @dataclass
 class _Plan:
     num_nodes: int
@@ -298,11 +321,11 @@ class _Plan:
     node_features: list[str]
     edge_dims: "OrderedDict[str, int]"
     edge_counts: "OrderedDict[str, int]"
-    edge_index: Tensor  # CPU long [2, E]
-    edge_type: Tensor  # CPU long [E]
+    edge_index: Tensor  # CPU int32 [2, E]
+    edge_type: Tensor  # CPU int32 [E], non-decreasing (types are contiguous, in edge_dims order)
     x_consts: Tensor  # CPU float64 [n_const] default values
     x_sources: list[str]  # keys concatenated (flattened) after the constants
-    x_index: Tensor  # CPU long [N * node_dim] into cat(consts, sources)
+    x_index: Tensor  # CPU int32 [N * node_dim] into cat(consts, sources)
     edge_pieces: "OrderedDict[str, list[_EdgePiece]]"
     decoders: list[_Decoder]
     shapes: dict[str, tuple[int, ...]]  # every encoded key -> expected shape
@@ -311,30 +334,138 @@ class _Plan:
     unencoded_keys: list[str]
     layout: dict
     fast: "_FastPath | None" = None
-    _device_cache: dict = field(default_factory=dict)
+    uid: int = field(default_factory=lambda: next(_PLAN_IDS))  # names its copies in the device cache
 
-    def on(self, device: torch.device, dtype: torch.dtype) -> dict:
-        """Static tensors moved to ``device`` (constants cast to ``dtype``), cached per (device, dtype)."""
-        key = (str(device), dtype)
-        cached = self._device_cache.get(key)
-        if cached is None:
-            fp = self.fast
-            cached = {
-                "edge_index": self.edge_index.to(device),
-                "edge_type": self.edge_type.to(device),
-                "x_consts": self.x_consts.to(device=device, dtype=dtype),
-                "x_index": self.x_index.to(device),
-                "consts": {
-                    t: [p.const.to(device=device, dtype=dtype) if p.const is not None else None for p in pieces]
-                    for t, pieces in self.edge_pieces.items()
-                },
-                "node_dec_index": fp.node_index.to(device),
-                # zero rows [k, dim] that pad each decoded weight to an aligned offset in its buffer
-                "pads": {t: [torch.zeros(k, self.edge_dims[t], device=device, dtype=dtype) for k in range(_ALIGN)]
-                         for t in fp.edge_dec},
-            }
-            self._device_cache[key] = cached
-        return cached
+    def on(self, device: torch.device, dtype: torch.dtype, edges: bool = True) -> dict:
+        """Static tensors on ``device`` (constants cast to ``dtype``) from the bounded device cache (module doc,
+        "Memory"): ``node_dec_index``, ``x_index``, ``x_consts``, ``consts``, ``pads`` and, with ``edges``,
+        ``edge_index`` (int32; on the CPU int64, with ``edge_type``: see :meth:`_copies`)."""
+        static = {**_device_copy(self, "nodes", device, None), **_device_copy(self, "consts", device, dtype)}
+        if edges:
+            static.update(_device_copy(self, "edges", device, None))
+        return static
+
+    def _copies(self, kind: str, device: torch.device, dtype: torch.dtype | None) -> dict:
+        """The tensors of one cache entry, made on ``device`` (no host synchronisation is needed later)."""
+        fp = self.fast
+        if kind == "edges":
+            if device.type in _INT64_EDGE_DEVICES:
+                # On a CPU the int64 copy an encode hands out costs a freshly page-faulted buffer per call (a
+                # third of a large model's encode time), so the int64 tensors are kept, within the bound, and
+                # shared by the graphs as before. On an accelerator the cast is nearly free: int32 is kept.
+                return {"edge_index": self.edge_index.long(), "edge_type": self.edge_type.long()}
+            return {"edge_index": self.edge_index.to(device)}
+        if kind == "nodes":
+            return {"x_index": self.x_index.to(device), "node_dec_index": fp.node_index.to(device)}
+        converted: dict[int, Tensor] = {}  # identity blocks shared between pieces stay shared
+
+        def const(t: Tensor) -> Tensor:
+            if id(t) not in converted:
+                converted[id(t)] = t.to(device=device, dtype=dtype)
+            return converted[id(t)]
+
+        return {
+            "x_consts": self.x_consts.to(device=device, dtype=dtype),
+            "consts": {t: [const(p.const) if p.const is not None else None for p in pieces]
+                       for t, pieces in self.edge_pieces.items()},
+            # zero rows [k, dim] that pad each decoded weight to an aligned offset in its buffer
+            "pads": {t: [torch.zeros(k, self.edge_dims[t], device=device, dtype=dtype) for k in range(_ALIGN)]
+                     for t in fp.edge_dec},
+        }
+
+    def _own_tensors(self) -> set[int]:
+        """ids of the plan's own (CPU) tensors: a "copy" that is one of them costs the cache nothing."""
+        own = {id(self.edge_index), id(self.x_index), id(self.x_consts), id(self.fast.node_index)}
+        own.update(id(p.const) for pieces in self.edge_pieces.values() for p in pieces if p.const is not None)
+        return own
+
+
+# ----------------------------------------------------------------------------------------------------
+# The bounded cache of device copies (module doc, "Memory")
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class _DeviceEntry:
+    tensors: dict
+    nbytes: int
+
+
+_DEVICE_CACHE: "OrderedDict[tuple, _DeviceEntry]" = OrderedDict()  # (plan uid, kind, device, dtype) -> entry
+_DEVICE_CACHE_LIMIT = [DEFAULT_DEVICE_CACHE_BYTES]
+_DEVICE_CACHE_LOCK = threading.Lock()
+
+
+def _tensor_bytes(tensors: Any, skip: set[int]) -> int:
+    """Bytes held by the distinct tensors in a nest of dicts/lists, not counting those whose id is in ``skip``."""
+    seen: set[int] = set(skip)
+    total = 0
+    stack = [tensors]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            if id(item) not in seen:
+                seen.add(id(item))
+                total += item.numel() * item.element_size()
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+def _cache_bytes() -> int:
+    return sum(e.nbytes for e in _DEVICE_CACHE.values())
+
+
+def _evict_to(limit: int, keep: tuple | None = None) -> None:
+    """Drop least recently used entries (never ``keep``) until the cache holds at most ``limit`` bytes. The
+    entries' tensors are released with the cache's references (callers hold none beyond their call)."""
+    total = _cache_bytes()
+    for key in list(_DEVICE_CACHE):
+        if total <= limit:
+            break
+        if key == keep:
+            continue
+        total -= _DEVICE_CACHE.pop(key).nbytes
+
+
+def _device_copy(plan: "_Plan", kind: str, device: torch.device, dtype: torch.dtype | None) -> dict:
+    key = (plan.uid, kind, str(device), dtype)
+    with _DEVICE_CACHE_LOCK:
+        entry = _DEVICE_CACHE.get(key)
+        if entry is not None:
+            _DEVICE_CACHE.move_to_end(key)
+            return entry.tensors
+    tensors = plan._copies(kind, device, dtype)
+    nbytes = _tensor_bytes(tensors, plan._own_tensors())
+    with _DEVICE_CACHE_LOCK:
+        limit = _DEVICE_CACHE_LIMIT[0]
+        if nbytes <= limit:
+            _DEVICE_CACHE[key] = _DeviceEntry(tensors, nbytes)
+            _DEVICE_CACHE.move_to_end(key)
+            _evict_to(limit, keep=key)
+    return tensors
+
+
+def set_device_cache_limit(max_bytes: int | None) -> int:
+    """Bound the device copies of the codecs' static tensors to ``max_bytes`` (``None``: the default, 2 GiB);
+    evicts least recently used copies at once if the cache holds more. Returns the previous bound."""
+    limit = DEFAULT_DEVICE_CACHE_BYTES if max_bytes is None else int(max_bytes)
+    if limit < 0:
+        raise ValueError(f"set_device_cache_limit: max_bytes must be >= 0, got {max_bytes!r}")
+    with _DEVICE_CACHE_LOCK:
+        previous = _DEVICE_CACHE_LIMIT[0]
+        _DEVICE_CACHE_LIMIT[0] = limit
+        _evict_to(limit)
+    return previous
+
+
+def device_cache_info() -> dict:
+    """``{"bytes": held, "limit": bound, "entries": [{"plan", "kind", "device", "dtype", "bytes"}, ...]}``, the
+    entries from least to most recently used."""
+    with _DEVICE_CACHE_LOCK:
+        entries = [{"plan": uid, "kind": kind, "device": device, "dtype": dtype, "bytes": e.nbytes}
+                   for (uid, kind, device, dtype), e in _DEVICE_CACHE.items()]
+        return {"bytes": _cache_bytes(), "limit": _DEVICE_CACHE_LIMIT[0], "entries": entries}
 
 
 _flatten = torch._C._nn.flatten_dense_tensors  # cat of flattened tensors, one C++ call
@@ -374,8 +505,10 @@ _PLAN_CACHE: "OrderedDict[tuple, _Plan]" = OrderedDict()
 
 
 def clear_cache() -> None:
-    """Forget every cached architecture analysis (and the cached edge indices)."""
+    """Forget every cached architecture analysis (and the cached edge indices and device copies)."""
     _PLAN_CACHE.clear()
+    with _DEVICE_CACHE_LOCK:
+        _DEVICE_CACHE.clear()
 
 
 def _cache_put(key: tuple, plan: _Plan) -> None:
@@ -489,7 +622,7 @@ def _split_decoders(plan: _Plan) -> tuple[Tensor, list[int], list[str], dict[str
         else:
             special.append(d)
     node_index = torch.cat(node_idx) if node_idx else torch.empty(0, dtype=torch.long)
-    return node_index, node_sizes, node_keys, flat_decs, special
+    return node_index.to(_INDEX_DTYPE), node_sizes, node_keys, flat_decs, special
 
 
 def _edge_decoding(plan: _Plan, flat_decs: Mapping[str, list[_Decoder]]
@@ -530,6 +663,15 @@ def _layout(model: tnn.Module, b: gh.Builder, identity_edges: str | None, edge_l
     types = _edge_types(b, edge_layout, identity_edges, legacy_fc)
     edges = _edge_pieces(b, nodes, types, legacy_fc, shapes_all, features)
     edge_index, edge_type = _edge_indices(b, nodes, types, edges)
+    x_index = features.x_index.reshape(-1)
+    largest = max(nodes.num_nodes * len(columns), int(x_index.max()) + 1 if x_index.numel() else 0, edges.total)
+    if largest >= 2 ** 31:
+        raise GraphCodecError(f"GraphCodec: {largest} nodes/edges/features exceed the int32 indices this codec stores")
+    # encode makes edge_type from the per-type counts: the types must be contiguous, in edge_dims order
+    expected = torch.repeat_interleave(torch.arange(len(types.edge_dims), dtype=_INDEX_DTYPE),
+                                       torch.tensor(list(edges.counts.values()), dtype=torch.long))
+    if not torch.equal(edge_type, expected):
+        raise GraphCodecError("GraphCodec: internal error, edge types are not contiguous in edge_dims order")
 
     encoded = set(features.shapes)
     param_keys = [k for k, _ in model.named_parameters()]
@@ -554,7 +696,7 @@ def _layout(model: tnn.Module, b: gh.Builder, identity_edges: str | None, edge_l
         edge_type=edge_type,
         x_consts=features.consts,
         x_sources=features.x_sources,
-        x_index=features.x_index.reshape(-1),
+        x_index=x_index.to(_INDEX_DTYPE),
         edge_pieces=edges.pieces,
         decoders=features.decoders,
         shapes=features.shapes,
@@ -826,8 +968,8 @@ def _edge_pieces(b: gh.Builder, nodes: _NodeLayers, types: _EdgeTypes, legacy_fc
 def _edge_indices(b: gh.Builder, nodes: _NodeLayers, types: _EdgeTypes, edges: _EdgePieces) -> tuple[Tensor, Tensor]:
     """Pass 2: ``edge_index`` [2, E] and ``edge_type`` [E] of every block's rows."""
     offset = nodes.offset
-    edge_index = torch.empty((2, edges.total), dtype=torch.long)
-    edge_type = torch.empty(edges.total, dtype=torch.long)
+    edge_index = torch.empty((2, edges.total), dtype=_INDEX_DTYPE)
+    edge_type = torch.empty(edges.total, dtype=_INDEX_DTYPE)
     in_order = [p for t in types.edge_dims for p in edges.pieces[t]]
     for (ti, start, e), piece in zip(edges.blocks, in_order):
         stop = start + piece.rows
@@ -977,6 +1119,15 @@ class GraphCodec:
         ref = tensors[0]
         dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
         static = plan.on(ref.device, dtype)
+        if "edge_type" in static:  # the CPU's shared int64 copies (Plan._copies)
+            edge_index, edge_type = static["edge_index"], static["edge_type"]
+        else:  # int64 as PyG's scatter ops need: a device-side cast, and one fill per type (no upload, no sync)
+            edge_index = static["edge_index"].long()
+            edge_type = torch.empty(self.num_edges, dtype=torch.long, device=ref.device)
+            start = 0
+            for t, count in enumerate(plan.edge_counts.values()):
+                edge_type[start:start + count].fill_(t)
+                start += count
         sources = [static["x_consts"], *[tensors[i] for i in fp.x_src]]
         flat = torch.cat(sources) if fp.x_src_1d else _flatten(sources)
         x = flat[static["x_index"]].view(plan.num_nodes, plan.node_dim)
@@ -994,7 +1145,7 @@ class GraphCodec:
                 else:  # qkv: in_proj_weight [3o, i] -> rows (o, i) with features (q, k, v)
                     parts.append(rearrange(tensors[i], "(qkv o) i -> o i qkv", qkv=3))
             attrs[f"edge_attr__{t}"] = _flatten(parts).view(plan.edge_counts[t], plan.edge_dims[t])
-        return Data(x=x, edge_index=static["edge_index"], edge_type=static["edge_type"], **attrs)
+        return Data(x=x, edge_index=edge_index, edge_type=edge_type, **attrs)
 
     # ------------------------------------------------------------------------------------------------
     def _features(self, graph: Any) -> dict[str, Tensor]:
@@ -1024,7 +1175,7 @@ class GraphCodec:
         # decoded network must compute bit for bit what the source network computes.
         fp = plan.fast
         x = feats["x"]
-        static = plan.on(x.device, x.dtype)
+        static = plan.on(x.device, x.dtype, edges=False)
         out: dict[str, Tensor] = {}
         if fp.node_keys:
             out.update(zip(fp.node_keys, torch.split(x.reshape(-1)[static["node_dec_index"]], fp.node_sizes)))

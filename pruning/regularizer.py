@@ -27,10 +27,17 @@ plain DepGraph pull ``reg * w``; no channel is singled out when none is less imp
 NaN and no tensor is dropped. A group whose importance itself is NaN (all its weights are zero, so the
 max-normaliser divides 0 by 0) is skipped by torch-pruning; here it also gets ``gamma = 1``, which gives
 the same zero gradient on its (zero) weights and differs only for nonzero biases with ``bias=True``.
-Everything else is computed exactly as torch-pruning does (same groups, same importance call, same
+Everything else is computed exactly as torch-pruning does (same groups, same importance, same
 index arithmetic and operation order), which ``tests/test_meta_train.py`` checks against
 ``GroupNormPruner.regularize`` itself. One torch-pruning quirk is kept for parity: after a grouped conv's
 in-channel member, the truncated ``gamma`` is used for the group's later members.
+
+Per call, no host synchronisation (sparse learning runs it every batch). The channel and root-channel index
+tensors of every group member are built once with the regulariser, on the model's device (again after the model
+moved), and the group-L2 importance (``GroupMagnitudeImportance``, mean/sum reduction) is recomputed here with
+torch-pruning's operations in its order but on those tensors, so the bits on the CPU are torch-pruning's; the
+degenerate-group choice is a ``torch.where`` on the device. ``tests/test_sparse_learning.py`` counts uploads and
+synchronising calls (none) and compares with the earlier list-indexed computation bit for bit.
 
 Projected variants (not the paper's; ``task.meta_train.reg_projection``, :func:`without_scale_component`)
 -----------------------------------------------------------------------------------------------------
@@ -73,11 +80,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch_pruning.pruner import algorithms as tp_pruner
 from torch_pruning.pruner import function as tp_function
+from torch_pruning.pruner import importance as tp_importance
 
 from pruning.depgraph import build_pruner
 
@@ -99,17 +109,15 @@ def group_gamma(imp: Tensor, alpha: float) -> Tensor:
 
     ``imp`` [C]: the group's (square-rooted) channel importance. A degenerate group (all equal, one
     channel, or NaN importance) gets ``gamma = 1`` for every channel instead of torch-pruning's NaN.
-    Returns [C], same dtype/device as ``imp``.
+    Returns [C], same dtype/device as ``imp``. No host synchronisation: the degenerate case is chosen on the
+    device (a NaN importance makes ``max`` NaN, so ``max - min > 0`` is false for it too).
     """
     if imp.numel() == 0:
         return imp
-    if bool(torch.isnan(imp).any()):
-        return torch.ones_like(imp)
     hi, lo = imp.max(), imp.min()
     span = hi - lo
-    if not bool(span > 0):
-        return torch.ones_like(imp)
-    return alpha ** ((hi - imp) / span)
+    gamma = alpha ** ((hi - imp) / span)
+    return torch.where(span > 0, gamma, torch.ones_like(gamma))
 
 
 @contextlib.contextmanager
@@ -141,6 +149,57 @@ def swapped_parameters(model: nn.Module, params: Mapping[str, Tensor]) -> Iterat
             named[key].data = data
 
 
+@dataclass
+class _Term:
+    """One entry of torch-pruning's ``GroupMagnitudeImportance`` of a group (its ``group_imp`` list).
+
+    ``op``: ``out`` (rows of a conv/linear weight; ``out_t`` for a transposed conv), ``in`` (columns;
+    ``in_t`` for a transposed conv) or ``vec`` (a BatchNorm/LayerNorm affine vector or a bias). ``repeat``:
+    grouped-conv in-channel importance repeated ``repeat`` times (as torch-pruning does).
+    """
+
+    module: nn.Module
+    attr: str
+    op: str
+    repeat: int
+    idx: list[int]
+    root: list[int]
+    idx_t: Tensor | None = None  # int64 on the regulariser's device
+    root_t: Tensor | None = None  # int64; None: root is 0..len-1 (an add into the first entries)
+
+
+@dataclass
+class _Update:
+    """One member slice the regulariser pulls: ``grad[key][slice] += reg * gamma[root] * w[slice]``.
+
+    ``kind``: ``out`` (conv/linear rows), ``in`` (conv/linear columns) or ``bn`` (BatchNorm affine vectors).
+    ``gamma_len``: the group's gamma truncated to its first ``gamma_len`` entries (torch-pruning's grouped-conv
+    handling; ``None``: whole). ``idx`` None: every slice in order (no gather, no scatter needed).
+    """
+
+    module: nn.Module
+    kind: str
+    key: str | None
+    bias_key: str | None
+    idx: list[int] | None
+    unique: bool
+    root: list[int] | None  # None: gamma itself (the root channels are all of the (truncated) gamma's, in order)
+    gamma_len: int | None
+    error: str | None = None  # why torch-pruning's regularize would fail on this member (raised when reached)
+    idx_t: Tensor | None = None
+    root_t: Tensor | None = None
+
+
+@dataclass
+class _GroupPlan:
+    """Everything :meth:`GroupL2Regularizer.gradient` needs of one dependency group, built once."""
+
+    group: Any
+    size: int  # entries of the reduced importance (the first term's length)
+    terms: list[_Term] | None  # None: ask the pruner's importance (not the group-L2 fast path)
+    updates: list[_Update] = field(default_factory=list)
+
+
 class GroupL2Regularizer:
     """``GroupNormPruner.regularize`` as a gradient of given weights, degenerate groups fixed (module doc).
 
@@ -149,6 +208,15 @@ class GroupL2Regularizer:
             its dependency groups, importance and ``reg`` are used. Built once per data model: the
             groups depend on the architecture and widths only, not on the weight values.
         model: the module the pruner was built on (its parameters are swapped, never modified).
+
+    The index tensors of every group (member channels, their root channels) are built once, on the device of
+    the model's parameters, when the regulariser is built; they are rebuilt when the model has moved to another
+    device or the pruner's groups were rebuilt (``update_regularizer``). :meth:`gradient` then makes no host
+    synchronisation and uploads nothing (sparse learning calls it every batch; on a GPU every upload or
+    ``.item()`` would stall the stream). For torch-pruning's ``GroupMagnitudeImportance`` with mean/sum
+    reduction (every ``configs/method`` group-L2 criterion) the importance is computed here with the same
+    operations in the same order as torch-pruning, so the results are bit for bit torch-pruning's (and the
+    previous list-indexed implementation's) on the CPU; any other importance is asked of the pruner itself.
     """
 
     kind = "structured"
@@ -160,6 +228,10 @@ class GroupL2Regularizer:
         self._fn = tp_function
         self._names = {id(module): name for name, module in model.named_modules()}
         self._params = dict(model.named_parameters())
+        self._plans: list[_GroupPlan] = []
+        self._planned_groups: Any = None
+        self._device: torch.device | None = None
+        self._prepare()
 
     def _key(self, module: nn.Module, attr: str) -> str | None:
         prefix = self._names.get(id(module))
@@ -168,6 +240,175 @@ class GroupL2Regularizer:
         key = f"{prefix}.{attr}" if prefix else attr
         return key if key in self._params else None
 
+    # --------------------------------------------------------------------------------------------------
+    # The plan: built once from the groups (host lists), index tensors per device
+    # --------------------------------------------------------------------------------------------------
+    def _model_device(self) -> torch.device:
+        first = next(self.model.parameters(), None)  # the module's own (a move may replace Parameter objects)
+        return torch.device("cpu") if first is None else first.device
+
+    def _prepare(self) -> None:
+        """(Re)build the plan if the pruner's groups changed, and its index tensors if the model moved."""
+        if self._planned_groups is not self.pruner._groups:
+            self._plans = [self._plan_group(group) for group in self.pruner._groups]
+            self._planned_groups = self.pruner._groups
+            self._device = None
+        device = self._model_device()
+        if self._device != device:
+            # a move to another device may give the module new Parameter objects (e.g. to or from "meta")
+            self._params = dict(self.model.named_parameters())
+            self._to_device(device)
+
+    def _fast_importance(self) -> bool:
+        """True when the pruner's importance is torch-pruning's group-magnitude one with a summing reduction, which
+        :meth:`_importance` reproduces operation by operation (anything else is asked of the pruner)."""
+        imp = getattr(self.pruner, "importance", None)
+        gmi = tp_importance.GroupMagnitudeImportance
+        base = tp_pruner.BasePruner
+        return (isinstance(imp, gmi) and type(imp).__call__ is gmi.__call__ and type(imp)._reduce is gmi._reduce
+                and getattr(imp, "group_reduction", None) in ("mean", "sum")
+                and type(self.pruner).estimate_importance is base.estimate_importance)
+
+    def _plan_group(self, group: Any) -> _GroupPlan:
+        fn = self._fn
+        terms: list[_Term] | None = None
+        size = 0
+        if self._fast_importance():
+            imp = self.pruner.importance
+            types = tuple(imp.target_types)
+            terms, first = [], None
+            for i, (dep, idxs) in enumerate(group):
+                layer, prune_fn, root = dep.layer, dep.pruning_fn, group[i].root_idxs
+                if not isinstance(layer, types):
+                    continue
+                found: list[tuple[str, str, int]] = []
+                transposed = bool(getattr(layer, "transposed", False))
+                if prune_fn in (fn.prune_conv_out_channels, fn.prune_linear_out_channels):
+                    found.append(("weight", "out_t" if transposed else "out", 1))
+                    if imp.bias and layer.bias is not None:
+                        found.append(("bias", "vec", 1))
+                elif prune_fn in (fn.prune_conv_in_channels, fn.prune_linear_in_channels):
+                    repeat = 1
+                    if (prune_fn == fn.prune_conv_in_channels and layer.groups != layer.in_channels
+                            and layer.groups != 1):
+                        repeat = layer.groups
+                    found.append(("weight", "in_t" if transposed else "in", repeat))
+                elif prune_fn == fn.prune_batchnorm_out_channels:
+                    if layer.affine:
+                        found.append(("weight", "vec", 1))
+                        if imp.bias and layer.bias is not None:
+                            found.append(("bias", "vec", 1))
+                elif prune_fn == fn.prune_layernorm_out_channels:
+                    if layer.elementwise_affine:
+                        found.append(("weight", "vec", 1))
+                        if imp.bias and layer.bias is not None:
+                            found.append(("bias", "vec", 1))
+                for attr, op, repeat in found:
+                    if first is None:
+                        first = len(idxs)  # torch-pruning: zeros_like(group_imp[0])
+                    if any(r is None for r in root):  # torch-pruning's reduction skips these entries
+                        continue
+                    terms.append(_Term(layer, attr, op, repeat, list(idxs), list(root)))
+            if first is None:
+                terms = None  # no measured member: torch-pruning returns None (and regularize fails)
+            else:
+                size = first
+        plan = _GroupPlan(group, size, terms)
+
+        ch_groups = self.pruner._get_channel_groups(group)
+        gamma_len: int | None = None
+        for i, (dep, idxs) in enumerate(group):
+            layer, prune_fn = dep.target.module, dep.handler
+            root = group[i].root_idxs
+            if prune_fn in (fn.prune_conv_out_channels, fn.prune_linear_out_channels):
+                kind = "out"
+            elif prune_fn in (fn.prune_conv_in_channels, fn.prune_linear_in_channels):
+                kind = "in"
+                if prune_fn == fn.prune_conv_in_channels and layer.groups > 1:
+                    # torch-pruning's grouped-conv handling, including its reuse of the truncated gamma for the
+                    # group's later members
+                    cut = len(idxs) // ch_groups
+                    gamma_len = cut if gamma_len is None else min(gamma_len, cut)
+                    idxs = idxs[:cut]
+            elif prune_fn == fn.prune_batchnorm_out_channels and layer.affine:
+                kind = "bn"
+            else:
+                continue
+            idxs = list(idxs)
+            bias_key = self._key(layer, "bias") if kind != "in" and layer.bias is not None else None
+            error = None
+            if any(r is None for r in root):
+                error = (f"torch-pruning maps some channels of {type(layer).__name__} "
+                         f"{self._names.get(id(layer), '?')!r} to no root channel of their group; its regularize "
+                         "cannot pull them either")
+            full = idxs == list(range(len(idxs)))
+            if kind == "in":
+                full = full and len(idxs) == layer.weight.shape[1]
+            else:
+                full = full and len(idxs) == layer.weight.shape[0]
+            # gamma itself where the root channels are all of gamma's, in order (its length is known on the
+            # group-L2 path only)
+            n_gamma = size if gamma_len is None else min(size, gamma_len)
+            whole = terms is not None and len(root) == n_gamma and list(root) == list(range(n_gamma))
+            plan.updates.append(_Update(
+                layer, kind, self._key(layer, "weight"), bias_key, None if full else idxs,
+                len(set(idxs)) == len(idxs), None if whole else list(root), gamma_len, error))
+        return plan
+
+    def _to_device(self, device: torch.device) -> None:
+        """The plan's index tensors on ``device`` (once per device change; every later call reuses them)."""
+        def index(values: list[int] | None) -> Tensor | None:
+            return None if values is None else torch.tensor(values, dtype=torch.long, device=device)
+
+        for plan in self._plans:
+            for term in plan.terms or ():
+                term.idx_t = index(term.idx)
+                identity = term.root == list(range(len(term.root))) and len(term.root) <= plan.size
+                term.root_t = None if identity else index(term.root)
+            for update in plan.updates:
+                if update.error is not None:
+                    continue
+                update.idx_t = index(update.idx)
+                update.root_t = index(update.root)
+        self._device = device
+
+    # --------------------------------------------------------------------------------------------------
+    def _importance(self, plan: _GroupPlan) -> Tensor:
+        """The group's channel importance, as ``pruner.estimate_importance(group)`` computes it (same ops, same
+        order) but on the prepared index tensors. Reads the (swapped) module tensors."""
+        if plan.terms is None:
+            imp = self.pruner.estimate_importance(plan.group)
+            return imp if imp is None else imp.to(self._device)
+        importance = self.pruner.importance
+        p = importance.p
+        reduced: Tensor | None = None
+        for term in plan.terms:
+            w = getattr(term.module, term.attr).data
+            if term.op == "out":
+                local = w.index_select(0, term.idx_t).flatten(1).abs().pow(p).sum(1)
+            elif term.op == "out_t":
+                local = w.transpose(1, 0).index_select(0, term.idx_t).flatten(1).abs().pow(p).sum(1)
+            elif term.op in ("in", "in_t"):
+                flat = w.flatten(1) if term.op == "in_t" else w.transpose(0, 1).flatten(1)
+                local = flat.abs().pow(p).sum(1)
+                if term.repeat > 1:
+                    local = local.repeat(term.repeat)
+                local = local.index_select(0, term.idx_t)
+            else:  # vec
+                local = w.index_select(0, term.idx_t).abs().pow(p)
+            if reduced is None:
+                reduced = local.new_zeros(plan.size, dtype=torch.float32)
+            local = local.to(reduced.device, dtype=reduced.dtype)
+            if term.root_t is None:
+                reduced[:local.shape[0]].add_(local)
+            else:
+                reduced.scatter_add_(0, term.root_t, local)
+        if reduced is None:  # every member had unmapped channels: torch-pruning's zeros / 0
+            reduced = torch.zeros(plan.size, dtype=torch.float32, device=self._device)
+        if importance.group_reduction == "mean":
+            reduced /= len(plan.terms)
+        return importance._normalize(reduced, importance.normalizer)
+
     @torch.no_grad()
     def gradient(self, params: Mapping[str, Tensor], alpha: float, bias: bool = False) -> dict[str, Tensor]:
         """``{key: reg * gamma * w}`` for the parameters the regulariser touches.
@@ -175,45 +416,50 @@ class GroupL2Regularizer:
         ``params``: {state-dict key: tensor} of (some of) the model's parameters, e.g. the decoded output
         of the metanetwork (detached or not; no graph is recorded). Parameters not in ``params`` are read
         from the model. Returned gradients have the parameters' shapes, dtypes and devices.
+        No host synchronisation and no host-to-device copy (the index tensors are prepared, class doc).
         """
-        fn = self._fn
+        self._prepare()
+        reg = self.reg
+        grads: dict[str, Tensor] = {}
+
+        def add(key: str | None, dim: int, update: _Update, value: Tensor) -> None:
+            if key is None:
+                return
+            if key not in grads:
+                grads[key] = torch.zeros_like(self._params[key])
+            target = grads[key]
+            if update.idx_t is None:
+                target += reg * value
+            elif update.unique:  # one add per element, as the indexed += below
+                target.index_add_(dim, update.idx_t, reg * value)
+            elif dim == 0:
+                target[update.idx_t] += reg * value
+            else:
+                target[:, update.idx_t] += reg * value
+
         with swapped_parameters(self.model, params):
-            grads: dict[str, Tensor] = {}
-
-            def add(key: str | None, index: tuple, update: Tensor) -> None:
-                if key is None:
-                    return
-                if key not in grads:
-                    grads[key] = torch.zeros_like(self._params[key])
-                grads[key][index] += self.reg * update
-
-            for group in self.pruner._groups:
-                ch_groups = self.pruner._get_channel_groups(group)
-                gamma = group_gamma(self.pruner.estimate_importance(group).sqrt(), alpha)
-                for i, (dep, idxs) in enumerate(group):
-                    layer = dep.target.module
-                    prune_fn = dep.handler
-                    if prune_fn in (fn.prune_conv_out_channels, fn.prune_linear_out_channels):
-                        g_c = torch.index_select(gamma, 0, torch.tensor(group[i].root_idxs, device=gamma.device))
-                        w = layer.weight.data[idxs]
-                        add(self._key(layer, "weight"), (idxs,), w * g_c.view(-1, *([1] * (w.dim() - 1))))
-                        if bias and layer.bias is not None:
-                            add(self._key(layer, "bias"), (idxs,), layer.bias.data[idxs] * g_c)
-                    elif prune_fn in (fn.prune_conv_in_channels, fn.prune_linear_in_channels):
-                        if prune_fn == fn.prune_conv_in_channels and layer.groups > 1:
-                            # torch-pruning's grouped-conv handling, including its reuse of the truncated
-                            # gamma for the group's later members
-                            gamma = gamma[:len(idxs) // ch_groups]
-                            idxs = idxs[:len(idxs) // ch_groups]
-                        g_c = torch.index_select(gamma, 0, torch.tensor(group[i].root_idxs, device=gamma.device))
-                        w = layer.weight.data[:, idxs]
-                        add(self._key(layer, "weight"), (slice(None), idxs),
-                            w * g_c.view(1, -1, *([1] * (w.dim() - 2))))
-                    elif prune_fn == fn.prune_batchnorm_out_channels and layer.affine:
-                        g_c = torch.index_select(gamma, 0, torch.tensor(group[i].root_idxs, device=gamma.device))
-                        add(self._key(layer, "weight"), (idxs,), layer.weight.data[idxs] * g_c)
-                        if bias and layer.bias is not None:
-                            add(self._key(layer, "bias"), (idxs,), layer.bias.data[idxs] * g_c)
+            for plan in self._plans:
+                gamma = group_gamma(self._importance(plan).sqrt(), alpha)
+                for update in plan.updates:
+                    if update.error is not None:
+                        raise ValueError(update.error)
+                    layer = update.module
+                    g = gamma if update.gamma_len is None else gamma[:update.gamma_len]
+                    g_c = g if update.root_t is None else torch.index_select(g, 0, update.root_t)
+                    weight = layer.weight.data
+                    if update.kind == "in":
+                        w = weight if update.idx_t is None else weight.index_select(1, update.idx_t)
+                        add(update.key, 1, update, w * g_c.view(1, -1, *([1] * (w.dim() - 2))))
+                        continue
+                    w = weight if update.idx_t is None else weight.index_select(0, update.idx_t)
+                    if update.kind == "out":
+                        add(update.key, 0, update, w * g_c.view(-1, *([1] * (w.dim() - 1))))
+                    else:
+                        add(update.key, 0, update, w * g_c)
+                    if bias and update.bias_key is not None:
+                        b = layer.bias.data
+                        b = b if update.idx_t is None else b.index_select(0, update.idx_t)
+                        add(update.bias_key, 0, update, b * g_c)
         return grads
 
     @torch.no_grad()

@@ -14,7 +14,10 @@ the γ / β statistics (small |γ| channels are the ones a magnitude criterion r
 Rows are plain dicts (one per layer), so several models can be written to one CSV and compared.
 
 Under torchrun every rank loads the models and evaluates its shard of the data (sums all-reduced); rank 0 alone
-computes the statistics and writes the files, and a failure there ends every rank with its message.
+computes the statistics and writes the files, and a failure there ends every rank with its message. Every rank
+applies the metanetwork and then takes rank 0's result (``stages.ddp.same_weights_everywhere``, as run=select
+does): on a GPU the metanetwork's scatter sums (``index_add_``, atomics) end in a different order on each rank,
+so each rank's own result would differ in the last bits and the all-reduced accuracy would mix several models.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from torch import nn as tnn
 from generate_dataset.models import load_model
 from nn.apply import apply_saved_metanetwork
 from pruning.depgraph import count_macs
+from stages import ddp
 from stages.common import FinalRunConfigError, codec_options, example_input, num_params, setup, task_data
 from stages.final import metanetwork_setting
 from training.loop import evaluate_splits
@@ -209,6 +213,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if mn_path is not None:
         changed = copy.deepcopy(model)
         apply_saved_metanetwork(changed, mn_path, map_location=device, **codec_options(cfg))
+        # every rank applied it to the same weights; rank 0's result everywhere, whatever each rank's summation
+        # order (module doc), so the statistics and the all-reduced accuracy are of one model
+        ddp.same_weights_everywhere(changed)
         models["model + metanetwork"] = (changed, f"{final.model} + {mn_path}")
 
     # rank 0 computes the statistics and writes the files; its failure ends every rank (torchrun)

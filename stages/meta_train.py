@@ -163,7 +163,7 @@ from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.distributed import (all_gather_objects, all_reduce_mean, average_gradients, is_distributed,
                                is_main_process, rank, run_on_every_rank, run_on_main, world_size)
 from utils.io import atomic_path, atomic_write
-from utils.seed import derive_seed, seed_worker
+from utils.seed import derive_seed, restore_rng, rng_state, seed_worker
 from utils.tracking import log_metrics
 
 log = logging.getLogger(__name__)
@@ -675,35 +675,6 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _rng_state(generator: torch.Generator | None) -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None,
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": [str(np_state[0]), [int(v) for v in np_state[1]], int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],
-        "loader": generator.get_state() if generator is not None else None,
-    }
-    return state
-
-
-def _restore_rng(state: Mapping[str, Any], generator: torch.Generator | None) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        if len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-        else:
-            log.warning("checkpoint has CUDA RNG states for %d devices, this machine has %d: not restored",
-                        len(state["cuda"]), torch.cuda.device_count())
-    version, internal, gauss = state["python"]
-    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
-    if generator is not None and state.get("loader") is not None:
-        generator.set_state(state["loader"].cpu())
-
-
 def _scheduler_state(scheduler: torch.optim.lr_scheduler.MultiStepLR) -> dict:
     state = dict(scheduler.state_dict())
     state["milestones"] = {int(k): int(v) for k, v in state["milestones"].items()}  # Counter -> plain dict
@@ -1006,7 +977,7 @@ def _load_checkpoint_state(state: _Training, path: Path, checkpoint: Mapping[str
     _load_scheduler_state(state.scheduler, checkpoint["scheduler"])
     state.history = list(checkpoint["history"])
     state.steps = [list(s) for s in checkpoint["steps"]]
-    _restore_rng(checkpoint["rng"], state.loader.generator)  # iterations_per_step: reseeded per epoch anyway
+    restore_rng(checkpoint["rng"], state.loader.generator)  # iterations_per_step: reseeded per epoch anyway
 
 
 def _step(state: _Training, epoch: int, index: int, stream: _BatchStream) -> tuple[StepResult, float]:
@@ -1108,7 +1079,7 @@ def _write_epoch(state: _Training, epoch: int, row: dict) -> None:
     save_metanetwork(checkpoint_path(state.run_dir, epoch), state.metanetwork, state.first.codec, state.options,
                      str(state.cfg.task.name), epoch, optimizer=state.optimizer.state_dict(),
                      scheduler=_scheduler_state(state.scheduler), history=state.history, steps=state.steps,
-                     rng=_rng_state(state.loader.generator), meta=state.meta)
+                     rng=rng_state(state.loader.generator), meta=state.meta)
     _write_metrics(state.run_dir / METRICS_CSV, state.history)
     log_metrics("meta_train", row, step=epoch)  # the CSV row, to the logger= experiment tracker
     _plot_quietly(state.history, state.run_dir / DIAGNOSTICS_PNG)

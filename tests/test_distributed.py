@@ -1,12 +1,16 @@
 """utils.distributed under torchrun (2 CPU ranks, gloo): gradient averaging, rank-0 sections whose failure ends
-every rank with its message, the cross-rank equality check."""
+every rank with its message, the cross-rank equality check; and each rank's device (GPUs and the torchrun variables
+simulated, in process)."""
+import logging
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers import REPO, run_torchrun
+from utils import distributed as dist_utils
 
 SCRIPT = f'''
 import sys, torch
@@ -99,3 +103,85 @@ def test_a_failure_on_any_rank_ends_every_rank_with_its_message(tmp_path, script
     proc = run_torchrun(["fail_one"], tmp_path, script=script, timeout=120)
     assert proc.returncode != 0
     assert "rank 0 saw: a step: rank 1 failed: RuntimeError: NaN loss on data model 3" in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# This rank's device (no GPU needed: CUDA's presence and the torchrun variables are simulated)
+# ------------------------------------------------------------------------------------------------
+CPU = torch.device("cpu")
+
+
+def _gpus(monkeypatch, count):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def _torchrun(monkeypatch, local_rank, world=4):
+    for name, value in (("RANK", local_rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank)):
+        monkeypatch.setenv(name, str(value))
+
+
+def _single_process(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_each_torchrun_rank_gets_its_gpu_local_rank_modulo_the_visible_ones(monkeypatch, caplog):
+    _gpus(monkeypatch, 2)
+    for local_rank, gpu in ((0, 0), (1, 1), (2, 0), (3, 1)):
+        _torchrun(monkeypatch, local_rank)
+        for setting in ("cuda", "auto", None, torch.device("cuda")):
+            assert dist_utils.local_device(setting) == torch.device("cuda", gpu), (local_rank, setting)
+        assert dist_utils.local_device("cpu") == CPU
+    # more processes than GPUs share them, with a warning: NCCL refuses two ranks on one GPU
+    caplog.set_level(logging.WARNING, logger="utils.distributed")
+    caplog.clear()
+    _torchrun(monkeypatch, 3)
+    dist_utils.local_device("cuda")
+    assert "LOCAL_RANK 3 but only 2 GPU(s)" in caplog.text
+
+
+@pytest.mark.parametrize("gpus", [2, 0])
+def test_an_explicit_gpu_index_is_refused_under_torchrun(monkeypatch, gpus):
+    _gpus(monkeypatch, gpus)
+    _torchrun(monkeypatch, 1)
+    for setting in ("cuda:0", "cuda:1", torch.device("cuda", 0)):
+        with pytest.raises(ValueError, match="torchrun gives each process its GPU.*use device=cuda or device=auto"):
+            dist_utils.local_device(setting)
+    with pytest.raises(ValueError, match="not a valid device"):
+        dist_utils.local_device("gpu0")
+
+
+def test_cuda_without_cuda_is_an_error_not_the_cpu(monkeypatch):
+    _gpus(monkeypatch, 0)
+    _torchrun(monkeypatch, 0)
+    with pytest.raises(RuntimeError, match="CUDA is not available.*device=auto or device=cpu"):
+        dist_utils.local_device("cuda")
+    assert dist_utils.local_device("auto") == CPU and dist_utils.local_device("cpu") == CPU
+    # the same rule in a single process (utils.device.resolve_device), where cuda:N is honoured
+    _single_process(monkeypatch)
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        dist_utils.init_distributed(device="cuda")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        dist_utils.local_device("cuda:0")
+    assert dist_utils.init_distributed(device="auto") == CPU
+    _gpus(monkeypatch, 2)
+    assert dist_utils.init_distributed(device="cuda:1") == torch.device("cuda", 1)  # was the CPU before
+    assert dist_utils.init_distributed(device="auto") == torch.device("cuda")
+
+
+def test_init_distributed_puts_the_rank_on_its_gpu_before_joining(monkeypatch):
+    _gpus(monkeypatch, 2)
+    _torchrun(monkeypatch, 3)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(dist_utils.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist_utils.dist, "init_process_group",
+                        lambda backend, timeout=None: calls.append(("join", backend)))
+    assert dist_utils.init_distributed("auto", "cuda") == torch.device("cuda", 1)
+    assert calls == [("set_device", torch.device("cuda", 1)), ("join", "nccl")]
+    calls.clear()
+    with pytest.raises(ValueError, match="use device=cuda or device=auto"):
+        dist_utils.init_distributed("auto", "cuda:1")
+    assert calls == []  # refused before joining the group (every rank raises the same error)
+    assert dist_utils.init_distributed("auto", "cpu") == CPU and calls == [("join", "gloo")]

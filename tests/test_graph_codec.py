@@ -7,7 +7,9 @@ cannot hide behind the identity initialisation (γ=1, β=0, μ=0, σ²=1).
 from __future__ import annotations
 
 import copy
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -605,3 +607,115 @@ def test_gradients_reach_every_metanetwork_parameter():
     F.cross_entropy(logits, y).backward()
     missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stored indices (int32) and the bounded cache of device copies
+# ----------------------------------------------------------------------------------------------------
+META = torch.device("meta")  # stands in for a second device: its tensors have sizes but hold no memory
+
+
+@pytest.fixture
+def fresh_device_cache():
+    graph_mod.clear_cache()
+    previous = graph_mod.set_device_cache_limit(None)
+    yield
+    graph_mod.set_device_cache_limit(previous)
+    graph_mod.clear_cache()
+
+
+def _entries(device=None, kind=None):
+    return [e for e in graph_mod.device_cache_info()["entries"]
+            if (device is None or e["device"] == device) and (kind is None or e["kind"] == kind)]
+
+
+def _tensors(nest):
+    if isinstance(nest, torch.Tensor):
+        return [nest]
+    items = nest.values() if isinstance(nest, dict) else nest if isinstance(nest, (list, tuple)) else []
+    return [t for item in items for t in _tensors(item)]
+
+
+def test_indices_are_stored_as_int32_and_graphs_get_int64(fresh_device_cache):
+    model = _make("resnet20", 0)
+    codec = GraphCodec(model)
+    plan = codec._plan
+    stored = (plan.edge_index, plan.edge_type, plan.x_index, plan.fast.node_index)
+    assert all(t.dtype == torch.int32 for t in stored)
+    graph = codec.encode(model)
+    assert graph.edge_index.dtype == graph.edge_type.dtype == torch.int64  # what PyG's scatter ops need
+    assert torch.equal(graph.edge_index, plan.edge_index.long()) and torch.equal(graph.edge_type, plan.edge_type.long())
+    meta_graph = codec.encode(copy.deepcopy(model).to(META))
+    assert meta_graph.edge_index.device == META and meta_graph.edge_index.dtype == torch.int64
+    assert meta_graph.edge_type.shape == (codec.num_edges,) and meta_graph.edge_type.dtype == torch.int64
+    copies = plan.on(META, torch.float32)
+    assert all(copies[k].dtype == torch.int32 and copies[k].device == META
+               for k in ("edge_index", "x_index", "node_dec_index"))
+    # a device's edge copy: 8 bytes per edge (int32 [2, E]), no edge_type; the CPU keeps the int64 ones
+    assert [e["bytes"] for e in _entries("meta", "edges")] == [8 * codec.num_edges]
+    assert [e["bytes"] for e in _entries("cpu", "edges")] == [24 * codec.num_edges]
+    # the other CPU index tensors are the plan's own: they cost the cache nothing
+    assert [e["bytes"] for e in _entries("cpu", "nodes")] == [0]
+
+
+def test_int32_edge_copies_give_the_same_graph(fresh_device_cache, monkeypatch):
+    # what an accelerator does (a cached int32 edge_index, cast and filled per encode), checked on the CPU
+    model = _make("vit_tiny", 0)  # several edge types
+    codec = GraphCodec(model)
+    shared = codec.encode(model)
+    graph_mod.clear_cache()
+    monkeypatch.setattr(graph_mod, "_INT64_EDGE_DEVICES", ())
+    codec = GraphCodec(model)
+    first, second = codec.encode(model), codec.encode(model)
+    assert len(codec.edge_dims) == 3
+    assert [e["bytes"] for e in _entries("cpu", "edges")] == [0]  # the plan's own int32 edge_index, no copy
+    for graph in (first, second):
+        assert graph.edge_index.dtype == graph.edge_type.dtype == torch.int64
+        assert torch.equal(graph.edge_index, shared.edge_index) and torch.equal(graph.edge_type, shared.edge_type)
+    assert first.edge_index is not second.edge_index  # each graph its own int64 copy
+    _assert_exact_roundtrip(_make("resnet20", 1))
+
+
+def test_device_cache_stays_within_its_bound_and_frees_what_it_evicts(fresh_device_cache):
+    model = _make("resnet20", 0)
+    on_meta = copy.deepcopy(model).to(META)
+    codec = GraphCodec(model)
+    codec.decode(codec.encode(on_meta))
+    meta_bytes = graph_mod.device_cache_info()["bytes"]
+    assert meta_bytes >= 8 * codec.num_edges
+    codec.decode(codec.encode(model))  # + the CPU copies (float32 constants)
+    both = graph_mod.device_cache_info()["bytes"]
+    assert both > meta_bytes
+
+    # a lower bound evicts the least recently used copies at once (meta's) and releases their tensors
+    before = graph_mod.device_cache_info()["entries"]
+    refs = {key: [weakref.ref(t) for t in _tensors(entry.tensors)] for key, entry in graph_mod._DEVICE_CACHE.items()}
+    assert graph_mod.set_device_cache_limit(both - 1) == graph_mod.DEFAULT_DEVICE_CACHE_BYTES
+    after = graph_mod.device_cache_info()["entries"]
+    assert graph_mod.device_cache_info()["bytes"] <= both - 1
+    assert before[0]["device"] == "meta" and before[0] not in after and after == before[len(before) - len(after):]
+    gc.collect()
+    evicted = [key for key in refs if key not in graph_mod._DEVICE_CACHE]
+    assert evicted and all(ref() is None for key in evicted for ref in refs[key])
+
+    # two devices in turn under a bound that holds one device's copies: the other one's are evicted each time
+    graph_mod.set_device_cache_limit(meta_bytes)
+    for _ in range(2):
+        codec.decode(codec.encode(on_meta))
+        assert graph_mod.device_cache_info()["bytes"] <= meta_bytes
+        assert {e["kind"] for e in _entries("meta")} == {"edges", "nodes", "consts"}
+        assert all(e["bytes"] == 0 for e in _entries("cpu"))
+        _assert_exact_roundtrip(model, codec)
+        assert graph_mod.device_cache_info()["bytes"] <= meta_bytes
+        assert _entries("meta", "edges") == []  # the CPU's constants pushed out meta's least recent copy
+
+    # a bound below any copy: nothing that costs memory is kept, and the round trip stays bit-exact
+    graph_mod.set_device_cache_limit(0)
+    assert graph_mod.device_cache_info()["bytes"] == 0
+    _assert_exact_roundtrip(model, codec)
+    graph = codec.encode(on_meta)
+    assert graph.edge_attr__kernel.device == META
+    assert graph_mod.device_cache_info()["bytes"] == 0
+    assert all(e["bytes"] == 0 for e in graph_mod.device_cache_info()["entries"])
+    with pytest.raises(ValueError, match=">= 0"):
+        graph_mod.set_device_cache_limit(-1)

@@ -10,6 +10,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from utils.device import resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -20,14 +22,16 @@ def launched_by_torchrun() -> bool:
 def init_distributed(backend: str = "auto", device: str = "auto", timeout_minutes: float | None = None) -> torch.device:
     """Join the process group that torchrun describes and return this rank's device.
 
-    Without torchrun it returns the single-process device and initialises nothing, so the same script
-    runs on a laptop. ``backend=auto`` is NCCL when CUDA is used, else gloo. ``timeout_minutes``: how long a
-    collective waits for the slowest rank (null = torch's default, 10 min for NCCL); the other ranks wait in
-    one while rank 0 alone prunes or writes, so large models may need more.
+    Without torchrun it returns the single-process device (``utils.device.resolve_device``: ``cuda:N`` is
+    honoured, CUDA asked for on a machine without it raises) and initialises nothing, so the same script
+    runs on a laptop. Under torchrun the device is :func:`local_device`'s. ``backend=auto`` is NCCL when CUDA
+    is used, else gloo. ``timeout_minutes``: how long a collective waits for the slowest rank (null = torch's
+    default, 10 min for NCCL); the other ranks wait in one while rank 0 alone prunes or writes, so large
+    models may need more.
     """
     if not launched_by_torchrun():
-        return torch.device("cuda" if _uses_cuda(device) else "cpu")
-    local = local_device(device)
+        return resolve_device(device)
+    local = local_device(device)  # before joining: a bad device setting fails on every rank alike
     if local.type == "cuda":
         torch.cuda.set_device(local)
     chosen = ("nccl" if local.type == "cuda" else "gloo") if backend == "auto" else backend
@@ -38,13 +42,50 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_minute
     return local
 
 
-def _uses_cuda(device: str) -> bool:
-    return torch.cuda.is_available() and device in ("auto", "cuda")
+def _is_auto(device: str | torch.device | None) -> bool:
+    return device is None or (isinstance(device, str) and device.strip().lower() == "auto")
 
 
-def local_device(device: str = "auto") -> torch.device:
-    """This rank's device under torchrun: its GPU (``LOCAL_RANK``), or the CPU under gloo."""
-    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if _uses_cuda(device) else torch.device("cpu")
+def local_device(device: str | torch.device | None = "auto") -> torch.device:
+    """This rank's device under torchrun (``RANK``/``WORLD_SIZE`` set; otherwise ``resolve_device(device)``).
+
+    ``auto``: this rank's GPU when CUDA is available, else the CPU (gloo). ``cuda``: this rank's GPU, and an error
+    when CUDA is not available (as in a single process: never a silent fall-back to the CPU). This rank's GPU is
+    ``LOCAL_RANK`` modulo the number of visible GPUs (torchrun starts one process per GPU; more processes than
+    GPUs share them, which gloo allows and NCCL refuses). ``cuda:N`` is refused: torchrun gives each process its
+    GPU, and one index for all ranks would put them all on one GPU. Other values (``cpu``) as
+    ``resolve_device``.
+    """
+    if not launched_by_torchrun():
+        return resolve_device(device)
+    if _is_auto(device):
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return _rank_gpu()
+    try:
+        chosen = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a valid device; use 'auto', 'cpu' or 'cuda'") from err
+    if chosen.type != "cuda":
+        return resolve_device(chosen)
+    if chosen.index is not None:
+        raise ValueError(f"device={device!r} under torchrun: torchrun gives each process its GPU (LOCAL_RANK), so a "
+                         "GPU index would put every rank on the same one; use device=cuda or device=auto (choose the "
+                         "GPUs with CUDA_VISIBLE_DEVICES)")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} was requested but CUDA is not available on this machine; "
+                           "set device=auto or device=cpu")
+    return _rank_gpu()
+
+
+def _rank_gpu() -> torch.device:
+    """``cuda:<LOCAL_RANK mod visible GPUs>`` (CUDA available)."""
+    count = torch.cuda.device_count()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if local >= count:
+        log.warning("LOCAL_RANK %d but only %d GPU(s) are visible: rank shares cuda:%d (NCCL refuses two ranks on "
+                    "one GPU; start at most one process per GPU, or use backend=gloo)", local, count, local % count)
+    return torch.device("cuda", local % count)
 
 
 def is_distributed() -> bool:
