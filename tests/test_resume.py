@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from generate_dataset.models import load_model
-from helpers import REPO, TINY, tiny_cfg
+from helpers import REPO, TINY, run_torchrun, tiny_cfg, write_imagefolder
 from stages.common import run_recorded
 from training.loop import resume_path, train
 from utils import preemption
@@ -261,3 +261,39 @@ def test_sigkilled_finetune_resumes_bitwise_without_redoing_earlier_trainings(tm
     assert _epochs_trained(second, "pretrain") == [] and _epochs_trained(second, "finetune_after_init_pruning") == []
     assert _epochs_trained(second, "finetune_after_pruning") == list(range(finished + 1, 6))
     assert _same(_weights(run_dir / "pruned_model.pt"), _weights(tmp_path / "reference" / "pruned_model.pt"))
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_stops_every_rank_together_and_resumes(tmp_path):
+    """SIGTERM to torchrun (which hands it to every worker, as SLURM's preemption does): the ranks agree on the batch
+    to stop after, rank 0 writes the resume checkpoint, every rank reads it on the re-run, and the result is the
+    uninterrupted run's."""
+    write_imagefolder(tmp_path / "imagenet", classes=3, per_class=16, size=20)
+    common = ["run=train", "task=resnet50_on_ImageNet", "task.model=resnet8", "task.pretrained=null",
+              f"paths.data_dir={tmp_path}", f"task.dataset.root={tmp_path}/imagenet", "task.dataset.val_size=6",
+              "task.dataset.num_workers=0", "task.input_size=[3,32,32]", "+task.dataset.image_size=32", "device=cpu",
+              "task.batch_size=4", "task.eval_batch_size=8", "task.train.epochs=12", "task.train.milestones=[6]",
+              "+task.train.sync_every=2"]
+    reference = tmp_path / "reference"
+    proc = run_torchrun(common + [f"hydra.run.dir={reference}"], tmp_path, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+    run_dir = tmp_path / "stopped"
+    args = common + [f"hydra.run.dir={run_dir}"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                str(REPO / "main_imagenet" / "main_imagenet.py"), *args]
+    proc = subprocess.Popen(launcher, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = _kill_after(proc, run_dir / "train_metrics.csv", 2, signal.SIGTERM)
+    assert proc.returncode != 0
+    log = (run_dir / "main_imagenet.log").read_text()
+    assert "stopped by SIGTERM" in log, out[-3000:]
+    saved = load_checkpoint(resume_path(run_dir, "train"))
+    assert 2 <= saved["epoch"] < 12 and saved["world_size"] == 2
+    if saved["partial"] is not None:  # stopped mid-epoch: at a synchronisation point (every 2 batches)
+        assert saved["partial"]["batches"] % 2 == 0
+
+    proc = run_torchrun(args, tmp_path, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert f"resuming after epoch {saved['epoch']} of 12" in (run_dir / "main_imagenet.log").read_text()
+    assert _same(_weights(run_dir / "model.pt"), _weights(reference / "model.pt"))
