@@ -201,9 +201,9 @@ def _weights(path: Path) -> dict:
     return load_model(path)[0].state_dict()
 
 
-EPOCHS = 6
+EPOCHS = 8
 TRAIN_ARGS = ["run=train", "task.model=resnet8", "device=cpu", f"task.train.epochs={EPOCHS}",
-              "+task.train.max_batches_per_epoch=12", "task.train.milestones=[4]"]
+              "+task.train.max_batches_per_epoch=8", "task.train.milestones=[4]"]
 
 
 @pytest.mark.slow
@@ -215,26 +215,33 @@ def test_sigkilled_then_sigtermed_train_run_resumes_bitwise(tmp_path):
     run_dir = tmp_path / "killed"
     args = TRAIN_ARGS + [f"hydra.run.dir={run_dir}"]
     csv_file = run_dir / "train_metrics.csv"
-    kill_epoch = random.Random(os.getpid()).randint(1, 2)
+    kill_epoch = random.Random(os.getpid()).randint(1, 2)  # leaves room for the SIGTERM 2 epochs later
     _kill_after(_launch(args, tmp_path), csv_file, kill_epoch, signal.SIGKILL)
     finished = load_checkpoint(resume_path(run_dir, "train"))["epoch"]
-    # the CSV row comes just before the checkpoint: a kill between them loses that epoch, never more
-    assert kill_epoch - 1 <= finished < EPOCHS and not (run_dir / "results.json").exists()
+    # the checkpoint is written before the epoch's CSV row: an epoch shown is an epoch kept
+    assert kill_epoch <= finished < EPOCHS and not (run_dir / "results.json").exists()
 
+    term_after = finished + 2  # rows in the CSV (the resumed run rewrites the finished ones first)
     proc = _launch(args, tmp_path)
-    _kill_after(proc, csv_file, 4, signal.SIGTERM)
+    _kill_after(proc, csv_file, term_after, signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM
     log = (run_dir / "main.log").read_text()
-    assert f"resuming after epoch {finished} of {EPOCHS}" in log
-    assert _epochs_trained(log, "train")[-(4 - finished):] == list(range(finished + 1, 5))
-    stop = re.search(r"stopped by SIGTERM (in train epoch 5/6 after (\d+) batches|at the end of train epoch 4/6)", log)
+    second = log[log.rindex(f"resuming after epoch {finished} of {EPOCHS}"):]
+    assert _epochs_trained(second, "train")[:2] == [finished + 1, finished + 2]
+    stop = re.search(r"stopped by SIGTERM (in train epoch (\d)/8 after (\d+) batches|at the end of train epoch (\d)/8)",
+                     log)
     assert stop and "re-run the same command" in log
     saved = load_checkpoint(resume_path(run_dir, "train"))
-    assert saved["epoch"] == 4 and (saved["partial"] is None) == (stop.group(2) is None)
+    if stop.group(2):  # mid-epoch: the epoch before is the last finished one, the partial one is recorded
+        assert saved["epoch"] == int(stop.group(2)) - 1 >= term_after
+        assert saved["partial"]["epoch"] == int(stop.group(2)) and saved["partial"]["batches"] == int(stop.group(3))
+    else:
+        assert saved["epoch"] == int(stop.group(4)) >= term_after and saved["partial"] is None
 
     _run_to_end(args, tmp_path)
     log = (run_dir / "main.log").read_text()
-    assert _epochs_trained(log[log.rindex("resuming after epoch 4"):], "train") == [5, 6]
+    rerun = log[log.rindex(f"resuming after epoch {saved['epoch']}"):]
+    assert _epochs_trained(rerun, "train") == list(range(saved["epoch"] + 1, EPOCHS + 1))
     assert _same(_weights(run_dir / "model.pt"), _weights(tmp_path / "reference" / "model.pt"))
     assert not (run_dir / "resume").exists()  # deleted once the run finished
 

@@ -737,19 +737,18 @@ def train(model: nn.Module, loaders: Any, cfg: TrainConfig | Mapping[str, Any], 
                 say(f"{desc} epoch {epoch}: {int(train_metrics['skipped'])} steps skipped (non-finite loss or "
                     "gradients under float16 autocast; GradScaler lowered the scale)")
             progress.history.append(row)
-            if csv_log is not None:
-                csv_log.append(row)
-            tracking.log_metrics(desc, row, step=epoch)
-            say(_format_row(desc, row, cfg.epochs))
-
             score = row[f"{cfg.select}_acc"] if cfg.select != "last" else epoch
             if score > progress.best_score:  # strict: ties keep the earliest epoch
                 progress.selected_epoch, progress.best_score = epoch, score
                 # The last epoch's weights are already in the model; no copy needed.
                 progress.best_state = _snapshot(model) if epoch < cfg.epochs and cfg.select != "last" else None
             progress.epoch = epoch
-            if resumer is not None:
+            if resumer is not None:  # before the row is shown: an epoch in the CSV is an epoch a re-run keeps
                 resumer.save(plain, ctx, scheduler, progress)
+            if csv_log is not None:
+                csv_log.append(row)
+            tracking.log_metrics(desc, row, step=epoch)
+            say(_format_row(desc, row, cfg.epochs))
             signal_name = _stop_agreed(device)
             if signal_name is not None and epoch < cfg.epochs:
                 where = f"at the end of {desc} epoch {epoch}/{cfg.epochs}"
