@@ -197,14 +197,15 @@ _CHECKPOINT_RE = re.compile(r"^epoch_(\d+)\.pt$")
 # task.meta_train values that a resumed run must share with the checkpoint (epochs may grow)
 _RESUME_KEYS = ("lr", "weight_decay", "milestones", "gamma", "pruner_reg", "alpha", "bias", "train_split",
                 "reference_batches", "batches_per_step", "batch_size", "bn_mode", "iterations_per_step",
-                "reg_projection")
+                "reg_projection", "max_batches_per_step", "max_steps_per_epoch")
 BN_MODES = ("eval", "batch")
 # keys added later: what older checkpoints ran with
-_RESUME_DEFAULTS = {"bn_mode": "eval", "iterations_per_step": None, "reg_projection": "none"}
+_RESUME_DEFAULTS = {"bn_mode": "eval", "iterations_per_step": None, "reg_projection": "none",
+                    "max_batches_per_step": None, "max_steps_per_epoch": None}
 # every key task.meta_train may hold (a misspelt one is refused instead of silently ignored)
 _SECTION_KEYS = frozenset({"epochs", "optimizer", "lr", "weight_decay", "milestones", "gamma", "pruner_reg", "alpha",
                            "bias", "train_split", "reference_batches", "batches_per_step", "batch_size", "bn_mode",
-                           "iterations_per_step", "reg_projection"})
+                           "iterations_per_step", "reg_projection", "max_batches_per_step", "max_steps_per_epoch"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,6 +237,10 @@ class MetaTrainSettings:
     # regulariser gradient (pruning.regularizer, "Projected variants"), so R cannot be lowered by shrinking whole
     # layers alike
     reg_projection: str = "none"
+    # caps for a quick check of a run (configs/debug/): batches per optimiser step in either scheme (the smaller of
+    # this and batches_per_step / iterations_per_step / one pass), and optimiser steps per epoch; None = no cap
+    max_batches_per_step: int | None = None
+    max_steps_per_epoch: int | None = None
 
     @classmethod
     def from_task(cls, task: DictConfig) -> "MetaTrainSettings":
@@ -286,13 +291,16 @@ class MetaTrainSettings:
             bn_mode=str(section.get("bn_mode", "eval")),
             iterations_per_step=read("iterations_per_step", int, optional=True),
             reg_projection=str(section.get("reg_projection", "none")),
+            max_batches_per_step=read("max_batches_per_step", int, optional=True),
+            max_steps_per_epoch=read("max_steps_per_epoch", int, optional=True),
         )
         if settings.bn_mode not in BN_MODES:
             raise ValueError(f"{where}: task.meta_train.bn_mode={settings.bn_mode!r}; valid: {', '.join(BN_MODES)}")
         if settings.reg_projection not in REG_PROJECTIONS:
             raise ValueError(f"{where}: task.meta_train.reg_projection={settings.reg_projection!r}; valid: "
                              f"{', '.join(REG_PROJECTIONS)}")
-        for key in ("epochs", "batch_size", "reference_batches", "batches_per_step", "iterations_per_step"):
+        for key in ("epochs", "batch_size", "reference_batches", "batches_per_step", "iterations_per_step",
+                    "max_batches_per_step", "max_steps_per_epoch"):
             value = getattr(settings, key)
             if value is not None and value < 1:
                 raise ValueError(f"{where}: task.meta_train.{key}={value} must be >= 1 (or null where allowed)")
@@ -313,6 +321,14 @@ class MetaTrainSettings:
         values = asdict(self)
         values["milestones"] = list(self.milestones)
         return {k: values[k] for k in _RESUME_KEYS}
+
+    def capped(self, batches: int) -> int:
+        """A step of ``batches`` batches after ``max_batches_per_step``."""
+        return batches if self.max_batches_per_step is None else min(batches, self.max_batches_per_step)
+
+    def steps(self, steps: int) -> int:
+        """``steps`` optimiser steps per epoch after ``max_steps_per_epoch``."""
+        return steps if self.max_steps_per_epoch is None else min(steps, self.max_steps_per_epoch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -868,9 +884,9 @@ def _meta_train_data(cfg: DictConfig, settings: MetaTrainSettings) -> tuple[Data
     splits, _ = task_data(task, cfg.seed)
     if settings.iterations_per_step is not None:
         loader = _sharded_data(cfg, settings, store, train_idx, val_idx, splits.train)
-        return store, train_idx, val_idx, loader, settings.iterations_per_step
+        return store, train_idx, val_idx, loader, settings.capped(settings.iterations_per_step)
     loader = meta_loader(splits.train, settings.batch_size, int(task.dataset.get("num_workers", 0)), cfg.seed)
-    batches_per_step = settings.batches_per_step or len(loader)
+    batches_per_step = settings.capped(settings.batches_per_step or len(loader))
     scale_note = ("plain sum over batches (reference_batches=null)" if settings.reference_batches is None else
                   f"{settings.reference_batches} x mean batch CE")
     log.info("meta_train: %d training data models (store %s), %d held out; %d batches of %d per step "
@@ -886,7 +902,7 @@ def _sharded_data(cfg: DictConfig, settings: MetaTrainSettings, store: DataModel
     world = world_size()
     loader = sharded_loader(train_split, settings.batch_size, int(cfg.task.dataset.get("num_workers", 0)),
                             int(cfg.seed), rank(), world)
-    batches, step = len(loader), int(settings.iterations_per_step)
+    batches, step = len(loader), settings.capped(int(settings.iterations_per_step))
     if batches < step:
         raise ValueError(
             f"configs/task/{cfg.task.name}.yaml: task.meta_train.iterations_per_step={step} is more than the {batches} "
@@ -899,7 +915,8 @@ def _sharded_data(cfg: DictConfig, settings: MetaTrainSettings, store: DataModel
                  "store %s, %d held out); shard of %d images = %d batches of %d, %d optimiser step(s) of %d "
                  "batches per epoch (%d trailing batch(es) skipped); gradient = %s + regulariser (pruner_reg=%g, "
                  "alpha=%g), averaged over the ranks", world, len(train_idx), models, store.path, len(val_idx),
-                 len(loader.sampler), batches, settings.batch_size, batches // step, step, batches % step,
+                 len(loader.sampler), batches, settings.batch_size, settings.steps(batches // step), step,
+                 batches - step * settings.steps(batches // step),
                  "plain sum over batches" if settings.reference_batches is None else
                  f"{settings.reference_batches} x mean batch CE", settings.pruner_reg, settings.alpha)
         if world < len(train_idx):
@@ -939,7 +956,7 @@ def _start_training(cfg: DictConfig, run_dir: Path, device: torch.device, settin
                       options, metanetwork, optimizer, scheduler, meta)
     if sharded:
         state.sharded = True
-        state.steps_per_epoch = len(loader) // batches_per_step
+        state.steps_per_epoch = settings.steps(len(loader) // batches_per_step)
         meta["world_size"] = world_size()  # the shards and each rank's data model depend on it
     return state
 
@@ -1012,7 +1029,8 @@ def _epoch(state: _Training, epoch: int, stream: _BatchStream) -> dict:
     lr = float(state.optimizer.param_groups[0]["lr"])
     stream.restart()
     records = []
-    bar = tqdm(_epoch_order(state.train_idx, state.cfg.seed, epoch), desc=f"epoch {epoch} data models",
+    order = _epoch_order(state.train_idx, state.cfg.seed, epoch)
+    bar = tqdm(order[:state.settings.steps(len(order))], desc=f"epoch {epoch} data models",
                leave=False, disable=None)
     for index in bar:
         result, norm = _step(state, epoch, index, stream)
