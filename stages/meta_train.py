@@ -87,7 +87,7 @@ A failure on one rank (a bad data model, a NaN, an error in a step) ends every r
 Outputs under the run dir: ``checkpoints/epoch_{k:04d}.pt`` every epoch (1-based, via
 ``nn.apply.save_metanetwork``, with optimizer + scheduler state, RNG states and the loss
 history, so a run resumes exactly), ``meta_train_metrics.csv`` (per epoch: lr, mean CE, mean
-regulariser value, the diagnostics below, mean metanetwork gradient norm, seconds),
+regulariser value, the diagnostics below, mean metanetwork gradient norm, seconds, images/s, peak GPU memory),
 ``meta_train_diagnostics.png`` (rewritten every epoch) and ``results.json``.
 
 Diagnostics (per step from the step's generated weights, no extra metanetwork forward; the epoch's row is
@@ -192,7 +192,8 @@ DIAGNOSTIC_COLUMNS = ("small_group_share", "small_group_share_input", "weight_ch
                       "norm_ratio_p50", "norm_ratio_p90", "grad_ce_norm", "grad_reg_norm")
 NORM_RATIO_QUANTILES = (0.1, 0.5, 0.9)
 SMALL_FRACTION = 0.01  # a channel group is "small" at <= 1 % of the network's largest group norm
-CSV_COLUMNS = ("epoch", "lr", "ce", "reg", *DIAGNOSTIC_COLUMNS, "grad_norm", "seconds")
+# images/s: images forwarded through the generated networks per second (all ranks); peak_mem_gb: CUDA only
+CSV_COLUMNS = ("epoch", "lr", "ce", "reg", *DIAGNOSTIC_COLUMNS, "grad_norm", "seconds", "images_per_s", "peak_mem_gb")
 _CHECKPOINT_RE = re.compile(r"^epoch_(\d+)\.pt$")
 # task.meta_train values that a resumed run must share with the checkpoint (epochs may grow)
 _RESUME_KEYS = ("lr", "weight_decay", "milestones", "gamma", "pruner_reg", "alpha", "bias", "train_split",
@@ -706,7 +707,9 @@ def _load_scheduler_state(scheduler: torch.optim.lr_scheduler.MultiStepLR, state
 def _write_metrics(path: Path, history: list[dict]) -> None:
     buffer = io.StringIO()
     # iterations_per_step mode also records the optimiser steps of each epoch
-    columns = (*CSV_COLUMNS[:-1], "steps", CSV_COLUMNS[-1]) if any("steps" in r for r in history) else CSV_COLUMNS
+    at = CSV_COLUMNS.index("seconds")
+    columns = ((*CSV_COLUMNS[:at], "steps", *CSV_COLUMNS[at:]) if any("steps" in r for r in history)
+               else CSV_COLUMNS)
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in history:
@@ -1023,9 +1026,25 @@ def _step(state: _Training, epoch: int, index: int, stream: _BatchStream) -> tup
     return result, norm
 
 
+def _throughput(state: _Training, started: float, batches: int) -> dict:
+    """An epoch's seconds, images/s (``batches`` of batch_size on every rank) and, on CUDA, peak memory."""
+    seconds = time.time() - started
+    row = {"seconds": round(seconds, 3),
+           "images_per_s": batches * state.settings.batch_size * world_size() / max(seconds, 1e-9)}
+    if state.device.type == "cuda":
+        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(state.device) / 2**30
+    return row
+
+
+def _epoch_started(state: _Training) -> float:
+    if state.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(state.device)
+    return time.time()
+
+
 def _epoch(state: _Training, epoch: int, stream: _BatchStream) -> dict:
     """One epoch: a step per training data model (seeded order), then the scheduler; returns the epoch's row."""
-    epoch_started = time.time()
+    epoch_started = _epoch_started(state)
     lr = float(state.optimizer.param_groups[0]["lr"])
     stream.restart()
     records = []
@@ -1034,18 +1053,19 @@ def _epoch(state: _Training, epoch: int, stream: _BatchStream) -> dict:
                leave=False, disable=None)
     for index in bar:
         result, norm = _step(state, epoch, index, stream)
-        records.append({"ce": result.ce, "reg": result.reg, "grad_norm": norm,
+        records.append({"ce": result.ce, "reg": result.reg, "grad_norm": norm, "batches": result.batches,
                         **{key: getattr(result, key) for key in DIAGNOSTIC_COLUMNS}})
         bar.set_postfix(ce=f"{result.ce:.4f}", reg=f"{result.reg:.4g}")
     state.scheduler.step()
     means = {key: float(np.mean([r[key] for r in records])) for key in ("ce", "reg", *DIAGNOSTIC_COLUMNS, "grad_norm")}
-    return {"epoch": epoch, "lr": lr, **means, "seconds": round(time.time() - epoch_started, 3)}
+    return {"epoch": epoch, "lr": lr, **means,
+            **_throughput(state, epoch_started, sum(r["batches"] for r in records))}
 
 
 def _sharded_epoch(state: _Training, epoch: int) -> dict:
     """iterations_per_step mode: one pass over this rank's shard, a step every ``iterations_per_step`` batches
     (trailing ones skipped), then the scheduler; returns the epoch's row (means over steps of rank means)."""
-    epoch_started = time.time()
+    epoch_started = _epoch_started(state)
     settings, metanetwork, entry = state.settings, state.metanetwork, state.first
     lr = float(state.optimizer.param_groups[0]["lr"])
     _seed_epoch(state.loader, int(state.cfg.seed), epoch)
@@ -1083,7 +1103,7 @@ def _sharded_epoch(state: _Training, epoch: int) -> dict:
     state.scheduler.step()
     means = {key: float(np.mean([r[key] for r in records])) for key in ("ce", "reg", *DIAGNOSTIC_COLUMNS, "grad_norm")}
     return {"epoch": epoch, "lr": lr, **means, "steps": len(records),
-            "seconds": round(time.time() - epoch_started, 3)}
+            **_throughput(state, epoch_started, len(records) * state.batches_per_step)}
 
 
 def _save_epoch(state: _Training, epoch: int, row: dict) -> None:
@@ -1103,10 +1123,10 @@ def _write_epoch(state: _Training, epoch: int, row: dict) -> None:
     _plot_quietly(state.history, state.run_dir / DIAGNOSTICS_PNG)
     log.info("meta_train epoch %d/%d: lr %.3g, CE %.4f, R %.4g, small groups %.3f (input %.3f), "
              "weight change %.4g, channel norm ratio p10/p90 %.3g/%.3g, |grad| %.4g (CE part %.4g, regulariser "
-             "part %.4g), %.1f s", epoch, state.settings.epochs, row["lr"], row["ce"], row["reg"],
+             "part %.4g), %.1f s, %.0f img/s", epoch, state.settings.epochs, row["lr"], row["ce"], row["reg"],
              row["small_group_share"], row["small_group_share_input"], row["weight_change"],
              row.get("norm_ratio_p10", math.nan), row.get("norm_ratio_p90", math.nan), row["grad_norm"], row["grad_ce_norm"],
-             row["grad_reg_norm"], row["seconds"])
+             row["grad_reg_norm"], row["seconds"], row["images_per_s"])
     if "steps" in row:
         log.info("meta_train epoch %d: %d optimiser step(s) of %d batches per rank on %d rank(s)", epoch,
                  row["steps"], state.batches_per_step, world_size())

@@ -16,8 +16,8 @@ Each test checks outcomes, not only an exit code: both final runs' ``results.jso
 achieved speed-up at the row's target (at most one of debug=smoke's coarse pruning steps past it) or the row's
 sparsity, the metanetwork the selection chose, two meta-training checkpoints, and a report of both runs.
 
-Budget (this file must stay near 4 minutes on 2 cores, the VGG-19 row 2 of them: its metanetwork passes over 2.3 M edges): the structured rows of one task share
-its generate / meta_train / select stages, because they differ only in final.target_speed_up, which those stages
+Budget (this file must stay near 4 minutes on 2 cores, 2 of them the VGG-19 row's metanetwork passes over its
+2.3 M edges): the structured rows of one task share its generate / meta_train / select stages, because they differ only in final.target_speed_up, which those stages
 never read. They run in one run dir, as a user runs several targets: the pipeline reuses the finished stages with
 the same settings and recomputes pretrain_final, the final runs and the report
 (``pipeline.restart_changed=true``); the transfer rows take their source's selection from the same place. A row

@@ -343,3 +343,25 @@ def test_threaded_kernel_is_deterministic(two_threads):
         outs.append([out.x.detach(), out.edge_attr__kernel.detach()] + [p.grad.clone() for p in net.parameters()])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_fused_kernel_computes_in_float32_under_autocast(monkeypatch):
+    """Under autocast (bfloat16 here; float16 on a GPU) the fused per-edge kernel gets float32 inputs: its sums of
+    squares (the std aggregation) would lose the std or overflow in half precision."""
+    seen = []
+    inner = mn_module._forward_range
+
+    def spy(L, Lsw, e, *args):
+        seen.append((L.dtype, e.dtype))
+        return inner(L, Lsw, e, *args)
+
+    monkeypatch.setattr(mn_module, "_forward_range", spy)
+    graph = make_graph(seed=3)
+    graph.x = graph.x.float()
+    graph["edge_attr__kernel"] = graph["edge_attr__kernel"].float()
+    torch.manual_seed(0)
+    net = MetaNetwork(5, {"kernel": 9}, 2, 8, 0.3, 0.2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(graph)
+    assert seen and set(seen) == {(torch.float32, torch.float32)}
+    assert torch.isfinite(out.x).all() and torch.isfinite(out["edge_attr__kernel"]).all()

@@ -1,11 +1,13 @@
 """Training loop, evaluation, schedules, epoch selection, seeding and device helpers (CPU, tiny)."""
 import csv
+import os
 import logging
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from omegaconf import OmegaConf
@@ -13,8 +15,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from training.config import TrainConfig
-from training.loop import CSV_COLUMNS, THROUGHPUT_COLUMNS, _BatchMixer, evaluate, train
-from utils.device import resolve_device
+import training.loop as loop
+from training.loop import CSV_COLUMNS, THROUGHPUT_COLUMNS, _BatchMixer, autocast_dtype, evaluate, train
+from utils.device import configure_cuda, resolve_device
 from utils.logging_utils import setup_logging
 from utils.seed import derive_seed, make_generator, seed_everything
 
@@ -435,3 +438,59 @@ def test_after_backward_runs_once_per_batch_between_backward_and_step():
     calls.clear()
     train(_mlp(), loaders, _cfg(epochs=2, max_batches_per_epoch=3), CPU, after_backward=calls.append)
     assert len(calls) == 2 * 3
+
+
+def test_amp_dtype_resolves_to_bfloat16_where_supported(monkeypatch):
+    assert autocast_dtype(_cfg(amp_dtype="float16"), CPU) == torch.float16
+    assert autocast_dtype(_cfg(amp_dtype="bfloat16"), CPU) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert autocast_dtype(_cfg(), torch.device("cuda")) == torch.float16  # e.g. a V100
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert autocast_dtype(_cfg(), torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ValueError, match="amp_dtype"):
+        _cfg(amp_dtype="half")
+
+
+def test_configure_cuda_turns_on_autotuning_and_tf32_unless_deterministic(monkeypatch):
+    saved = (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try:
+        torch.backends.cudnn.benchmark = False
+        torch.set_float32_matmul_precision("highest")
+        configure_cuda(deterministic=True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert not torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "highest"
+        configure_cuda(deterministic=False)
+        assert torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.backends.cudnn.benchmark = saved[0]
+        torch.set_float32_matmul_precision(saved[1])
+        torch.backends.cudnn.allow_tf32 = saved[2]
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A torch.distributed group of one gloo rank in this process: the loop then takes its multi-process path."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_host_synchronises_every_sync_every_batches_and_names_the_first_bad_batch(one_rank_group, monkeypatch):
+    """Under torchrun (or on a GPU) the loss is checked on the device and read every sync_every batches and at the
+    end of the epoch, not after every batch; a NaN is still reported at the batch where it first appeared."""
+    calls = []
+    real = loop._synchronise
+    monkeypatch.setattr(loop, "_synchronise", lambda flags: calls.append(1) or real(flags))
+    data = _blobs(320, 1)  # 10 batches of 32
+    loaders = SimpleNamespace(train=DataLoader(data, batch_size=32), val=None, test=None)
+    train(_mlp(), loaders, _cfg(epochs=2, sync_every=4), CPU)
+    assert len(calls) == 2 * 3  # per epoch: after batches 4 and 8, and at its end
+
+    x, y = data.tensors
+    x = x.clone()
+    x[5 * 32 + 3] = float("nan")  # batch 5, read at the synchronisation after batch 8
+    loaders = SimpleNamespace(train=DataLoader(TensorDataset(x, y), batch_size=32), val=None, test=None)
+    with pytest.raises(FloatingPointError, match="epoch 1, batch 5"):
+        train(_mlp(), loaders, _cfg(epochs=1, sync_every=4), CPU)
