@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from pruning.depgraph import count_macs, pruning_steps
 from training.loop import evaluate
 from utils.distributed import check_same_on_all_ranks, is_distributed, is_main_process
+from utils.io import atomic_path
 
 log = logging.getLogger(__name__)
 log.addFilter(lambda _record: is_main_process())  # under torchrun only rank 0 logs
@@ -270,7 +271,8 @@ def plot_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: str | Pat
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize="small", ncol=2 if len(labels) > 12 else 1)
         fig.tight_layout()
-        fig.savefig(path, dpi=150)
+        with atomic_path(path) as tmp:  # a failed write leaves the earlier plot whole
+            fig.savefig(tmp, dpi=150, format=Path(path).suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
     return path

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import logging
 import math
 from pathlib import Path
@@ -40,6 +41,7 @@ from stages.common import FinalRunConfigError, codec_options, example_input, num
 from stages.final import metanetwork_setting
 from training.loop import evaluate_splits
 from utils import distributed
+from utils.io import atomic_path, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +115,12 @@ def layer_statistics(model: tnn.Module, label: str = "model", rank: bool = True)
 def write_csv(rows: Iterable[Mapping], path: str | Path) -> Path:
     """Write statistic rows (any mix of models and kinds) to ``path`` with :data:`CSV_COLUMNS`."""
     path = Path(path)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+    atomic_write(path, buffer.getvalue())
     return path
 
 
@@ -171,8 +174,11 @@ def plot_statistics(rows_by_model: Mapping[str, Sequence[Mapping]], path: str | 
         flat_axes[0].legend()
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 

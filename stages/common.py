@@ -5,13 +5,14 @@ A task file is read here only, so every stage builds its data, models and recipe
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,7 +24,8 @@ from training.config import TrainConfig
 from training.loop import RESUME_DIR, TrainResult
 from utils import distributed, preemption
 from utils.device import configure_cuda, resolve_device
-from utils.io import is_null, write_json
+from utils.io import atomic_write, is_null, write_json
+from utils.locking import LockHeldError, exclusive_lock
 from utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
@@ -207,37 +209,80 @@ def run_context(cfg: DictConfig, run_dir: Path) -> RunContext:
 # ----------------------------------------------------------------------------------------------
 # Per-run boilerplate
 # ----------------------------------------------------------------------------------------------
+CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".run.lock"
+
+
 def run_recorded(run: RunFn, cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     """Run ``run(cfg, run_dir)`` with the per-run boilerplate done once, here.
 
-    Before: the run dir is created and the resolved config saved as ``config.yaml``. After: the returned
-    summary plus ``seconds`` (wall time of the run) is written to ``results.json``, the file that marks a
-    finished run (the pipeline and the benchmarks skip a stage that has it). Only the main process writes,
-    and an empty summary (another rank under torchrun) writes nothing. A run that fails writes no results.
+    One writer per run dir: the run holds an OS lock on ``<run_dir>/.run.lock`` from start to end (rank 0 under
+    torchrun), and a second run in the same folder is refused at once, naming the holder's pid and host. Before the
+    run, the results of an earlier one here (``results.json`` and its ``config.yaml``) are removed. After it, the
+    resolved config (``config.yaml``) and the returned summary plus ``seconds`` (``results.json``, the file that marks
+    a finished run: the pipeline and the benchmarks skip a stage that has it) are written atomically, together, so a
+    ``config.yaml`` only ever sits beside the results it produced. Only the main process writes, and an empty
+    summary (another rank under torchrun) writes nothing. A run that fails writes neither, and its error is logged
+    (into the run's log file as well as on the terminal) before it leaves.
     """
     run_dir = Path(run_dir)
     main = distributed.is_main_process()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # results of an earlier run here are replaced when this one finishes; until then they would sit beside
-        # a config.yaml that did not produce them
-        (run_dir / RESULTS_FILE).unlink(missing_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    started = time.time()
-    with preemption.handle_stop_signals():
-        try:
-            summary = run(cfg, run_dir)
-        except preemption.RunInterrupted as stop:
-            # SLURM and other schedulers send SIGTERM before they preempt a job: say what was kept, exit 128 + signal
-            log.warning("%s: %s", run_dir, stop)
-            raise SystemExit(stop.exit_code) from None
-    if main and summary:
-        summary["seconds"] = round(time.time() - started, 1)
-        write_json(run_dir / RESULTS_FILE, summary)
-        log.info("results written to %s", run_dir / RESULTS_FILE)
-    if main and not cfg.get("keep_resume_checkpoints", False):
-        remove_resume_checkpoints(run_dir)
+    with _one_writer(run_dir, main):
+        if main:
+            (run_dir / RESULTS_FILE).unlink(missing_ok=True)
+            (run_dir / CONFIG_FILE).unlink(missing_ok=True)
+        started = time.time()
+        with preemption.handle_stop_signals():
+            try:
+                summary = run(cfg, run_dir)
+            except preemption.RunInterrupted as stop:
+                # SLURM and other schedulers send SIGTERM before they preempt: say what was kept, exit 128 + signal
+                log.warning("%s: %s", run_dir, stop)
+                raise SystemExit(stop.exit_code) from None
+            except Exception as err:
+                _log_failure(run_dir, err)
+                raise
+        if main and summary:
+            summary["seconds"] = round(time.time() - started, 1)
+            atomic_write(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+            write_json(run_dir / RESULTS_FILE, summary)
+            log.info("results written to %s", run_dir / RESULTS_FILE)
+        if main and not cfg.get("keep_resume_checkpoints", False):
+            remove_resume_checkpoints(run_dir)
     return summary
+
+
+def _log_failure(run_dir: Path, err: BaseException) -> None:
+    """Log a run's fatal error once (a pipeline's stage and the pipeline share it), with its traceback."""
+    if getattr(err, "_logged_by_run_recorded", False):
+        return
+    log.error("run in %s failed: %s: %s", run_dir, type(err).__name__, err, exc_info=err)
+    try:
+        err._logged_by_run_recorded = True  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+
+
+@contextlib.contextmanager
+def _one_writer(run_dir: Path, main: bool) -> Iterator[None]:
+    """Rank 0 holds the run dir's lock for the block; under torchrun the other ranks learn whether it got it, so a
+    refused run ends on every rank."""
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if main:
+            try:
+                stack.enter_context(exclusive_lock(
+                    run_dir / LOCK_FILE, f"run dir {run_dir}",
+                    "One run writes a run dir at a time: wait for that run to finish, or pass another "
+                    "hydra.run.dir"))
+            except LockHeldError as err:
+                refused = str(err)
+                distributed.broadcast_object(refused)
+                raise
+        refused = distributed.broadcast_object(refused)
+        if refused is not None:
+            raise distributed.RankFailedError(f"rank 0: {refused}")
+        yield
 
 
 def remove_resume_checkpoints(run_dir: Path) -> None:

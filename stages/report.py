@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 from omegaconf import DictConfig
 
 from utils import distributed
+from utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ def _report(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                           "(e.g. a Hydra multirun dir of pruning_final runs)")
     markdown, results = build_report(source, per_run=cfg.report.get("per_run", True))
     path = Path(run_dir) / "report.md"
-    path.write_text(markdown + "\n")
+    atomic_write(path, markdown + "\n")  # a failed write (disk full) leaves the earlier report whole
     print(markdown)
     log.info("report of %d runs written to %s", len(results), path)
     return {"run": "report", "report": str(path), "runs": len(results), "source": str(source)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import itertools
 import logging
 import math
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from training.config import TrainConfig, as_config
 from utils import preemption, tracking
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils.io import atomic_write
 from utils.distributed import broadcast_object, is_distributed, is_main_process, run_on_every_rank, run_on_main, world_size
 from utils.seed import restore_rng, rng_state
 
@@ -432,21 +434,23 @@ def evaluate_splits(model: nn.Module, loaders: Any, device: torch.device | str,
 
 
 class _MetricsCSV:
-    """Per-epoch metrics CSV, flushed after every row so a crashed run keeps its history. A resumed training rewrites
-    it with the rows of the epochs it resumes after."""
+    """Per-epoch metrics CSV, rewritten atomically after every row (a crashed run keeps its history, and a full disk
+    never leaves a cut-short file). A resumed training starts it with the rows of the epochs it resumes after."""
 
     def __init__(self, path: Path, rows: Iterable[Mapping[str, float]] = ()):
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        with path.open("w", newline="") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(CSV_COLUMNS)
-            for row in rows:
-                writer.writerow([row.get(column, "") for column in CSV_COLUMNS])
+        self.lines = [_csv_line(CSV_COLUMNS)] + [_csv_line(row.get(c, "") for c in CSV_COLUMNS) for row in rows]
+        atomic_write(self.path, "".join(self.lines))
 
     def append(self, row: Mapping[str, float]) -> None:
-        with self.path.open("a", newline="") as handle:
-            csv.writer(handle, lineterminator="\n").writerow([row.get(column, "") for column in CSV_COLUMNS])
+        self.lines.append(_csv_line(row.get(column, "") for column in CSV_COLUMNS))
+        atomic_write(self.path, "".join(self.lines))
+
+
+def _csv_line(values: Iterable[Any]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(list(values))
+    return buffer.getvalue()
 
 
 def _log_function(log: logging.Logger | Callable[[str], Any] | None) -> Callable[[str], Any]:
