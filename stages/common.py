@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -253,10 +254,14 @@ def run_recorded(run: RunFn, cfg: DictConfig, run_dir: str | os.PathLike) -> dic
 
 
 def _log_failure(run_dir: Path, err: BaseException) -> None:
-    """Log a run's fatal error once (a pipeline's stage and the pipeline share it), with its traceback."""
+    """Log a run's fatal error once (a pipeline's stage and the pipeline share it) into the run's log."""
     if getattr(err, "_logged_by_run_recorded", False):
         return
-    log.error("run in %s failed: %s: %s", run_dir, type(err).__name__, err, exc_info=err)
+    # the message and where it was raised; the terminal shows the same message once more through Hydra (the whole
+    # traceback with HYDRA_FULL_ERROR=1), so no traceback here
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" (raised at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    log.error("run in %s failed: %s: %s%s", run_dir, type(err).__name__, err, where)
     try:
         err._logged_by_run_recorded = True  # type: ignore[attr-defined]
     except AttributeError:
