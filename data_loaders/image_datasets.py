@@ -43,7 +43,9 @@ import torchvision.transforms as T
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.datasets import CIFAR10, CIFAR100, SVHN, FashionMNIST, ImageFolder
+from torchvision.datasets.folder import default_loader
 
+from utils.io import FileError, describe_os_error
 from utils.seed import make_generator, seed_worker
 
 log = logging.getLogger(__name__)
@@ -307,6 +309,25 @@ def _svhn(root: PathLike, download: bool, image_size: Optional[int], use_extra: 
 # --------------------------------------------------------------------------------------------------
 # ImageNet (ImageFolder)
 # --------------------------------------------------------------------------------------------------
+class BadImageError(FileError):
+    """An image file of an image-folder dataset cannot be read (truncated, corrupt, not an image, gone).
+
+    An ``OSError`` (as PIL's errors are) whose message names the image; raised in a DataLoader worker it reaches
+    the main process with that message in the worker's traceback."""
+
+
+def load_image(path: str) -> Any:
+    """``ImageFolder``'s loader (torchvision's default: PIL, RGB); an unreadable image raises
+    :class:`BadImageError` naming it and saying what to do."""
+    try:
+        return default_loader(path)
+    except OSError as err:  # PIL: "image file is truncated", "Truncated File Read", UnidentifiedImageError, ...
+        raise BadImageError(
+            f"cannot read image {path} ({describe_os_error(err)}): the file is truncated, corrupt or not an image. "
+            f"Remove it from the dataset folder or replace it with a good copy, then re-run",
+            errno=err.errno, strerror=err.strerror, filename=path) from err
+
+
 @register_dataset("ImageNet")
 def _imagenet(root: PathLike, download: bool, image_size: Optional[int]) -> _Source:
     """ImageFolder at ``root/train`` and ``root/val`` (one sub-folder per class, the same classes in both).
@@ -323,7 +344,7 @@ def _imagenet(root: PathLike, download: bool, image_size: Optional[int]) -> _Sou
         if not directory.is_dir():
             raise DataNotFoundError(f"ImageNet {split} folder not found: expected {directory}. {how}")
         try:
-            return ImageFolder(str(directory))
+            return ImageFolder(str(directory), loader=load_image)
         except FileNotFoundError as err:  # no class folders, or no image files in them
             raise DataNotFoundError(f"ImageNet {split} folder {directory} holds no usable images ({err}). "
                                     f"{how}") from err

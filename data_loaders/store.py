@@ -25,7 +25,14 @@ names the store, the space needed and the rescue file.
 The old layout (format 1: one HDF5 file ``DIR/shard_XXXX.h5`` holding every data model of a shard, no
 checksums) is still read. A writer for such a shard converts it to the folder layout first.
 
-``verify_store(path)`` (or ``python -m data_loaders.store PATH``) reads and checks every data model.
+Positions of a shard run from 0 without gaps (the generator fills them in order). A model file missing from
+the middle of a shard (deleted by hand, lost in a copy) is an error when the store is opened, naming the file:
+the data models after it would otherwise shift to other indices. Re-running the generator for that shard with
+its original settings fills the gap (it skips stored positions and makes the missing one with the same seed).
+A file missing at the end of a shard looks like an unfinished shard and cannot be told apart.
+
+``verify_store(path)`` (or ``python -m data_loaders.store PATH``) reads and checks every data model and lists
+the missing ones.
 """
 from __future__ import annotations
 
@@ -53,7 +60,7 @@ import torch
 
 from generate_dataset.models import model_from_state_dict
 from nn.graph import GraphCodec
-from utils.io import atomic_path, atomic_write, fsync_dir
+from utils.io import FileError, atomic_path, atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +138,12 @@ def _size(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def _why(err: BaseException) -> str:
+    """An error for a message in parentheses: a FileError's own text (it names its file and the OS error),
+    else ``Class: text``."""
+    return str(err) if isinstance(err, FileError) else f"{err.__class__.__name__}: {err}"
 
 
 def _is_disk_full(err: BaseException | None) -> bool:
@@ -562,12 +575,11 @@ class ShardWriter:
                     free = None
                 raise StoreError(f"data-model store {self.store_dir} is full: data model {position} of shard "
                                  f"{self.index} needs {_size(needed)} of free space (its tensors and metadata) in "
-                                 f"{self.path}, {_size(free)} is free ({err.__class__.__name__}: {err}). "
+                                 f"{self.path}, {_size(free)} is free ({_why(err)}). "
                                  f"Nothing of it was written to the store. {rescue}".rstrip()) from err
             if isinstance(err, (OSError, RuntimeError)):
                 raise StoreError(f"data-model store {self.store_dir}: cannot write data model {position} of shard "
-                                 f"{self.index} to {final} ({err.__class__.__name__}: {err}). "
-                                 f"{rescue}".rstrip()) from err
+                                 f"{self.index} to {final} ({_why(err)}). {rescue}".rstrip()) from err
             if rescue:
                 err.add_note(rescue)
             raise
@@ -622,15 +634,70 @@ class _Entry:
     identity: Mapping[str, Any]
 
 
+_SHOWN_MISSING = 5  # missing files named per shard (the rest are counted)
+
+
+def _ranges(positions: Sequence[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
+    parts, start = [], None
+    for i, p in enumerate(positions):
+        start = p if start is None else start
+        if i + 1 == len(positions) or positions[i + 1] != p + 1:
+            parts.append(str(p) if p == start else f"{start}-{p}")
+            start = None
+    return ", ".join(parts)
+
+
+def _stored_config(entry: _Entry) -> dict[str, Any]:
+    """The resolved generator config stored with a data model (attributes only, no tensors); {} if unreadable."""
+    try:
+        with h5py.File(entry.shard if entry.legacy_name else entry.shard / f"model_{entry.position:06d}.h5", "r") as f:
+            attrs = f["models"][entry.legacy_name].attrs if entry.legacy_name else f.attrs
+            config = json.loads(_plain(attrs["config"]))
+    except Exception:  # noqa: BLE001 - only a hint for the message; the read itself reports damage
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _generator_advice(store: Path, index: int, last: int, present: Mapping[int, _Entry]) -> str:
+    """How to regenerate the missing data models of shard ``index``: stages/generate.py skips the positions a
+    shard holds and makes every other position below ``num`` (seeded by seed, index and position), so a re-run
+    with the original settings fills a gap in the middle."""
+    config = _stored_config(present[min(present)])
+    task = config.get("task", {}).get("name") if isinstance(config.get("task"), dict) else None
+    method = config.get("method", {}).get("name") if isinstance(config.get("method"), dict) else None
+    num = config.get("num")
+    num = max(int(num), last + 1) if isinstance(num, int) else None
+    if task and num is not None and "seed" in config:
+        command = (f"python generate_dataset/generate.py task={task}" + (f" method={method}" if method else "")
+                   + f" num={num} index={index} seed={config['seed']}"
+                   + (" no_init_pruning=true" if config.get("no_init_pruning") else "") + f" store={store}")
+        settings = ("plus any other override that run used: the stored data models record its settings, and the "
+                    "generator refuses (and names) a recipe setting that differs")
+    else:
+        command = f"python generate_dataset/generate.py task=... num={last + 1} (or more) index={index} store={store}"
+        settings = ("with the task, method, seed and every other override of the run that made this shard: the "
+                    "generator refuses (and names) a recipe setting that differs")
+    return (f"re-run the generator for shard {index}, {command} ({settings}). It keeps the stored data models "
+            f"and trains only the missing position(s), each with the seed it had. Do not rename the later model "
+            f"files to close the gap: each file records its position.")
+
+
 class DataModelStore(Sequence[DataModelRecord]):
     """Read access to a store folder: ``len(store)``, ``store[i]`` -> :class:`DataModelRecord`.
 
     Data models are ordered by (shard index, position), so the order does not depend on which shard
     finished first. ``expect`` (e.g. ``{"task": ..., "architecture": ...}``) rejects a shard made for
     another task. Every read checks the data model's checksums; :meth:`verify` checks all of them.
+
+    A shard whose positions have a gap (a model file missing before the shard's last one) is a
+    :class:`StoreError` naming the missing files and the generator command that fills them, unless
+    ``missing_ok`` (used by :func:`verify_store` to list them along with damaged files): then
+    :attr:`missing` lists the missing files and :attr:`gaps` one problem line per shard with a gap.
     """
 
-    def __init__(self, path: str | os.PathLike, expect: Mapping[str, Any] | None = None):
+    def __init__(self, path: str | os.PathLike, expect: Mapping[str, Any] | None = None, *,
+                 missing_ok: bool = False):
         self.path = Path(path)
         if self.path.is_file():
             raise StoreError(f"data-model store {self.path} is a file, not a store folder; pass the folder that "
@@ -646,7 +713,9 @@ class DataModelStore(Sequence[DataModelRecord]):
                 shards.setdefault(int(m.group(1)), {})["file"] = p
         self._entries: list[_Entry] = []
         self.identity: dict[str, Any] | None = None
-        for _index, found in sorted(shards.items()):
+        self.missing: list[str] = []  # the missing data models' files (inside a shard, before its last one)
+        self.gaps: list[str] = []  # one message per shard with missing data models
+        for index, found in sorted(shards.items()):
             by_position: dict[int, _Entry] = {}
             folder, legacy = found.get("dir"), found.get("file")
             if legacy is not None:
@@ -660,9 +729,36 @@ class DataModelStore(Sequence[DataModelRecord]):
                     for position in positions:
                         by_position[position] = _Entry(folder, position, None, identity)
             self._entries.extend(by_position[p] for p in sorted(by_position))
+            absent = sorted(set(range(max(by_position, default=-1) + 1)) - set(by_position))
+            if absent:
+                self._report_gap(index, folder, legacy, absent, by_position)
+        if self.gaps and not missing_ok:
+            raise StoreError("\n".join(self.gaps) if len(self.gaps) == 1 else
+                             f"data-model store {self.path} has missing data models in {len(self.gaps)} shards:\n"
+                             + "\n".join(f"  - {gap}" for gap in self.gaps))
         if not self._entries:
             raise StoreError(f"data-model store {self.path} is empty (no complete data model in "
                              f"{len(shards)} shard(s)); run the generator first")
+
+    def _report_gap(self, index: int, folder: Path | None, legacy: Path | None, absent: list[int],
+                    present: Mapping[int, _Entry]) -> None:
+        """Record the data models missing from shard ``index`` (positions ``absent``, each before its last one)."""
+        if folder is not None or legacy is None:
+            files = [str(model_path(self.path, index, p)) for p in absent]
+            shard = shard_path(self.path, index)
+        else:  # old single-file layout: a data model is a group of the shard file
+            files = [f"{legacy} (group models/{p:06d})" for p in absent]
+            shard = legacy
+        self.missing.extend(files)
+        shown = ", ".join(files[:_SHOWN_MISSING]) + (f" and {len(files) - _SHOWN_MISSING} more"
+                                                     if len(files) > _SHOWN_MISSING else "")
+        positions = _ranges(absent)
+        last = max(present)
+        self.gaps.append(
+            f"data-model shard {shard} lacks {len(absent)} data model(s) before its last one: position(s) "
+            f"{positions} of 0-{last} (missing: {shown}). A data model missing from the middle of a shard is an "
+            f"error: the models after it would move to other indices of the store (and of the meta-training "
+            f"split). Fill the gap: {_generator_advice(self.path, index, last, present)}")
 
     def _accept(self, shard: Path, identity: dict[str, Any], expect: Mapping[str, Any] | None) -> dict[str, Any]:
         if expect:
@@ -686,10 +782,11 @@ class DataModelStore(Sequence[DataModelRecord]):
                                 entry.identity)
 
     def verify(self) -> list[str]:
-        """Read every data model and check its checksums; returns one line per problem (empty: all good).
+        """Read every data model and check its checksums; returns one line per problem (empty: all good): first
+        one per shard with missing data models (see ``missing_ok``), then one per damaged data model.
 
         Old-layout shards carry no checksums: their models are only checked to be readable."""
-        problems = []
+        problems = list(self.gaps)
         for index in range(len(self)):
             try:
                 self[index]
@@ -731,13 +828,19 @@ class DataModelStore(Sequence[DataModelRecord]):
 def verify_store(path: str | os.PathLike, expect: Mapping[str, Any] | None = None) -> int:
     """Check every data model of a store (readable, checksums match, one identity); returns how many.
 
-    Raises :class:`StoreError` listing every damaged data model."""
-    store = DataModelStore(path, expect=expect)
+    Raises :class:`StoreError` listing every damaged data model and every missing one (a model file missing
+    from the middle of a shard)."""
+    store = DataModelStore(path, expect=expect, missing_ok=True)
     problems = store.verify()
     if problems:
+        damaged = len(problems) - len(store.gaps)
+        found = []
+        if damaged or not store.missing:
+            found.append(f"{damaged} of {len(store)} data model(s) are damaged")
+        if store.missing:
+            found.append(f"{len(store.missing)} data model file(s) are missing")
         listed = "\n".join(f"  - {p}" for p in problems)
-        raise StoreError(f"data-model store {store.path}: {len(problems)} of {len(store)} data model(s) are "
-                         f"damaged:\n{listed}")
+        raise StoreError(f"data-model store {store.path}: {' and '.join(found)}:\n{listed}")
     return len(store)
 
 

@@ -1,4 +1,5 @@
 """Checkpoints: bit-exact round trip, atomic writes, and refusal of anything that could run code."""
+import errno
 import os
 import pickle
 from pathlib import Path
@@ -202,3 +203,42 @@ def test_load_model_needs_architecture_in_spec(tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", {"w": torch.zeros(1)}, {"widths": [1]})
     with pytest.raises(CheckpointError, match="name"):
         load_model(path)
+
+
+def test_truncated_checkpoint_names_its_path_and_says_to_delete_and_rerun(tmp_path):
+    """torch.load on a cut-short file mostly raises a bare ``OSError: [Errno 22] Invalid argument``; every cut
+    must give an error naming the file (an OSError stays an OSError) and saying what to do."""
+    good = save_checkpoint(tmp_path / "good.pt", {"w": torch.randn(64, 64), "b": torch.randn(64)}, SPEC, epoch=3)
+    data = good.read_bytes()
+    seen_os_error = False
+    for cut in (0, 200, len(data) // 3, len(data) // 2, len(data) - 400, len(data) - 1):
+        path = tmp_path / f"cut{cut}.pt"
+        path.write_bytes(data[:cut])
+        with pytest.raises((OSError, CheckpointError)) as info:
+            load_checkpoint(path)
+        err = info.value
+        assert str(path) in str(err), (cut, str(err))
+        assert "truncated or damaged" in str(err) and "Delete it and re-run" in str(err), (cut, str(err))
+        if isinstance(err, OSError):
+            seen_os_error = True
+            assert err.errno == errno.EINVAL and err.filename == str(path)
+            assert isinstance(err, CheckpointError)  # skipped like any damaged checkpoint where that is done
+    assert seen_os_error, "no cut reached torch.load's OSError path"
+
+
+def test_full_disk_while_saving_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt" / "m.pt"
+    save_checkpoint(path, {"w": torch.arange(4.0)}, SPEC, epoch=1)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def disk_full(obj, handle, *args, **kwargs):
+        real_save(obj, handle, *args, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as torch.save to a full disk raises it
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    with pytest.raises(OSError) as info:
+        save_checkpoint(path, {"w": torch.zeros(4)}, SPEC, epoch=2)
+    assert info.value.errno == errno.ENOSPC and str(path) in str(info.value) and "Free space" in str(info.value)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and _files(path.parent) == ["m.pt"]

@@ -15,6 +15,7 @@ from scipy.io import savemat
 from torch.utils.data.distributed import DistributedSampler
 
 import data_loaders.image_datasets as ids
+from helpers import write_imagefolder
 from data_loaders.image_datasets import (
     DataNotFoundError,
     build_datasets,
@@ -250,6 +251,29 @@ def test_imagenet_folder_errors(tmp_path):
     _write_imagefolder(tmp_path, "val", 1, classes={"n01": (1, 2, 3), "n03": (4, 5, 6)})
     with pytest.raises(ValueError, match="class folders differ"):
         build_datasets("ImageNet", tmp_path)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_truncated_image_is_an_error_naming_it(tmp_path, num_workers):
+    """A truncated JPEG ("Truncated File Read" from PIL) names the image and says what to do, also when it is
+    read in a DataLoader worker; it stays an OSError."""
+    write_imagefolder(tmp_path, classes=2, per_class=4, size=20)
+    bad = tmp_path / "val" / "n00000001" / "img1.JPEG"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    splits = build_datasets("ImageNet", tmp_path, val_size=0, image_size=16)
+    loader = torch.utils.data.DataLoader(splits.test, batch_size=2, num_workers=num_workers)
+    with pytest.raises(OSError) as info:
+        for _ in loader:
+            pass
+    assert isinstance(info.value, ids.BadImageError)
+    message = str(info.value)
+    assert str(bad) in message and "truncated" in message.lower()
+    assert "Remove it from the dataset folder or replace it" in message
+    if num_workers == 0:
+        assert info.value.filename == str(bad) and isinstance(info.value.__cause__, OSError)
+    good = build_datasets("ImageNet", tmp_path, val_size=0, image_size=16).test
+    assert good[0][0].shape == (3, 16, 16)  # the other images still load
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import h5py
 import pytest
@@ -113,7 +114,11 @@ def test_resume_skips_finished_models_and_refuses_duplicates(tmp_path):
     model = pruned_like_model(0)
     with pytest.raises(StoreError, match="already holds data model 2"):
         reopened.append(2, model.state_dict(), model_spec("resnet8", model, 10), {}, 1.0, 0, {})
-    assert len(DataModelStore(tmp_path)) == 2
+    with pytest.raises(StoreError, match="model_000001.h5"):  # position 1 is a gap until it is filled
+        DataModelStore(tmp_path)
+    reopened.append(1, model.state_dict(), model_spec("resnet8", model, 10), {}, 1.0, 0, {})
+    reopened.close()
+    assert [r.position for r in DataModelStore(tmp_path)] == [0, 1, 2]
 
 
 def test_interrupted_append_leaves_previous_shard_intact(tmp_path, monkeypatch):
@@ -155,6 +160,75 @@ def test_truncated_shard_is_a_clear_error_naming_the_file(tmp_path):
     assert str(path) in str(err.value) and "corrupt or truncated" in str(err.value)
     assert "position 1" in str(err.value)
     store[0]  # the other data models of the shard are unaffected
+
+
+def test_model_file_missing_from_the_middle_of_a_shard_is_an_error_naming_it(tmp_path, capsys):
+    config = {"task": {"name": IDENTITY["task"]}, "method": {"name": IDENTITY["method"]}, "num": 5, "index": 0,
+              "seed": 7}
+    with ShardWriter(tmp_path, 0, IDENTITY) as writer:
+        for position in range(4):
+            model = pruned_like_model(position)
+            writer.append(position, model.state_dict(), model_spec("resnet8", model, 10), {}, 1.3, position, config)
+    add_models(tmp_path, 1, [0, 1])
+    assert verify_store(tmp_path) == 6
+    gone = model_path(tmp_path, 0, 1)
+    gone.unlink()
+    # opening (meta-training, selection) refuses the store instead of shifting every later index
+    with pytest.raises(StoreError) as err:
+        DataModelStore(tmp_path)
+    message = str(err.value)
+    assert str(gone) in message and "position(s) 1 of 0-3" in message
+    assert (f"python generate_dataset/generate.py task={IDENTITY['task']} method={IDENTITY['method']} num=5 index=0 "
+            f"seed=7 store={tmp_path}") in message
+    assert "trains only the missing position" in message
+    # the checker lists it (with the damaged models of other shards) and fails
+    path = model_path(tmp_path, 1, 1)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(StoreError) as err:
+        verify_store(tmp_path)
+    assert str(gone) in str(err.value) and str(path) in str(err.value)
+    assert "1 of 5 data model(s) are damaged and 1 data model file(s) are missing" in str(err.value)
+    assert store_cli([str(tmp_path)]) == 1
+    assert str(gone) in capsys.readouterr().err
+    store = DataModelStore(tmp_path, missing_ok=True)  # what verify_store reads
+    assert store.missing == [str(gone)] and [(r.shard, r.position) for r in map(store.__getitem__, range(3))] == [
+        ("shard_0000", 0), ("shard_0000", 2), ("shard_0000", 3)]
+    # a shard's last file missing looks like an unfinished shard: not a gap
+    path.unlink()
+    store = DataModelStore(tmp_path, missing_ok=True)
+    assert store.missing == [str(gone)] and len(store) == 4 and store[3].shard == "shard_0001"
+    add_models(tmp_path / "unfinished", 0, [0, 1, 2])
+    model_path(tmp_path / "unfinished", 0, 2).unlink()
+    assert [r.position for r in DataModelStore(tmp_path / "unfinished")] == [0, 1]
+    # an old-layout shard with a gap names its group
+    old = tmp_path / "old"
+    old.mkdir()
+    write_old_layout_shard(old / "shard_0000.h5", {0: pruned_like_model(0), 2: pruned_like_model(2)})
+    with pytest.raises(StoreError, match=r"shard_0000.h5 \(group models/000001\)"):
+        DataModelStore(old)
+
+
+def test_generator_rerun_fills_a_gap_in_the_middle_of_a_shard(tmp_path, monkeypatch):
+    """The advice of the missing-file error is right: re-running the generator with the shard's settings makes
+    only the missing position, with its seed, and leaves the other model files untouched."""
+    store_dir = tmp_path / "store"
+    cfg = compose_cfg([*FAST, f"store={store_dir}", "device=cpu", "no_init_pruning=true"], primary="generate")
+    monkeypatch.setattr(generate, "train", lambda *args, **kwargs: SimpleNamespace(final_metrics={"test_acc": 0.1}))
+    assert generate.run(cfg, tmp_path / "run1")["produced"] == [0, 1, 2]
+    gone = model_path(store_dir, cfg.index, 1)
+    gone.unlink()
+    kept = {p: model_path(store_dir, cfg.index, p).stat().st_ino for p in (0, 2)}
+    with pytest.raises(StoreError) as err:
+        DataModelStore(store_dir)
+    assert str(gone) in str(err.value)
+    assert (f"task={cfg.task.name} method={cfg.method.name} num=3 index={cfg.index} seed={cfg.seed} "
+            f"no_init_pruning=true store={store_dir}") in str(err.value)
+    summary = generate.run(cfg, tmp_path / "run2")
+    assert summary["produced"] == [1] and summary["skipped"] == [0, 2]
+    store = DataModelStore(store_dir)
+    assert [r.position for r in store] == [0, 1, 2]
+    assert store[1].seed == derive_seed(cfg.seed, cfg.index, 1)
+    assert {p: model_path(store_dir, cfg.index, p).stat().st_ino for p in (0, 2)} == kept
 
 
 def test_shard_of_another_task_is_refused(tmp_path):

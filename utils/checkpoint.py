@@ -11,6 +11,7 @@ would need arbitrary code to unpickle (a checkpoint from a stranger must not be 
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections import OrderedDict
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from utils.io import atomic_path
+from utils.io import FileError, atomic_path, describe_os_error
 
 FORMAT_VERSION = 1
 _RESERVED_KEYS = ("state_dict", "spec", "format_version")
@@ -35,6 +36,21 @@ _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 class CheckpointError(RuntimeError):
     """A file exists but is not a checkpoint this code base can load safely."""
+
+
+class UnreadableCheckpointError(FileError, CheckpointError):
+    """``torch.load`` met an ``OSError`` reading a checkpoint (a truncated file gives ``[Errno 22] Invalid
+    argument``). Both an ``OSError`` (as this error was before: same ``errno``; ``filename`` is the checkpoint) and
+    a :class:`CheckpointError`, like the other damaged-file errors (code that skips an unreadable checkpoint, such
+    as meta-training's resume, skips this one too)."""
+
+
+# What torch.load's errors say when a checkpoint file was cut short (a killed copy, a full disk, ...).
+_TRUNCATION_SIGNS = ("failed finding central directory", "failed reading zip archive", "unexpected eof",
+                     "file read failed", "ran out of input")
+_DELETE_AND_RERUN = "Delete it and re-run the step that wrote it (a killed copy or a full disk leaves such a file)"
+# OSError numbers of a damaged file (others, e.g. EACCES, are about access, not content).
+_DAMAGED_ERRNOS = (None, errno.EINVAL, errno.EIO)
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -100,18 +116,29 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
 
     Raises ``FileNotFoundError`` if ``path`` does not exist and :class:`CheckpointError` if the file
     cannot be read weights-only (a pickled module or custom class, a corrupted file) or lacks the
-    ``state_dict``/``spec`` entries.
+    ``state_dict``/``spec`` entries. An ``OSError`` while reading (a truncated file) is raised again as
+    :class:`UnreadableCheckpointError` (an ``OSError`` and a ``CheckpointError``) naming ``path``. Every message
+    names ``path`` and says what to do.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except OSError:
-        raise
+    except OSError as err:  # a truncated file: [Errno 22] Invalid argument, naming no file
+        if err.errno in _DAMAGED_ERRNOS:
+            what = f"the file is truncated or damaged. {_DELETE_AND_RERUN}"
+        else:
+            what = f"make it readable, or {_DELETE_AND_RERUN[0].lower()}{_DELETE_AND_RERUN[1:]}"
+        raise UnreadableCheckpointError(f"checkpoint {path} cannot be read ({describe_os_error(err)}); {what}",
+                                        errno=err.errno, strerror=err.strerror, filename=path) from err
     except Exception as err:  # UnpicklingError, zip/EOF errors, ... all mean "not a safe checkpoint"
         text = _ANSI_ESCAPE.sub("", str(err)).strip()  # torch bolds parts of this message for terminals
         first_line = text.splitlines()[0] if text else type(err).__name__
+        if isinstance(err, EOFError) or any(sign in text.lower() for sign in _TRUNCATION_SIGNS):
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or damaged: torch.load failed ({type(err).__name__}: "
+                f"{first_line}). {_DELETE_AND_RERUN}") from err
         raise CheckpointError(
             f"{path} is not a valid checkpoint: torch.load(weights_only=True) failed "
             f"({type(err).__name__}: {first_line}). This loader refuses to unpickle arbitrary objects "

@@ -5,16 +5,73 @@ unique per writing process, recognisable as a leftover if that process dies) and
 with ``os.replace``, so a reader sees the old file or the complete new one, never a partial write. On any
 failure (KeyboardInterrupt included) the temporary file is removed and the old file is left as it was.
 ``durable=True`` also fsyncs the file before the rename and its folder after it (checkpoints, the data-model
-store: the rename itself survives a power cut).
+store: the rename itself survives a power cut). An ``OSError`` on the way (disk full, no permission, ...) is
+raised again as a :class:`FileError` (an ``OSError``: callers that catch ``OSError`` still do) that names the
+target file and says what to do.
 """
 from __future__ import annotations
 
 import contextlib
+import errno as errno_codes
 import json
 import os
 import socket
 from pathlib import Path
 from typing import Any, Iterator
+
+DISK_FULL_ERRNOS = (errno_codes.ENOSPC, errno_codes.EDQUOT)
+
+
+class FileError(OSError):
+    """An ``OSError`` whose message names the file concerned and says what to do.
+
+    ``errno``, ``strerror`` and ``filename`` are set as for the ``OSError`` it replaces (``filename``: the file
+    concerned, not a temporary file), so code that checks ``err.errno`` keeps working; ``str(err)`` is the
+    message alone. ``FileError(message)`` with one argument works too (the DataLoader rebuilds a worker's
+    exception that way)."""
+
+    def __init__(self, message: str, *, errno: int | None = None, strerror: str | None = None,
+                 filename: str | os.PathLike | None = None):
+        super().__init__(message)
+        self.errno, self.strerror = errno, strerror
+        self.filename = None if filename is None else str(filename)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else super().__str__()
+
+    def __reduce__(self):  # pickles with its message and the OSError attributes
+        return (type(self), (str(self),), {"errno": self.errno, "strerror": self.strerror, "filename": self.filename})
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True for an ``OSError`` that says the disk (or the user's quota) is full."""
+    return isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS
+
+
+def describe_os_error(err: BaseException) -> str:
+    """``OSError: [Errno 28] No space left on device``: the class and what went wrong, without the file names an
+    ``OSError`` adds to its text (the caller names the file); a :class:`FileError`'s own message as it is."""
+    if isinstance(err, FileError):
+        return str(err)
+    if isinstance(err, OSError) and err.errno is not None and err.strerror:
+        return f"{type(err).__name__}: [Errno {err.errno}] {err.strerror}"
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
+def write_error(path: str | os.PathLike, err: OSError) -> FileError:
+    """The error to raise when writing ``path`` (atomically) failed with ``err``: names ``path`` and says what
+    to do; the previous file is unchanged (an atomic write leaves it so)."""
+    path = Path(path)
+    if isinstance(err, FileError):
+        return err
+    kept = f"The previous {path.name} (if there was one) is unchanged and no temporary file was left behind."
+    if is_disk_full(err):
+        message = (f"cannot write {path}: the disk is full ({describe_os_error(err)}). Free space on the disk "
+                   f"that holds {path.parent} (or write elsewhere), then re-run. {kept}")
+    else:
+        message = f"cannot write {path} ({describe_os_error(err)}). {kept}"
+    return FileError(message, errno=err.errno, strerror=err.strerror, filename=path)
+
 
 # What a config value that means "nothing" looks like once it has been through a command line or a YAML file.
 NULL_STRINGS = ("", "null", "None")
@@ -66,15 +123,22 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
     """Yield the temporary path to write to; when the block succeeds it is renamed over ``path``.
 
     The parent folder is created. ``durable``: fsync the written file before the rename and the folder after.
+    An ``OSError`` raised here or inside the block is raised again as :func:`write_error` (a :class:`FileError`
+    naming ``path``, with the same ``errno``); other exceptions pass unchanged.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(path, err) from err
     tmp = temporary_path(path)
     try:
         yield tmp
         if durable:
             _fsync_file(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        raise write_error(path, err) from err
     finally:
         tmp.unlink(missing_ok=True)  # after a failure: nothing half-written is left behind
     if durable:
