@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -47,7 +46,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,6 +58,7 @@ import torch
 
 from generate_dataset.models import model_from_state_dict
 from nn.graph import GraphCodec
+from utils import locking
 from utils.io import FileError, atomic_path, atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -124,10 +123,6 @@ def model_path(store_dir: str | os.PathLike, index: int, position: int) -> Path:
 def rescue_path(rescue_dir: str | os.PathLike, index: int, position: int) -> Path:
     """Where :meth:`ShardWriter.append` saves a model it could not store."""
     return Path(rescue_dir) / f"rescued_shard_{int(index):04d}_model_{int(position):06d}.pt"
-
-
-def _host() -> str:
-    return socket.gethostname() or "unknown-host"
 
 
 def _size(n: int | None) -> str:
@@ -428,28 +423,17 @@ class ShardWriter:
     # -- lock --------------------------------------------------------------------------------------
     def _acquire_lock(self) -> None:
         try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            fd = locking.acquire(self.lock_path)
         except OSError as err:
             raise StoreError(f"cannot write to data-model store {self.store_dir}: lock file {self.lock_path} "
                              f"cannot be created ({err.__class__.__name__}: {err})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = _lock_holder(fd) if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
-            os.close(fd)
-            if holder is None:
-                raise StoreError(f"cannot lock shard {self.index} of data-model store {self.store_dir} "
-                                 f"({self.lock_path}: {err}); the filesystem must support flock") from None
+        except locking.LockHeldError as err:
+            if err.holder is None:
+                raise StoreError(f"cannot lock shard {self.index} of data-model store {self.store_dir} ({err})") from None
+            hint = ": close() the other ShardWriter of this shard first" if err.holder.endswith("this very process") else ""
             raise StoreError(f"shard {self.index} of data-model store {self.store_dir} is being written by another "
-                             f"writer ({holder}; lock file {self.lock_path}). A shard has one writer at a time: "
-                             f"wait for that one to finish, or give this run another shard index.") from None
-        record = json.dumps({"pid": os.getpid(), "host": _host(),
-                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode() + b"\n"
-        try:  # read by a refused writer (see _lock_holder)
-            os.pwrite(fd, record, 0)
-            os.ftruncate(fd, len(record))
-        except OSError:
-            pass  # the lock is held all the same; a refused writer then cannot name us
+                             f"writer ({err.holder}{hint}; lock file {self.lock_path}). A shard has one writer at a "
+                             "time: wait for that one to finish, or give this run another shard index.") from None
         self._lock_fd = fd
         self._lock_inode = os.fstat(fd).st_ino
 
@@ -468,14 +452,7 @@ class ShardWriter:
         """Release the shard's lock (idempotent)."""
         fd, self._lock_fd = getattr(self, "_lock_fd", None), None
         if fd is not None:
-            try:
-                os.ftruncate(fd, 0)  # still locked: nobody reads a finished writer as the holder
-            except OSError:
-                pass
-            try:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
+            locking.release(fd)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -603,24 +580,6 @@ class ShardWriter:
             return f"Saving the model to {path} failed as well ({err.__class__.__name__}: {err}); it is lost."
         return (f"The trained model was saved to {path}; re-running the same generator command in the run dir "
                 f"that holds it (hydra.run.dir=...) stores it without retraining.")
-
-
-def _lock_holder(fd: int) -> str:
-    """Who holds a lock file, as it says inside; the holder writes it just after locking."""
-    text = ""
-    for _ in range(20):
-        try:
-            text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-            holder = json.loads(text)
-            pid, host = int(holder["pid"]), str(holder["host"])
-        except (OSError, ValueError, KeyError, TypeError):
-            time.sleep(0.01)
-            continue
-        described = f"pid {pid} on host {host}, since {holder.get('since', '?')}"
-        if pid == os.getpid() and host == _host():
-            described += " - this very process: close() the other ShardWriter of this shard first"
-        return described
-    return f"holder unknown, the lock file reads {text[:200]!r}"
 
 
 # ----------------------------------------------------------------------------------------------
