@@ -72,6 +72,15 @@ def hard_cap(method: Mapping[str, Any]) -> bool:
     return value
 
 
+def check_method(method: Mapping[str, Any]) -> None:
+    """Refuse, before any training, a method config that pruning would only reject when it first prunes: the
+    per-layer cap (:func:`layer_cap`, :func:`hard_cap`) and, for a structured method, its importance."""
+    layer_cap(method)
+    hard_cap(method)
+    if method.get("kind", "structured") == "structured":
+        make_importance(method)
+
+
 class SpeedUpNotReachedError(RuntimeError):
     """Raised when pruning cannot reach the requested speed-up; ``achieved`` is the best reached."""
 

@@ -7,6 +7,16 @@ meta-training reads, the selection run names the checkpoint the final run loads.
 after a crash resumes where it stopped. Each stage runs with the per-run boilerplate of every run
 (``stages.common.run_recorded``: ``config.yaml``, timing, ``results.json``).
 
+A finished stage is reused only when its record says it ran with the settings asked for now (the keys it reads,
+:func:`changed_settings`), else it is refused, or recomputed with ``pipeline.restart_changed=true``. A record that
+cannot say so is treated the same way (:class:`DamagedRecordError`, naming the file): a ``results.json`` that is not
+a JSON mapping; a ``config.yaml`` that is missing, unreadable, empty, not a mapping, or partial. Partial means it
+lacks ``run``, ``task`` or a whole top-level section (a key holding a mapping) that the current config has and the
+stage reads: what a file cut short looks like (``run`` is its last key). A key a newer version of the code adds
+inside a section is not a change, as before; a whole new top-level section does make older records stale, since the
+code cannot tell it from a cut. A finished ``select`` stage must also have a readable ``selection.json``, and a final
+run that applied a selection must find that selection readable.
+
 Under torchrun (``main_imagenet/main_imagenet.py run=pipeline``) every stage runs on all ranks; whether a stage is
 reused, refused or recomputed is decided on rank 0 (which alone moves folders aside) and told to the others.
 """
@@ -17,12 +27,18 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
+from data_loaders.store import DataModelStore, StoreError
+from pruning.depgraph import check_method
 from stages import final, generate, meta_train, report, select, train
 from stages.common import RESULTS_FILE, RunFn, run_recorded
 from utils import distributed, settings_diff
+from utils.seed import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +66,15 @@ class StaleStageError(RuntimeError):
     """A finished stage was run with other settings than the ones asked for now."""
 
 
-# Keys that never change a stage's results (select.cache only saves recomputing identical curves).
-RESULT_NEUTRAL_KEYS = ("select.cache",)
+class DamagedRecordError(StaleStageError):
+    """A finished stage's record (``results.json``, ``config.yaml``, the ``selection.json`` it used) cannot be read
+    or is incomplete, so it cannot say which settings made the results: never taken for a matching one."""
+
+
+# Keys that never change a stage's results (select.cache only saves recomputing identical curves;
+# pipeline.restart_changed only says what to do with a stage that changed; logger and keep_resume_checkpoints only
+# say where metrics go and what is kept after a run).
+RESULT_NEUTRAL_KEYS = ("select.cache", "pipeline.restart_changed", "logger", "keep_resume_checkpoints")
 # Sections a run mode never reads: changing them leaves its finished results valid. A final run rebuilds its
 # metanetwork from the checkpoint's own spec (nn.apply.load_metanetwork), never from the `metanetwork` section.
 UNREAD_SECTIONS = {
@@ -67,13 +90,50 @@ def changed_settings(stage_dir: Path, stage: DictConfig) -> list[str]:
     """``key: then -> now`` for every setting of ``stage`` that differs from the finished stage's ``config.yaml``.
 
     Keys present on only one side (added or removed by a newer version of the code) are not differences, nor
-    are :data:`RESULT_NEUTRAL_KEYS` and the sections the run mode never reads (:data:`UNREAD_SECTIONS`)."""
-    saved_file = stage_dir / "config.yaml"
-    if not saved_file.exists():
-        return []
-    return settings_diff.changed_settings(
-        OmegaConf.to_container(OmegaConf.load(saved_file), resolve=True), OmegaConf.to_container(stage, resolve=True),
-        skip=RESULT_NEUTRAL_KEYS + UNREAD_SECTIONS.get(str(stage.get("run")), ()))
+    are :data:`RESULT_NEUTRAL_KEYS` and the sections the run mode never reads (:data:`UNREAD_SECTIONS`). A missing,
+    unreadable, empty or partial ``config.yaml`` raises :class:`DamagedRecordError` (module docstring)."""
+    skip = RESULT_NEUTRAL_KEYS + UNREAD_SECTIONS.get(str(stage.get("run")), ())
+    now = OmegaConf.to_container(stage, resolve=True)
+    return settings_diff.changed_settings(_saved_config(stage_dir / "config.yaml", now, skip), now, skip=skip)
+
+
+def _saved_config(path: Path, now: dict, skip: tuple[str, ...]) -> dict:
+    """The settings a finished stage recorded in ``path``; :class:`DamagedRecordError` when they cannot be told."""
+    if not path.exists():
+        raise DamagedRecordError(f"{path} is missing: nothing records the settings that made the results beside it")
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException) as err:
+        raise DamagedRecordError(f"{path} cannot be read ({err.__class__.__name__}: {err})") from None
+    if not isinstance(saved, dict):
+        raise DamagedRecordError(f"{path} holds a {type(saved).__name__}, not a mapping of settings")
+    if not saved:
+        raise DamagedRecordError(f"{path} is empty")
+    missing = [key for key in ("run", "task") if key not in saved]
+    missing += [key for key in settings_diff.missing_sections(saved, now, skip) if key not in missing]
+    if missing:
+        raise DamagedRecordError(f"{path} is partial (cut short?): it lacks {', '.join(missing)}")
+    return saved
+
+
+def _read_results(path: Path) -> dict:
+    """A finished run's ``results.json``; :class:`DamagedRecordError` when it is not a JSON mapping."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DamagedRecordError(f"{path} cannot be read ({err.__class__.__name__}: {err})") from None
+    if not isinstance(summary, dict):
+        raise DamagedRecordError(f"{path} holds a JSON {type(summary).__name__}, not a run's results")
+    return summary
+
+
+def _selection(select_dir: Any) -> Path:
+    """The checkpoint a select run dir chose (``select.chosen_checkpoint``); its errors as
+    :class:`DamagedRecordError`."""
+    try:
+        return Path(select.chosen_checkpoint(select_dir)).resolve()
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise DamagedRecordError(err.args[0] if err.args else str(err)) from None
 
 
 def changed_checkpoint(stage_dir: Path, stage: DictConfig) -> list[str]:
@@ -84,14 +144,11 @@ def changed_checkpoint(stage_dir: Path, stage: DictConfig) -> list[str]:
     source = OmegaConf.select(stage, "final.metanetwork")
     if str(stage.get("run")) != "pruning_final" or source is None or str(source).endswith(".pt"):
         return []
-    try:
-        now = Path(select.chosen_checkpoint(source)).resolve()
-    except (FileNotFoundError, KeyError, ValueError):
-        return []  # the run itself reports a missing or broken selection
+    now = _selection(source)  # a selection that cannot be read cannot vouch for the finished run
     used = set()
     for done in [stage_dir / RESULTS_FILE, *sorted(stage_dir.glob(f"target_*/{RESULTS_FILE}"))]:
         if done.exists():
-            recorded = json.loads(done.read_text()).get("metanetwork")
+            recorded = _read_results(done).get("metanetwork")
             if recorded:
                 used.add(Path(recorded).resolve())
     then = sorted(str(path) for path in used if path != now)
@@ -108,7 +165,20 @@ def _finished(name: str, stage_dir: Path, stage: DictConfig, restart: Restart | 
         return None
     if not done.exists():
         return None
-    changed = changed_settings(stage_dir, stage) + changed_checkpoint(stage_dir, stage)
+    try:
+        summary = _read_results(done)
+        changed = changed_settings(stage_dir, stage) + changed_checkpoint(stage_dir, stage)
+        if str(stage.get("run")) == "select":
+            _selection(stage_dir)  # what the final runs read from a finished selection
+    except DamagedRecordError as err:
+        if restart is not None and restart.allowed:
+            restart.started = True
+            restart.move_aside(stage_dir, f"stage {name} has a damaged record ({err})")
+            return None
+        raise DamagedRecordError(
+            f"stage {name} in {stage_dir} cannot be reused: {err}. Its results cannot be checked against the settings "
+            f"asked for now: delete {stage_dir} (and the stages after it), or use pipeline.restart_changed=true to "
+            f"recompute from this stage on") from None
     if changed:
         shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
         if restart is not None and restart.allowed:
@@ -120,7 +190,7 @@ def _finished(name: str, stage_dir: Path, stage: DictConfig, restart: Restart | 
             f"settings asked for now: use a new hydra.run.dir, pipeline.restart_changed=true to recompute from "
             f"this stage on, or delete {stage_dir} (and the stages after it)")
     log.info("pipeline: stage %s already finished in %s; skipping", name, stage_dir)
-    return json.loads(done.read_text())
+    return summary
 
 
 class Restart:
@@ -133,6 +203,10 @@ class Restart:
 
     def move_aside(self, stage_dir: Path, why: str) -> None:
         target = self.aside / stage_dir.relative_to(self.aside.parent)
+        n = 0
+        while target.exists():  # a restart in the same second (one that was killed) already used that name
+            n += 1
+            target = target.with_name(f"{stage_dir.name}-{n}")
         target.parent.mkdir(parents=True, exist_ok=True)
         stage_dir.rename(target)
         log.warning("pipeline: %s; moved %s aside to %s and recomputing", why, stage_dir, target)
@@ -169,16 +243,61 @@ def _reuse_or_run(name: str, run: RunFn, stage: DictConfig, stage_dir: Path, res
 
 def _reuse_or_make_room(name: str, stage: DictConfig, stage_dir: Path, restart: Restart | None,
                         output: Path | None) -> tuple[dict | None, bool]:
-    """``(finished summary or None, restart started)``; a stage to recompute has its old ``output`` moved aside."""
+    """``(finished summary or None, restart started)``; a stage to recompute has its old ``output`` moved aside.
+
+    The output (the data-model store) is checked on its own too: a restart killed after it moved the stage's
+    folder leaves the old store behind, which the generator would refuse. With ``restart`` allowed a store of
+    other settings is moved aside (with the stage's folder), without it refused. Once a stage runs under an
+    allowed restart, every later one is recomputed (its input is new)."""
     finished = _finished(name, stage_dir, stage, restart)
-    if finished is None and output is not None and restart is not None and restart.started and output.exists():
-        restart.move_aside(output, f"the output of stage {name} was made with other settings")
+    if finished is None and output is not None and restart is not None and output.exists():
+        if restart.started:
+            restart.move_aside(output, f"the output of stage {name} was made with other settings")
+        elif changes := _store_changes(stage, output):
+            shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+            if not restart.allowed:
+                raise StaleStageError(
+                    f"the data-model store {output} of stage {name} holds data models made with other settings "
+                    f"({shown}): use a new hydra.run.dir, pipeline.restart_changed=true to recompute from this stage "
+                    f"on, or delete {output} and {stage_dir} (and the stages after it)")
+            if stage_dir.exists():
+                restart.move_aside(stage_dir, f"stage {name} made its data-model store with other settings ({shown})")
+            restart.move_aside(output, f"the data-model store of stage {name} was made with other settings ({shown})")
+    if finished is None and restart is not None and restart.allowed:
+        restart.started = True
     return finished, bool(restart is not None and restart.started)
+
+
+def _store_changes(gen: DictConfig, store: Path) -> list[str]:
+    """What differs between the data models in ``store`` and those the generate stage ``gen`` makes: the test the
+    generator applies before resuming a shard (``stages.generate.check_resumable``: identity, recipe and seed of
+    its first stored data model), read-only. ``[]`` when they match, the store holds none, or it cannot be read
+    (the generator then names the damaged file)."""
+    try:
+        found = DataModelStore(store)
+        record = found[0]
+    except StoreError:
+        return []
+    identity = generate.shard_identity(gen)
+    changes = [f"shard {key}: {found.identity.get(key)!r} -> {identity[key]!r}"
+               for key in ("task", "architecture", "method") if found.identity.get(key) != identity[key]]
+    changes += settings_diff.changed_settings(record.config, OmegaConf.to_container(gen, resolve=True),
+                                              only=generate.RECIPE_KEYS)
+    expected = derive_seed(gen.seed, gen.index, record.position)
+    if record.seed != expected:
+        changes.append(f"seed of data model {record.position}: {record.seed} -> {expected}")
+    return changes
 
 
 def check_settings(cfg: DictConfig) -> None:
     """Refuse, before the first stage trains anything, settings that would only fail in a later stage."""
-    meta_train.MetaTrainSettings.from_task(cfg.task)  # types, ranges, misspelt keys of task.meta_train
+    restart = cfg.pipeline.get("restart_changed", False)
+    if not isinstance(restart, bool):
+        raise ValueError(f"pipeline.restart_changed={restart!r}: true (recompute a stage that finished with other "
+                         "settings, and every stage after it) or false (refuse it)")
+    settings = meta_train.MetaTrainSettings.from_task(cfg.task)  # types, ranges, misspelt keys of task.meta_train
+    check_method(OmegaConf.to_container(cfg.method, resolve=True))  # what init pruning would reject
+    select.check_settings(cfg, meta_train_epochs=settings.epochs)  # incl. select.checkpoints vs those epochs
     generate.check_initial_speed_up(cfg)
     num = cfg.pipeline.num_data_models
     if not isinstance(num, int) or isinstance(num, bool) or num < 2:
@@ -197,7 +316,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole method on one task; the report stage prints the result table, the curve plot of the
     selection stage is copied to ``run_dir/curves.png``."""
     check_settings(cfg)
-    restart = Restart(cfg.pipeline.get("restart_changed", False), run_dir)
+    restart = Restart(cfg.pipeline.get("restart_changed", False), run_dir)  # a bool (check_settings)
     store = run_dir / "store"
     generate_stage(cfg, store, run_dir / "generate", restart)
     run_stage("meta_train", "meta_train", cfg, run_dir / "meta_train", restart, store=str(store))

@@ -211,8 +211,10 @@ def chosen_checkpoint(select_run_dir: str | Path) -> Path:
                                 "(run=select writes selection.json when it finishes)")
     try:
         data = json.loads(selection.read_text())
-    except json.JSONDecodeError as err:
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{selection} is not valid JSON ({err}); re-run run=select") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{selection} holds a JSON {type(data).__name__}, not a selection; re-run run=select")
     if not data.get("chosen"):
         raise KeyError(f"{selection} has no 'chosen' entry naming the selected metanetwork checkpoint")
     chosen = Path(data["chosen"])
@@ -395,10 +397,21 @@ def _finetuned_targets(cfg: DictConfig) -> list[float]:
     value = section.get("finetuned_targets")
     if is_null(value):
         value = [section.target_speed_up]
-    values = [float(t) for t in (value if isinstance(value, (list, tuple, ListConfig)) else [value])]
+    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    values = [_number(t) for t in items]
     if not values or any(not math.isfinite(t) or t <= 1 for t in values):
-        raise SelectionError(f"select.finetuned_targets must be total speed-ups > 1, got {list(values)}")
+        raise SelectionError(f"select.finetuned_targets must be total speed-ups > 1, got {items}")
     return values
+
+
+def _number(value: Any) -> float:
+    """``value`` as a float; NaN for anything that is not a number (booleans included), for the checks to refuse."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _validation_models(cfg: DictConfig) -> tuple[DataModelStore, list[int]]:
@@ -565,16 +578,24 @@ def _plan(cfg: DictConfig, run_dir: Path, meta_train_dir: Any,
 def accuracy_floor(section: DictConfig, control: Mapping[str, Any] | None) -> float | None:
     """The lowest unpruned validation accuracy a candidate may keep: the control's minus
     ``select.max_accuracy_drop`` (None: no floor, the reference's pure curve score)."""
-    drop = section.get("max_accuracy_drop")
-    if is_null(drop):
+    drop = _max_accuracy_drop(section)
+    if drop is None:
         return None
-    drop = float(drop)
-    if not math.isfinite(drop) or drop < 0:
-        raise SelectionError(f"select.max_accuracy_drop={section.max_accuracy_drop!r} must be a number >= 0 or null")
     if control is None:
         raise SelectionError("select.max_accuracy_drop compares with the control's unpruned accuracy; "
                              "it needs select.control=true")
     return control["unpruned_acc"] - drop
+
+
+def _max_accuracy_drop(section: DictConfig) -> float | None:
+    """``select.max_accuracy_drop`` checked: a number >= 0, or None (off)."""
+    value = section.get("max_accuracy_drop")
+    if is_null(value):
+        return None
+    drop = _number(value)
+    if not math.isfinite(drop) or drop < 0:
+        raise SelectionError(f"select.max_accuracy_drop={value!r} must be a number >= 0 or null")
+    return drop
 
 
 def eligible(item: Mapping[str, Any], floor: float | None) -> bool:
@@ -594,8 +615,9 @@ def sparse_label(reg: float) -> str:
 def sparse_regs(cfg: DictConfig) -> list[float]:
     """``select.sparse_learning_regs``: regulariser strengths of the sparse-learning reference curves."""
     regs = _select_section(cfg).get("sparse_learning_regs") or []
-    values = [float(r) for r in (regs if isinstance(regs, (list, tuple, ListConfig)) else [regs])]
-    bad = [r for r in values if not (math.isfinite(r) and r > 0)]
+    items = list(regs) if isinstance(regs, (list, tuple, ListConfig)) else [regs]
+    values = [_number(r) for r in items]
+    bad = [r for r, v in zip(items, values) if not (math.isfinite(v) and v > 0)]
     if bad:
         raise SelectionError(f"select.sparse_learning_regs must be positive numbers, got {bad}")
     return values
@@ -694,6 +716,35 @@ def score_points(points: Sequence[Sequence[float]], kind: str, max_speed_up: flo
     raise SelectionError(f"select.score={kind!r} is unknown; valid: {', '.join(SCORE_KINDS)}")
 
 
+def _score_kind(section: DictConfig) -> str:
+    """``select.score`` checked against :data:`SCORE_KINDS`."""
+    kind = str(section.score)
+    if kind not in SCORE_KINDS:
+        raise SelectionError(f"select.score={kind!r} is unknown; valid: {', '.join(SCORE_KINDS)}")
+    return kind
+
+
+def check_settings(cfg: DictConfig, meta_train_epochs: int | None = None) -> None:
+    """Refuse, before any training, ``select.*`` settings that run=select would only reject after its inputs exist:
+    ``score``, ``max_accuracy_drop`` (and the control it needs), ``finetuned_targets``, ``sparse_learning_regs``,
+    and, given ``meta_train_epochs`` (the pipeline's ``task.meta_train.epochs``; meta-training writes a checkpoint
+    after each epoch, 1-based), ``checkpoints`` against the epochs such a meta-training writes."""
+    section = _select_section(cfg)
+    _score_kind(section)
+    if _max_accuracy_drop(section) is not None and not section.get("control", True):
+        raise SelectionError("select.max_accuracy_drop compares with the control's unpruned accuracy; "
+                             "it needs select.control=true")
+    _finetuned_targets(cfg)
+    sparse_regs(cfg)
+    if meta_train_epochs is not None:
+        epochs = {epoch: Path(f"epoch_{epoch:04d}.pt") for epoch in range(1, int(meta_train_epochs) + 1)}
+        try:
+            parse_checkpoints(section.get("checkpoints", "all"), epochs,
+                              where=f"a meta-training of task.meta_train.epochs={meta_train_epochs}")
+        except FileNotFoundError as err:  # an epoch that meta-training will not write: a setting, not a file
+            raise SelectionError(str(err)) from None
+
+
 def _score(job: CurveJob, kind: str, max_speed_up: float, target_speed_up: float) -> float:
     if kind == "finetuned":
         accuracies = [item["val_acc"] for item in job.entry["finetuned"].values()]
@@ -704,9 +755,7 @@ def _score(job: CurveJob, kind: str, max_speed_up: float, target_speed_up: float
 def _produce(ctx: CurveContext, jobs: list[CurveJob], cache: CurveCache) -> dict[str, dict]:
     """Fill every job from the cache or by computing it; returns per-label summaries (scores, curves)."""
     section = _select_section(ctx.cfg)
-    kind = str(section.score)
-    if kind not in SCORE_KINDS:
-        raise SelectionError(f"select.score={kind!r} is unknown; valid: {', '.join(SCORE_KINDS)}")
+    kind = _score_kind(section)
     max_speed_up, target = float(section.max_speed_up), float(section.target_speed_up)
     labels: dict[str, list[CurveJob]] = {}
     for job in jobs:

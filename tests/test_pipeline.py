@@ -162,3 +162,28 @@ def test_restart_changed_recomputes_from_the_changed_stage_on(tmp_path, monkeypa
     _finished_stage(tmp_path / "pretrain", pipeline.stage_config(cfg, "pretrain_final"))
     with pytest.raises(pipeline.StaleStageError, match="restart_changed"):
         pipeline.run_stage("pretrain", "pretrain_final", changed, tmp_path / "pretrain", pipeline.Restart(False, tmp_path))
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["pipeline.restart_changed=yes"], "pipeline.restart_changed"),
+    (["pipeline.restart_changed=no"], "pipeline.restart_changed"),
+    (["method.hard_cap=maybe"], "method.hard_cap"),
+    (["method.max_pruning_ratio=1.5"], "method.max_pruning_ratio"),
+    (["select.score=foo"], "select.score"),
+    (["select.max_accuracy_drop=-1"], "select.max_accuracy_drop"),
+    (["select.max_accuracy_drop=0.02", "select.control=false"], "select.max_accuracy_drop"),
+    (["select.finetuned_targets=[0.5]"], "select.finetuned_targets"),
+    (["task.meta_train.epochs=2"], "select.checkpoints"),  # the task's select.checkpoints 5::5: no epoch 5
+    (["task.meta_train.epochs=2", "select.checkpoints=[1,3]"], "select.checkpoints"),
+])
+def test_every_bad_setting_is_refused_before_the_first_stage(tmp_path, monkeypatch, overrides, key):
+    monkeypatch.setattr(pipeline, "run_recorded", lambda *a, **k: pytest.fail("a stage ran"))
+    with pytest.raises((ValueError, KeyError), match=key.replace(".", r"\.")):
+        pipeline.run(compose_cfg(["task=resnet20_on_digits", *overrides]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_shipped_settings_pass_the_up_front_check():
+    pipeline.check_settings(compose_cfg(["task=resnet20_on_digits", "pipeline.restart_changed=true"]))
+    pipeline.check_settings(compose_cfg(["task=resnet20_on_digits", *SHORT]))
+    pipeline.check_settings(compose_cfg(["task=resnet20_on_digits", "debug=smoke"]))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-__all__ = ["changed_settings", "flatten"]
+__all__ = ["changed_settings", "flatten", "missing_sections"]
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -29,9 +29,21 @@ def changed_settings(then: Mapping[str, Any], now: Mapping[str, Any], only: Iter
     under them."""
     old, new = flatten(then), flatten(now)
     only, skip = (None if only is None else tuple(only)), tuple(skip)
-
-    def under(key: str, prefixes: tuple[str, ...]) -> bool:
-        return any(key == p or key.startswith(p + ".") for p in prefixes)
-
     return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in sorted(old.keys() & new.keys())
-            if old[key] != new[key] and (only is None or under(key, only)) and not under(key, skip)]
+            if old[key] != new[key] and (only is None or _under(key, only)) and not _under(key, skip)]
+
+
+def missing_sections(then: Mapping[str, Any], now: Mapping[str, Any], skip: Iterable[str] = ()) -> list[str]:
+    """The top-level sections (keys holding a mapping) of ``now`` that ``then`` lacks, sorted; ``skip`` as in
+    :func:`changed_settings`.
+
+    :func:`changed_settings` ignores keys present on one side only, so that a key a newer version of the code adds
+    is not a difference; a whole missing section is different: it is what a record cut short (or emptied) looks
+    like, and a record without it cannot say which settings made a result."""
+    skip = tuple(skip)
+    return sorted(key for key, value in now.items()
+                  if isinstance(value, Mapping) and key not in then and not _under(key, skip))
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
