@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:  # allow running from a checkout that is not pip-i
 
 from generate_dataset.models import build_model  # noqa: E402
 from nn.graph import GraphCodec  # noqa: E402
+from utils.io import atomic_write  # noqa: E402
 from nn.metanetwork import MetaNetwork  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "metanetwork_speed.md"
@@ -266,7 +267,7 @@ def main() -> None:
     print(text)
     if not args.quick:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        atomic_write(args.out, text)
         print(f"wrote {args.out}", file=sys.stderr)
 
 

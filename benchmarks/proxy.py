@@ -63,7 +63,7 @@ from termcolor import colored  # noqa: E402
 
 from stages.pipeline import generate_stage, run_stage  # noqa: E402
 from stages.report import find_results, mean_std  # noqa: E402
-from utils.io import write_json  # noqa: E402
+from utils.io import atomic_write, write_json  # noqa: E402
 
 log = logging.getLogger("proxy")
 
@@ -406,7 +406,7 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
     lines += [f"| total | {sum(timings.values()):.0f} |", ""]
     path = results_dir / f"{name}.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -221,3 +221,17 @@ def test_missing_weights_file_stops_a_run_before_training(tmp_path):
     with pytest.raises(PretrainedWeightsError, match="nowhere.pth: no such file"):
         execute(cfg, tmp_path / "run")
     assert not Path(tmp_path / "run" / "model.pt").exists()
+
+
+def test_truncated_weights_file_names_its_path(tmp_path):
+    """A weights file cut short (a killed download or copy) fails naming task.pretrained's file, whichever error
+    torch.load meets at the cut (a bare "[Errno 22]" or a zip error)."""
+    model = build_model("resnet8", 10, in_channels=1)
+    whole = tmp_path / "whole.pth"
+    torch.save(model.state_dict(), whole)
+    data = whole.read_bytes()
+    for cut in (len(data) // 7, len(data) // 2, len(data) - 30):
+        path = tmp_path / f"cut_{cut}.pth"
+        path.write_bytes(data[:cut])
+        with pytest.raises((OSError, PretrainedWeightsError), match=re.escape(str(path))):
+            load_pretrained(build_model("resnet8", 10, in_channels=1), "resnet8", path)

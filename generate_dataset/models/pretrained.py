@@ -26,6 +26,7 @@ import torchvision
 from torch import nn
 
 from utils.checkpoint import load_checkpoint
+from utils.io import FileError, describe_os_error
 
 from .registry import _is_optional_key
 
@@ -136,8 +137,12 @@ def pretrained_state_dict(path: str | os.PathLike, name: str) -> Mapping[str, to
     path = Path(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
+    except FileNotFoundError:
         raise
+    except OSError as err:  # a truncated file gives a bare "[Errno 22] Invalid argument" that names nothing
+        raise FileError(f"task.pretrained={path} cannot be read ({describe_os_error(err)}); the file is truncated "
+                        "or damaged: download or copy it again", errno=err.errno, strerror=err.strerror,
+                        filename=path) from err
     except Exception as err:  # UnpicklingError, zip errors: not a safe weights file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PretrainedWeightsError(
