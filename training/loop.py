@@ -315,7 +315,11 @@ def _train_one_epoch(model: nn.Module, loader: Iterable, ctx: _EpochContext, epo
                 loss = lam * loss + (1.0 - lam) * ctx.criterion(logits.float(), targets_b)
         finite = torch.isfinite(loss.detach())
         if not ctx.skips_nonfinite:
-            first_bad = torch.where(~finite & (first_bad < 0), torch.full_like(first_bad, batch_index), first_bad)
+            if interval == 1:  # a single CPU process: reading the flag costs nothing, so fail before the step
+                if not bool(finite):
+                    raise _nonfinite_error(ctx, epoch, batch_index, float(loss.detach()))
+            else:  # remembered on the device, read at the next synchronisation
+                first_bad = torch.where(~finite & (first_bad < 0), torch.full_like(first_bad, batch_index), first_bad)
         ctx.optimizer.zero_grad(set_to_none=True)
         ctx.scaler.scale(loss).backward()
         if ctx.cfg.clip_grad_norm is not None or ctx.after_backward is not None:
@@ -327,12 +331,16 @@ def _train_one_epoch(model: nn.Module, loader: Iterable, ctx: _EpochContext, epo
         ctx.scaler.step(ctx.optimizer)
         ctx.scaler.update()
         with torch.no_grad():
-            # a skipped float16 step adds nothing to the running loss and accuracy
-            weight = finite.double() if ctx.skips_nonfinite else 1.0
-            sums[0] += torch.nan_to_num(loss.detach().double()) * targets.numel() * weight
-            sums[1] += logits.argmax(dim=1).eq(targets).sum() * weight
-            sums[2] += targets.numel() * weight
-            sums[3] += 1.0 - finite.double()
+            if ctx.skips_nonfinite:  # a skipped float16 step adds nothing to the running loss and accuracy
+                weight = finite.double()
+                sums[0] += torch.nan_to_num(loss.detach().double()) * targets.numel() * weight
+                sums[1] += logits.argmax(dim=1).eq(targets).sum() * weight
+                sums[2] += targets.numel() * weight
+                sums[3] += 1.0 - weight
+            else:
+                sums[0] += loss.detach().double() * targets.numel()
+                sums[1] += logits.argmax(dim=1).eq(targets).sum()
+                sums[2] += targets.numel()
         done += 1
         if done % interval == 0:
             _check_stretch(ctx, epoch, first_bad, loss, batch_index, sums, bar, started, done, epoch_rng)
