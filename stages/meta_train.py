@@ -137,7 +137,6 @@ import random
 import re
 import time
 from itertools import islice
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -159,7 +158,7 @@ from pruning.regularizer import (REG_PROJECTIONS, build_regularizer, relative_ch
                                  without_scale_component)
 from stages import ddp
 from stages.common import codec_options, example_input, setup, task_data
-from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint, load_scheduler_state, plain_scheduler_state
 from utils.distributed import (all_gather_objects, all_reduce_mean, average_gradients, is_distributed,
                                is_main_process, rank, run_on_every_rank, run_on_main, world_size)
 from utils.io import atomic_path, atomic_write
@@ -692,18 +691,6 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _scheduler_state(scheduler: torch.optim.lr_scheduler.MultiStepLR) -> dict:
-    state = dict(scheduler.state_dict())
-    state["milestones"] = {int(k): int(v) for k, v in state["milestones"].items()}  # Counter -> plain dict
-    return state
-
-
-def _load_scheduler_state(scheduler: torch.optim.lr_scheduler.MultiStepLR, state: Mapping[str, Any]) -> None:
-    state = dict(state)
-    state["milestones"] = Counter({int(k): int(v) for k, v in state["milestones"].items()})
-    scheduler.load_state_dict(state)
-
-
 def _write_metrics(path: Path, history: list[dict]) -> None:
     buffer = io.StringIO()
     # iterations_per_step mode also records the optimiser steps of each epoch
@@ -994,7 +981,7 @@ def _load_checkpoint_state(state: _Training, path: Path, checkpoint: Mapping[str
     state.first.codec.check_layout(checkpoint["spec"]["layout"])
     state.metanetwork.load_state_dict(checkpoint["state_dict"])
     state.optimizer.load_state_dict(checkpoint["optimizer"])
-    _load_scheduler_state(state.scheduler, checkpoint["scheduler"])
+    load_scheduler_state(state.scheduler, checkpoint["scheduler"])
     state.history = list(checkpoint["history"])
     state.steps = [list(s) for s in checkpoint["steps"]]
     restore_rng(checkpoint["rng"], state.loader.generator)  # iterations_per_step: reseeded per epoch anyway
@@ -1116,7 +1103,7 @@ def _save_epoch(state: _Training, epoch: int, row: dict) -> None:
 def _write_epoch(state: _Training, epoch: int, row: dict) -> None:
     save_metanetwork(checkpoint_path(state.run_dir, epoch), state.metanetwork, state.first.codec, state.options,
                      str(state.cfg.task.name), epoch, optimizer=state.optimizer.state_dict(),
-                     scheduler=_scheduler_state(state.scheduler), history=state.history, steps=state.steps,
+                     scheduler=plain_scheduler_state(state.scheduler), history=state.history, steps=state.steps,
                      rng=rng_state(state.loader.generator), meta=state.meta)
     _write_metrics(state.run_dir / METRICS_CSV, state.history)
     log_metrics("meta_train", row, step=epoch)  # the CSV row, to the logger= experiment tracker

@@ -171,26 +171,26 @@ def _finished(name: str, stage_dir: Path, stage: DictConfig, restart: Restart | 
         if str(stage.get("run")) == "select":
             _selection(stage_dir)  # what the final runs read from a finished selection
     except DamagedRecordError as err:
-        if restart is not None and restart.allowed:
-            restart.started = True
-            restart.move_aside(stage_dir, f"stage {name} has a damaged record ({err})")
-            return None
-        raise DamagedRecordError(
+        reason = f"has a damaged record ({err})"
+        refusal = DamagedRecordError(
             f"stage {name} in {stage_dir} cannot be reused: {err}. Its results cannot be checked against the settings "
             f"asked for now: delete {stage_dir} (and the stages after it), or use pipeline.restart_changed=true to "
-            f"recompute from this stage on") from None
-    if changed:
+            f"recompute from this stage on")
+    else:
+        if not changed:
+            log.info("pipeline: stage %s already finished in %s; skipping", name, stage_dir)
+            return summary
         shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
-        if restart is not None and restart.allowed:
-            restart.started = True
-            restart.move_aside(stage_dir, f"stage {name} finished with other settings ({shown})")
-            return None
-        raise StaleStageError(
+        reason = f"finished with other settings ({shown})"
+        refusal = StaleStageError(
             f"stage {name} finished in {stage_dir} with other settings ({shown}). Its results would not match the "
             f"settings asked for now: use a new hydra.run.dir, pipeline.restart_changed=true to recompute from "
             f"this stage on, or delete {stage_dir} (and the stages after it)")
-    log.info("pipeline: stage %s already finished in %s; skipping", name, stage_dir)
-    return summary
+    if restart is not None and restart.allowed:
+        restart.started = True
+        restart.move_aside(stage_dir, f"stage {name} {reason}")
+        return None
+    raise refusal
 
 
 class Restart:

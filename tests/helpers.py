@@ -3,6 +3,7 @@ the repository paths, composing the Hydra configs, the tiny final-run overrides,
 a tiny metanetwork checkpoint, and running a stage's library function with the per-run boilerplate."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -116,3 +117,13 @@ def write_selection_store(store: str | Path, task: str, method: str, loaders: An
         model.eval()
         writer.append(1, model.state_dict(), model_spec("resnet8", model, num_classes), {}, speed_up, 1, {})
     return model
+
+
+def load_script(path: str | Path, name: str):
+    """A script that is not a package module (``benchmarks/*.py``) imported from ``path`` as module ``name``;
+    registered in ``sys.modules`` first, so that its dataclasses resolve their module."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -3,20 +3,16 @@ changed epoch count or batches_per_step changes them in proportion), the ImageNe
 stages/meta_train.py runs per rank, every figure without a measurement is labelled an estimate, a gpu_check.json
 with a training images/s of the architecture is used and labelled measured (and ignored when it does not fit),
 and ImageNet rows compose with --primary imagenet."""
-import importlib.util
 import json
 import math
 import sys
 
 import pytest
 
-from helpers import CONFIG_DIR, REPO
+from helpers import CONFIG_DIR, REPO, load_script
 
 SCRIPT = REPO / "benchmarks" / "cost.py"
-_SPEC = importlib.util.spec_from_file_location("cost", SCRIPT)
-cost = importlib.util.module_from_spec(_SPEC)
-sys.modules.setdefault("cost", cost)
-_SPEC.loader.exec_module(cost)
+cost = load_script(SCRIPT, "cost")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

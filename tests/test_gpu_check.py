@@ -2,7 +2,6 @@
 the checks that need CUDA read 'not measured' instead of failing, the report and the JSON carry the device and
 version fields; a section that raises or fails a check fails the run (exit code 1) without stopping the others;
 an unknown section is refused."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,14 +9,10 @@ import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, load_script
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-# the script is not a package module: load it by path (registered, so its dataclasses resolve their module)
-_SPEC = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-gpu_check = importlib.util.module_from_spec(_SPEC)
-sys.modules.setdefault("gpu_check", gpu_check)
-_SPEC.loader.exec_module(gpu_check)
+gpu_check = load_script(SCRIPT, "gpu_check")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,7 +19,6 @@ import logging
 import math
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,9 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from training.config import TrainConfig, as_config
-from utils import preemption, tracking
-from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils import preemption, settings_diff, tracking
+from utils.checkpoint import (CheckpointError, load_checkpoint, load_scheduler_state, plain_scheduler_state,
+                              save_checkpoint)
 from utils.io import atomic_write
 from utils.distributed import broadcast_object, is_distributed, is_main_process, run_on_every_rank, run_on_main, world_size
 from utils.seed import restore_rng, rng_state
@@ -563,32 +563,9 @@ def _fingerprint_change(saved: list, now: list) -> str | None:
     return None
 
 
-def _plain_scheduler_state(scheduler: Any) -> dict:
-    """The scheduler's state with MultiStepLR's ``Counter`` milestones as plain dicts (weights-only checkpoints)."""
-    def plain(value: Any) -> Any:
-        if isinstance(value, Counter):
-            return {int(k): int(v) for k, v in value.items()}
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(plain(v) for v in value)
-        return value
-    return plain(scheduler.state_dict())
-
-
-def _load_scheduler_state(scheduler: Any, state: Mapping[str, Any]) -> None:
-    scheduler.load_state_dict(dict(state))
-    for each in [scheduler, *getattr(scheduler, "_schedulers", [])]:
-        milestones = getattr(each, "milestones", None)
-        if isinstance(milestones, dict) and not isinstance(milestones, Counter):
-            each.milestones = Counter({int(k): int(v) for k, v in milestones.items()})
-
-
 def _recipe_changes(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
-    now = dataclasses.asdict(cfg)
     # sync_every only changes how often the host looks: not a change of recipe
-    return [f"{key}: {saved[key]!r} -> {now[key]!r}" for key in sorted(saved.keys() & now.keys())
-            if saved[key] != now[key] and key != "sync_every"]
+    return settings_diff.changed_settings(saved, dataclasses.asdict(cfg), skip=("sync_every",))
 
 
 @dataclass
@@ -626,7 +603,7 @@ class _Resumer:
                              "shards depend on it); relaunch with the same number of processes")
         plain.load_state_dict(checkpoint["state_dict"])
         ctx.optimizer.load_state_dict(checkpoint["optimizer"])
-        _load_scheduler_state(scheduler, checkpoint["scheduler"])
+        load_scheduler_state(scheduler, checkpoint["scheduler"])
         if checkpoint.get("scaler"):
             ctx.scaler.load_state_dict(checkpoint["scaler"])
         restore_rng(checkpoint["rng"], ctx.generator)
@@ -655,7 +632,7 @@ class _Resumer:
             save_checkpoint(
                 self.path, _plain_model(plain).state_dict(), {"kind": "training_resume", "desc": self.desc},
                 recipe=dataclasses.asdict(self.cfg), entry=self.entry, world_size=world_size(),
-                optimizer=ctx.optimizer.state_dict(), scheduler=_plain_scheduler_state(scheduler),
+                optimizer=ctx.optimizer.state_dict(), scheduler=plain_scheduler_state(scheduler),
                 scaler=ctx.scaler.state_dict(), epoch=progress.epoch, history=progress.history,
                 selection={"epoch": progress.selected_epoch, "score": progress.best_score,
                            "state": None if best is None else {k: v.cpu() for k, v in best.items()}},

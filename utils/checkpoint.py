@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -158,3 +158,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             f"{FORMAT_VERSION}. Update the code base or re-save the checkpoint"
         )
     return checkpoint
+
+
+def plain_scheduler_state(scheduler: Any) -> dict:
+    """``scheduler.state_dict()`` with MultiStepLR's ``Counter`` milestones (also inside a SequentialLR) as plain
+    dicts, which a weights-only checkpoint can hold; :func:`load_scheduler_state` puts them back."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, Counter):
+            return {int(k): int(v) for k, v in value.items()}
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(plain(v) for v in value)
+        return value
+    return plain(scheduler.state_dict())
+
+
+def load_scheduler_state(scheduler: Any, state: Mapping[str, Any]) -> None:
+    """Load what :func:`plain_scheduler_state` saved (milestones become ``Counter`` again: MultiStepLR indexes missing
+    epochs, which a plain dict would not allow)."""
+    scheduler.load_state_dict(dict(state))
+    for each in [scheduler, *getattr(scheduler, "_schedulers", [])]:
+        milestones = getattr(each, "milestones", None)
+        if isinstance(milestones, dict) and not isinstance(milestones, Counter):
+            each.milestones = Counter({int(k): int(v) for k, v in milestones.items()})
