@@ -56,8 +56,9 @@ def get_run(name: str) -> RunFn:
 
 
 def execute(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
-    """Run ``cfg.run`` with outputs under ``run_dir``: resolved ``config.yaml`` first, ``results.json`` (the
-    returned summary plus ``seconds``) last, the whole run inside the ``logger=`` tracking session (metrics sent
+    """Run ``cfg.run`` with outputs under ``run_dir`` (``stages.common.run_recorded``: the run dir locked for the run,
+    the resolved ``config.yaml`` and ``results.json`` (the returned summary plus ``seconds``) written together at the
+    end), the whole run inside the ``logger=`` tracking session (metrics sent
     with ``utils.tracking.log_metrics``); ``run=help`` only prints the valid modes."""
     if cfg.run == HELP:
         print("valid run modes: " + ", ".join(list_runs()))
