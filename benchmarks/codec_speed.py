@@ -17,7 +17,7 @@ call ends with ``torch.cuda.synchronize()``.
 
 Usage::
 
-    python benchmarks/codec_speed.py                       # CPU; writes benchmarks/results/codec_speed.md
+    python benchmarks/codec_speed.py                       # CPU; writes benchmarks/results/codec_speed/report.md
     python benchmarks/codec_speed.py --devices cpu,cuda --append   # add a section to the results file
     python benchmarks/codec_speed.py --quick               # resnet20 only, prints, writes nothing
 """
@@ -42,7 +42,7 @@ from nn import graph as graph_mod  # noqa: E402
 from nn.graph import GraphCodec  # noqa: E402
 from utils.io import atomic_write  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results" / "codec_speed.md"
+RESULTS = ROOT / "benchmarks" / "results" / "codec_speed" / "report.md"
 HEADER = """# Codec speed: `GraphCodec` encode + decode vs cloning the state dict
 
 Produced by `python benchmarks/codec_speed.py` (see its docstring; `--devices cpu,cuda --append` adds a

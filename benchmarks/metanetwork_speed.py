@@ -19,7 +19,7 @@ Time is the median of ``--repeats`` forward+backward passes after one warm-up pa
 
 Usage::
 
-    python benchmarks/metanetwork_speed.py            # writes benchmarks/results/metanetwork_speed.md
+    python benchmarks/metanetwork_speed.py            # writes benchmarks/results/metanetwork_speed/report.md
     python benchmarks/metanetwork_speed.py --quick    # small smoke run, prints only
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ from nn.graph import GraphCodec  # noqa: E402
 from utils.io import atomic_write  # noqa: E402
 from nn.metanetwork import MetaNetwork  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results" / "metanetwork_speed.md"
+RESULTS = ROOT / "benchmarks" / "results" / "metanetwork_speed" / "report.md"
 
 
 # --------------------------------------------------------------------------------------------------

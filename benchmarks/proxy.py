@@ -19,24 +19,31 @@ run modes, each in its own folder under ``--out``::
         depgraph         prune right away (group-L2, the reference baseline), fine-tune
         random           prune right away with random channel importance, fine-tune
         transfer         (with --transfer) a metanetwork trained elsewhere, used like `metanetwork`
-    report        benchmarks/results/<name>.md (+ <name>.png: test accuracy vs speed-up per method;
-                  <name>_selection.png: the selection curves)
+    report        benchmarks/results/proxy/ (``--results``): report.md, generated from report.json (every number
+                  it shows, saved beside it), figures/accuracy.png (test accuracy vs speed-up per method),
+                  figures/selection.png (the selection curves), figures/meta_train.png (meta-training
+                  diagnostics); ablation.json holds the --ablation rows; reading.md, the hand-written reading, is
+                  linked from the report when it exists (never generated)
 
 A stage whose results.json exists is skipped, so re-running the same command resumes after a crash or a
-session end (the running stage is lost, nothing else). Everything chosen is chosen on validation data; test
-accuracy is only reported.
+session end (the running stage is lost, nothing else) and rewrites the report from the working folder. Everything
+chosen is chosen on validation data; test accuracy is only reported. The report's paired table gives, per
+baseline and target, the mean per-seed difference, its standard error, the paired t and p, a 95 % confidence
+interval and the smallest detectable effect (2.8 x SE: 80 % power at alpha 0.05, two-sided).
 
 Usage::
 
-    python benchmarks/proxy.py                                    # the full benchmark (see proxy.md for time)
+    python benchmarks/proxy.py                                    # the full benchmark (see docs/proxy.md for time)
     python benchmarks/proxy.py --out runs/proxy task.meta_train.epochs=30   # any Hydra override at the end
     python benchmarks/proxy.py --transfer outputs/.../select      # add a transferred metanetwork
     python benchmarks/proxy.py --ablation lr3e-4 task.meta_train.lr=3e-4   # meta_train + select only, on the
-                                                                  # benchmark's store; appends to the ablation table
+                                                                  # benchmark's store; a row of ablation.json
     python benchmarks/proxy.py --variant capped method.max_pruning_ratio=0.9   # the final runs again with the
-                      # overrides, from the same starts, metanetwork and sparse-learning strength: report <name>_capped.md
+                      # overrides, from the same starts, metanetwork and sparse-learning strength: the report
+                      # goes to benchmarks/results/proxy/variants/capped/ (report.md, report.json, figures/)
     python benchmarks/proxy.py --variant ft --select runs/proxy/ablation/ft/select   # the finals with another
                       # selection (an ablation row's choice of checkpoint and sparse-learning strength)
+    python benchmarks/proxy.py --report-only [--variant NAME]     # run nothing: report.md again from report.json
 """
 from __future__ import annotations
 
@@ -59,6 +66,7 @@ if str(ROOT) not in sys.path:  # allow running from a checkout that is not pip-i
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+from scipy.stats import t as student_t  # noqa: E402
 from termcolor import colored  # noqa: E402
 
 from stages.pipeline import generate_stage, run_stage  # noqa: E402
@@ -77,6 +85,8 @@ LABELS = {
     "transfer": "Meta-pruning, transferred metanetwork",
 }
 DEFAULT_SPARSE_REGS = [5e-4, 5e-3, 5e-2]
+DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "proxy"
+ABLATION = "ablation.json"  # the ablation rows, in the benchmark's results folder
 # the per-layer cap's method keys, which the random stage (its own method section) takes from the configured method
 LAYER_CAP_KEYS = ("max_pruning_ratio", "hard_cap")
 
@@ -193,16 +203,50 @@ def run_benchmark(cfg: DictConfig, out: Path, seeds: list[int], targets: list[fl
 
 
 # ----------------------------------------------------------------------------------------------
-# Report
+# Report: gathered from the working folder into report.json, rendered from that file
 # ----------------------------------------------------------------------------------------------
-def collect(final_root: Path) -> dict[str, dict[float, list[dict]]]:
-    """method -> target -> results (one per seed), from ``<final_root>/seed*/<method>/target_*x``."""
+REPORT_DATA = "report.json"  # every number the report shows: `--report-only` rebuilds report.md from it
+READING = "reading.md"  # the hand-written reading of a result, kept beside its report and linked from it
+FIGURES = "figures"
+# the figures a report can show: (key, file in figures/, alt text); "accuracy" is drawn from the runs
+FIGURE_FILES = {"accuracy": "accuracy.png", "selection": "selection.png", "meta_train": "meta_train.png"}
+SELECTION_KEYS = ("epoch", "score", "score_kind", "origin_score", "control_score", "gain_over_control",
+                  "sparse_learning_scores", "best_sparse_reg", "gain_over_sparse_learning",
+                  "sparse_learning_unpruned_acc", "control_unpruned_acc", "max_accuracy_drop", "accuracy_floor",
+                  "validation_models")
+# smallest detectable effect: (z_{1-alpha/2} + z_{power}) x SE = (1.960 + 0.842) x SE for alpha = 0.05 two-sided
+# and 80 % power (normal approximation of the paired t-test)
+MDE_FACTOR = 2.8
+
+
+def _just_pruned_acc(result: dict) -> float | None:
+    return next((stage["test_acc"] for stage in result.get("stages", []) if stage["stage"] == "pruned"), None)
+
+
+def run_record(method: str, result: dict) -> dict:
+    """What the report needs of one final run's ``results.json``."""
+    return {"method": method, "seed": result["seed"], "target": round(float(result["target_speed_up"]), 4),
+            "speed_up": result["speed_up"], "pruned_acc": result["pruned_acc"],
+            "pruned_val_acc": result["pruned_val_acc"], "pre_pruning_acc": result["pre_pruning_acc"],
+            "just_pruned_acc": _just_pruned_acc(result), "widths": (result.get("model") or {}).get("widths")}
+
+
+def collect(final_root: Path) -> list[dict]:
+    """One :func:`run_record` per final run under ``<final_root>/seed*/<method>/target_*x``."""
     results, _skipped = find_results(final_root)
-    table: dict[str, dict[float, list[dict]]] = {}
+    records = []
     for result in results:
-        method = Path(result["_path"]).parts[-3] if "target_" in Path(result["_path"]).parts[-2] else \
-            Path(result["_path"]).parts[-2]
-        table.setdefault(method, {}).setdefault(round(float(result["target_speed_up"]), 4), []).append(result)
+        parts = Path(result["_path"]).parts
+        method = parts[-3] if "target_" in parts[-2] else parts[-2]
+        records.append(run_record(method, result))
+    return sorted(records, key=lambda r: (r["method"], r["seed"], r["target"]))
+
+
+def by_method(records: list[dict]) -> dict[str, dict[float, list[dict]]]:
+    """method -> target -> records (one per seed)."""
+    table: dict[str, dict[float, list[dict]]] = {}
+    for record in records:
+        table.setdefault(record["method"], {}).setdefault(round(float(record["target"]), 4), []).append(record)
     return table
 
 
@@ -250,6 +294,7 @@ def plot_results(table: dict, path: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -287,18 +332,39 @@ def _budget_lines(cfg: DictConfig, seeds: list[int], targets: list[float], meta:
     ]
 
 
-def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds: list[int],
-                 targets: list[float], timings: dict, transfer: str | None, final_root: Path | None = None,
-                 variant: tuple[str, list[str]] | None = None, select_dir: Path | None = None) -> Path:
-    """``<results_dir>/<name>.md`` from the finals under ``final_root`` (default ``<out>/final``). ``variant``: (the
-    benchmark's report name, the overrides a ``--variant`` run gave its finals): said in the header, and the
-    report shows that benchmark report's selection and meta-training plots instead of copying its own, unless
-    ``select_dir`` (default ``<out>/select``) names another selection: then its own plots."""
-    base, overrides = variant if variant is not None else (name, None)
+def _shown_path(path: Path, out: Path) -> str:
+    """``path`` as ``<out>/...`` when it lies in the working folder (no machine's absolute paths in a report)."""
+    try:
+        return str(Path("<out>") / path.resolve().relative_to(out.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _figure(results_dir: Path, bench_dir: Path, key: str, source: Path, own: bool) -> str | None:
+    """The link (relative to ``results_dir``) of figure ``key``: ``source`` copied into ``results_dir/figures``
+    when the report has its own (``own``), else the benchmark's copy in ``bench_dir/figures``, if there is one."""
+    if own:
+        if not source.exists():
+            return None
+        target = results_dir / FIGURES / FIGURE_FILES[key]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        return f"{FIGURES}/{FIGURE_FILES[key]}"
+    shared = bench_dir / FIGURES / FIGURE_FILES[key]
+    return Path(os.path.relpath(shared, results_dir)).as_posix() if shared.exists() else None
+
+
+def gather_report(cfg: DictConfig, out: Path, results_dir: Path, seeds: list[int], targets: list[float],
+                  timings: dict, final_root: Path | None = None, variant: list[str] | None = None,
+                  select_dir: Path | None = None, bench_dir: Path | None = None, command: str = "") -> dict:
+    """Everything the report of the finals under ``final_root`` (default ``<out>/final``) shows, as one JSON-able
+    dict; copies the selection and meta-training figures into ``<results_dir>/figures``. ``variant``: the overrides
+    a ``--variant`` run gave its finals; such a report links the benchmark's (``bench_dir``'s) selection and
+    meta-training figures instead of copying its own, unless ``select_dir`` (default ``<out>/select``) names
+    another selection: then its own."""
     own_selection = select_dir is not None and select_dir.resolve() != (out / "select").resolve()
     select_dir = select_dir or out / "select"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    table = collect(final_root or out / "final")
+    bench_dir = bench_dir or results_dir
     select = json.loads((select_dir / "selection.json").read_text())
     # another selection reports the meta-training it chose from; the benchmark's own stays <out>/meta_train, so
     # that a moved working folder still reports
@@ -306,21 +372,80 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
     if own_selection and select.get("meta_train_dir") and Path(select["meta_train_dir"]).is_dir():
         meta_dir = Path(select["meta_train_dir"])
     meta = json.loads((meta_dir / "results.json").read_text())
-    lines = [f"# Proxy benchmark: {cfg.task.name}" + (" (variant of the finals)" if variant is not None else ""), "",
-             f"Generated by `python benchmarks/proxy.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
-             f"Hardware: {_hardware()}.", ""]
-    if variant is not None and own_selection:
-        lines += [f"A variant of `{base}.md`: every final run again with `{' '.join(overrides) or 'no overrides'}`, "
-                  f"from the same per-seed starts, with the metanetwork checkpoint and sparse-learning strength chosen "
-                  f"by the selection in `{select_dir}` (below) instead of the benchmark's; data models are the "
-                  "benchmark's.", ""]
-    elif variant is not None:
-        lines += [f"A variant of `{base}.md`: every final run again with `{' '.join(overrides)}`, from the same "
-                  "per-seed starts, with the same selected metanetwork and sparse-learning strength (so each seed's "
-                  "runs pair with the benchmark's own); data models, meta-training and selection are the benchmark's.",
-                  ""]
-    lines += ["## Setup and budgets", ""]
-    lines += _budget_lines(cfg, seeds, targets, meta, select)
+    cap = cfg.method.get("max_pruning_ratio")
+    own = variant is None or own_selection
+    diag = meta_dir / "meta_train_diagnostics.png"
+    shared_diag = bench_dir / FIGURES / FIGURE_FILES["meta_train"]
+    # another selection of the same meta-training (a copy in an ablation row) shows the benchmark's plot
+    own_diag = own and not (variant is not None and diag.exists() and shared_diag.exists()
+                            and shared_diag.read_bytes() == diag.read_bytes())
+    return {
+        "task": cfg.task.name,
+        "command": command,
+        "generated": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "hardware": _hardware(),
+        "variant": None if variant is None else {
+            "overrides": list(variant),
+            "select": _shown_path(select_dir, out) if own_selection else None},
+        "setup": _budget_lines(cfg, seeds, targets, meta, select),
+        "cap": None if cap is None else {"ratio": cap, "hard": bool(cfg.method.get("hard_cap"))},
+        "seeds": list(seeds),
+        "targets": list(targets),
+        "runs": collect(final_root or out / "final"),
+        "selection": {key: select.get(key) for key in SELECTION_KEYS} | {
+            "ranking": [{key: r.get(key) for key in ("epoch", "score", "unpruned_acc", "eligible")}
+                        for r in select["ranking"]]},
+        "figures": {"selection": _figure(results_dir, bench_dir, "selection", select_dir / "curves.png", own),
+                    "meta_train": _figure(results_dir, bench_dir, "meta_train", diag, own_diag)},
+        "timings": dict(timings),
+    }
+
+
+def write_report(cfg: DictConfig, out: Path, results_dir: Path, seeds: list[int], targets: list[float],
+                 timings: dict, **kwargs) -> Path:
+    """``<results_dir>/report.json`` (see :func:`gather_report` for ``kwargs``) and the report rendered from it."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    data = gather_report(cfg, out, results_dir, seeds, targets, timings, **kwargs)
+    write_json(results_dir / REPORT_DATA, data)
+    return render_report(data, results_dir)
+
+
+def rebuild_report(results_dir: Path) -> Path:
+    """``--report-only``: ``<results_dir>/report.md`` and its accuracy figure again from ``report.json``; nothing
+    is run, the working folder is not read."""
+    path = results_dir / REPORT_DATA
+    if not path.exists():
+        raise SystemExit(f"--report-only needs {path}: proxy.py saves it with every report it writes; a report "
+                         "older than that has none and is regenerated only by running its command again")
+    data = json.loads(path.read_text())
+    data["rebuilt"] = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+    return render_report(data, results_dir)
+
+
+def render_report(data: dict, results_dir: Path) -> Path:
+    """``<results_dir>/report.md`` (and ``figures/accuracy.png``) from :func:`gather_report`'s dict."""
+    table, targets, variant = by_method(data["runs"]), data["targets"], data.get("variant")
+    lines = [f"# Proxy benchmark: {data['task']}" + (" (variant of the finals)" if variant is not None else ""), "",
+             f"Generated by `{data.get('command') or 'python benchmarks/proxy.py'}` on {data['generated']}"
+             + (f" (this file re-rendered from `{REPORT_DATA}` by `--report-only` on {data['rebuilt']})"
+                if data.get("rebuilt") else "")
+             + f". Hardware: {data['hardware']}. The numbers are kept in [`{REPORT_DATA}`]({REPORT_DATA}).", ""]
+    if (results_dir / READING).exists():
+        lines += [f"**The reading of these numbers** (written by hand, not generated): [{READING}]({READING}).", ""]
+    if variant is not None:
+        base = Path(os.path.relpath(results_dir.parent.parent / "report.md", results_dir)).as_posix()
+        overrides = " ".join(variant["overrides"])
+        if variant.get("select"):
+            lines += [f"A variant of [the benchmark's report]({base}): every final run again with "
+                      f"`{overrides or 'no overrides'}`, from the same per-seed starts, with the metanetwork "
+                      f"checkpoint and sparse-learning strength chosen by the selection in `{variant['select']}` "
+                      "(below) instead of the benchmark's; data models are the benchmark's.", ""]
+        else:
+            lines += [f"A variant of [the benchmark's report]({base}): every final run again with `{overrides}`, "
+                      "from the same per-seed starts, with the same selected metanetwork and sparse-learning strength "
+                      "(so each seed's runs pair with the benchmark's own); data models, meta-training and selection "
+                      "are the benchmark's.", ""]
+    lines += ["## Setup and budgets", "", *data["setup"]]
     lines += ["", "## Test accuracy after pruning and fine-tune (mean ± std over seeds, %)", ""]
     lines += _method_table(table, targets, lambda r: r["pruned_acc"])
     lines += ["", "Achieved speed-ups (mean): " + "; ".join(
@@ -330,24 +455,25 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
     lines += _method_table(table, targets, lambda r: r["pruned_val_acc"])
     lines += ["", "Prunability itself: test accuracy right after pruning, BEFORE the after-pruning fine-tune (first "
               "column: just before pruning, after each method's pre-pruning training):", ""]
-    lines += _method_table(table, targets, _just_pruned_acc, before=lambda r: r["pre_pruning_acc"])
-    cap = cfg.method.get("max_pruning_ratio")
+    lines += _method_table(table, targets, lambda r: r["just_pruned_acc"], before=lambda r: r["pre_pruning_acc"])
+    cap = data.get("cap")
     cap_text = ("null: no cap, the reference" if cap is None
-                else f"{cap}, {'hard: no step passes it' if cfg.method.get('hard_cap') else 'soft'}")
+                else f"{cap['ratio']}, {'hard: no step passes it' if cap['hard'] else 'soft'}")
     lines += ["", f"Collapsed layers: how many entries of the pruned network's widths (`results.json` `model.widths`, "
               f"one per prunable layer) keep at most {NARROW_CHANNELS} channels. Global ranking can cut a layer, or "
               "a whole residual stage, to one channel; `method.max_pruning_ratio` caps that, softly unless "
               f"`method.hard_cap=true` (here {cap_text}):", ""]
     lines += _method_table(table, targets, _narrow_layers, scale=1, digits=1)
-    lines += ["", "Paired differences (test accuracy, points; per seed, both methods from the same start model, "
-              "then mean ± std over seeds):", ""]
+    lines += ["", "## Paired differences (test accuracy, points)", "", PAIRED_EXPLANATION, ""]
     lines += _paired_table(table, targets)
     lines += ["", _goals(table, targets), ""]
 
-    plot = plot_results(table, results_dir / f"{name}.png", f"{cfg.task.name}: accuracy vs speed-up (test)")
-    lines += [f"![accuracy vs speed-up]({plot.name})", ""]
-    curves = select_dir / "curves.png"
+    plot = plot_results(table, results_dir / FIGURES / FIGURE_FILES["accuracy"],
+                        f"{data['task']}: accuracy vs speed-up (test)")
+    lines += [f"![accuracy vs speed-up]({FIGURES}/{plot.name})", ""]
+    select = data["selection"]
     lines += ["## Selection (validation data models, validation images)", ""]
+
     def num(value, sign=""):
         return "-" if value is None else f"{value:{sign}.4f}"
 
@@ -368,26 +494,15 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
     lines += ["| checkpoint | score | unpruned accuracy | eligible |", "|---|---|---|---|"]
     lines += [f"| epoch {r['epoch']} | {r['score']:.4f} | {num(r.get('unpruned_acc'))} | {r.get('eligible', '-')} |"
               for r in sorted(select["ranking"], key=lambda r: r["epoch"])]
-    # a variant shares the benchmark's selection and meta-training, and so its plots (<base>_*.png), unless it
-    # names its own selection
-    plots = name if variant is None or own_selection else base
-    if curves.exists():
-        if plots == name:
-            shutil.copyfile(curves, results_dir / f"{name}_selection.png")
-        lines += ["", f"![selection curves]({plots}_selection.png)"]
-    diag = meta_dir / "meta_train_diagnostics.png"
-    if diag.exists():
-        # another selection of the same meta-training (a copy in an ablation row) shows the benchmark's plot
-        shown = results_dir / f"{base}_meta_train.png"
-        if plots != base and shown.exists() and shown.read_bytes() == diag.read_bytes():
-            plots = base
-        if plots == name:
-            shutil.copyfile(diag, results_dir / f"{name}_meta_train.png")
-        lines += ["", f"![meta-training diagnostics]({plots}_meta_train.png)"]
-    ablation = results_dir / f"{name}_ablation.json"
+    figures = data.get("figures") or {}
+    for key, alt in (("selection", "selection curves"), ("meta_train", "meta-training diagnostics")):
+        if figures.get(key):
+            lines += ["", f"![{alt}]({figures[key]})"]
+    ablation = results_dir / ABLATION
     if ablation.exists():
         lines += ["", "## Ablation of meta-training settings (validation only)", "",
-                  "Each row: meta_train + select on this benchmark's store with the overrides shown; score = the row's "
+                  f"From [`{ABLATION}`]({ABLATION}). Each row: meta_train + select on this benchmark's store with the "
+                  "overrides shown; score = the row's "
                   "`select.score` (auc unless the overrides say otherwise; finetuned = mean validation accuracy after "
                   "pruning and the after-pruning fine-tune) on the validation data model(s) of the checkpoint chosen as "
                   "`run=select` chooses (with select.max_accuracy_drop when set: eligible = it keeps the unpruned "
@@ -399,32 +514,26 @@ def write_report(cfg: DictConfig, out: Path, results_dir: Path, name: str, seeds
                          f"{row.get('score_kind', 'auc')} | "
                          f"{num(row.get('unpruned_acc'))} | {row.get('eligible', '-')} | {row['control_score']:.4f} | "
                          f"{row['gain_over_control']:+.4f} | {row['seconds']:.0f} |")
-    notes = results_dir / f"{name}_notes.md"  # the written reading of these numbers, kept beside them
-    if notes.exists():
-        lines += ["", notes.read_text().strip()]
+    timings = data.get("timings") or {}
     lines += ["", "## Wall time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
     lines += [f"| total | {sum(timings.values()):.0f} |", ""]
-    path = results_dir / f"{name}.md"
+    path = results_dir / "report.md"
     atomic_write(path, "\n".join(lines) + "\n")
     return path
-
-
-def _just_pruned_acc(result: dict) -> float | None:
-    return next((stage["test_acc"] for stage in result.get("stages", []) if stage["stage"] == "pruned"), None)
 
 
 NARROW_CHANNELS = 2  # a layer left with this many channels or fewer counts as collapsed
 
 
-def _narrow_layers(result: dict) -> int | None:
-    widths = (result.get("model") or {}).get("widths")
+def _narrow_layers(record: dict) -> int | None:
+    widths = record.get("widths")
     return None if widths is None else sum(1 for w in widths if w <= NARROW_CHANNELS)
 
 
 def _method_table(table: dict, targets: list[float], value, before=None, scale: float = 100,
                   digits: int = 2) -> list[str]:
-    """Markdown rows method x target of ``scale * value(result)`` (mean ± std over seeds); ``before``: a first
+    """Markdown rows method x target of ``scale * value(record)`` (mean ± std over seeds); ``before``: a first
     column of a per-run value measured before pruning (the same for every target, taken from the first)."""
     header = ["Method"] + (["before pruning"] if before else []) + [f"{t:g}x" for t in targets] + ["seeds"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -439,26 +548,57 @@ def _method_table(table: dict, targets: list[float], value, before=None, scale: 
     return rows
 
 
+PAIRED_EXPLANATION = (
+    "Per seed, both methods start from the same model, and d = method − baseline (test accuracy, points). n: seeds; "
+    "mean: the mean of d; SE = sd(d) / √n, its standard error; paired t = mean / SE with n − 1 degrees of freedom, "
+    "and its two-sided p; 95 % CI = mean ± t(0.975, n − 1) × SE. Where the interval contains 0, these seeds cannot "
+    "tell the difference from zero, and its ends bound the effect they leave possible. MDE, the smallest effect "
+    "these seeds detect with 80 % power at α = 0.05 (two-sided), is (z(0.975) + z(0.80)) × SE = (1.96 + 0.84) × SE "
+    f"≈ {MDE_FACTOR:g} × SE (the normal approximation; with few seeds the t quantiles give more, about 3.5 × SE "
+    "at n = 6).")
+
+
+def paired_stats(mean: float, sd: float | None, n: int) -> dict:
+    """The paired statistics of ``n`` per-seed differences with mean ``mean`` and sample sd ``sd`` (None: n = 1):
+    SE, t, two-sided p, the 95 % confidence half-width and the MDE (see :data:`PAIRED_EXPLANATION`)."""
+    stats = {"n": n, "mean": mean, "sd": sd, "se": None, "t": None, "p": None, "ci": None, "mde": None}
+    if sd is None or n < 2:
+        return stats
+    se = sd / n ** 0.5
+    stats.update(se=se, ci=float(student_t.ppf(0.975, n - 1)) * se, mde=MDE_FACTOR * se)
+    if se > 0:
+        stats.update(t=mean / se, p=float(2 * student_t.sf(abs(mean / se), n - 1)))
+    return stats
+
+
+def paired_row(label: str, target: float, stats: dict) -> str:
+    """One Markdown row of the paired table from :func:`paired_stats`."""
+    def cell(key, fmt):
+        return "-" if stats[key] is None else format(stats[key], fmt)
+
+    ci = "-" if stats["ci"] is None else \
+        f"[{stats['mean'] - stats['ci']:+.2f}, {stats['mean'] + stats['ci']:+.2f}]"
+    return (f"| {label} | {target:g}x | {stats['n']} | {stats['mean']:+.2f} | {cell('se', '.2f')} | "
+            f"{cell('t', '+.2f')} | {cell('p', '.3f')} | {ci} | {cell('mde', '.2f')} |")
+
+
+PAIRED_HEADER = ["| Difference | target | n | mean | SE | paired t | p | 95 % CI | MDE (2.8 × SE) |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+
+
 def _paired_table(table: dict, targets: list[float], method: str = "metanetwork") -> list[str]:
-    """Markdown rows ``method - baseline`` x target of per-seed test-accuracy differences (points)."""
+    """Markdown rows ``method - baseline`` x target of the per-seed test-accuracy differences (points)."""
     if method not in table:
         return []
-    header = ["Difference"] + [f"{t:g}x" for t in targets] + ["seeds"]
-    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = list(PAIRED_HEADER)
     for baseline in [m for m in METHODS if m != method and m in table]:
-        cells, counts = [], []
         for t in targets:
             mine = {r["seed"]: r["pruned_acc"] for r in table[method].get(round(t, 4), [])}
             theirs = {r["seed"]: r["pruned_acc"] for r in table[baseline].get(round(t, 4), [])}
             diffs = [100 * (mine[s] - theirs[s]) for s in sorted(mine.keys() & theirs.keys())]
-            counts.append(len(diffs))
-            if not diffs:
-                cells.append("-")
-                continue
-            mean, std = mean_std(diffs)
-            cells.append(f"{mean:+.2f} ± {std:.2f}" if std is not None else f"{mean:+.2f}")
-        rows.append(f"| {LABELS[method].split(' (')[0]} − {LABELS[baseline]} | " + " | ".join(cells)
-                    + f" | {max(counts)} |")
+            if diffs:
+                rows.append(paired_row(f"{LABELS[method].split(' (')[0]} − {LABELS[baseline]}", t,
+                                       paired_stats(*mean_std(diffs), len(diffs))))
     return rows
 
 
@@ -477,7 +617,8 @@ def _goals(table: dict, targets: list[float]) -> str:
             f"not met (meta {meta:.2f}, sparse {sparse:.2f}, plain {plain:.2f})"
         parts.append(f"{t:g}x: {order}, meta - plain = {meta - plain:+.2f} points")
     return "Goal check (mean test accuracy; goal: meta-pruning >= sparse learning >= DepGraph at every target, " \
-           "and >= +1 point over DepGraph at 3x): " + ("; ".join(parts) if parts else "no complete targets yet") + "."
+           "and >= +1 point over DepGraph at 3x): " + ("; ".join(parts) if parts else "no complete targets yet") + \
+           ". Means only: whether a difference is distinguishable from zero is the paired table's question."
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,8 +637,9 @@ def ablation_row(selection_file: Path) -> dict:
             "sparse_learning_scores": selection.get("sparse_learning_scores")}
 
 
-def run_ablation(cfg: DictConfig, out: Path, name: str, overrides: list[str], results_dir: Path,
-                 report_name: str) -> dict:
+def run_ablation(cfg: DictConfig, out: Path, name: str, overrides: list[str], results_dir: Path) -> dict:
+    """meta_train + select with ``overrides`` into ``<out>/ablation/<name>``; its row into
+    ``<results_dir>/ablation.json`` (replacing a row of the same name)."""
     store = out / "store"
     if not store.exists():
         raise SystemExit(f"--ablation needs the benchmark's store at {store}: run the benchmark (or its generate "
@@ -513,7 +655,7 @@ def run_ablation(cfg: DictConfig, out: Path, name: str, overrides: list[str], re
                              "select.cache": str(earlier[-1]) if earlier else None})
     row = {"name": name, "overrides": overrides, **ablation_row(folder / "select" / "selection.json"),
            "seconds": round(time.time() - started, 1)}
-    path = results_dir / f"{report_name}_ablation.json"
+    path = results_dir / ABLATION
     rows = [r for r in (json.loads(path.read_text()) if path.exists() else []) if r["name"] != name]
     results_dir.mkdir(parents=True, exist_ok=True)
     write_json(path, rows + [row])
@@ -527,8 +669,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="resnet20_on_FashionMNIST")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "runs" / "proxy"),
                         help="working folder (resumable; not committed)")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where the report goes")
-    parser.add_argument("--name", default="proxy", help="report file name (<name>.md, <name>.png ...)")
+    parser.add_argument("--results", default=str(DEFAULT_RESULTS),
+                        help="the benchmark's results folder: report.md, report.json, figures/, ablation.json; a "
+                             "variant's go to <results>/variants/NAME (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[7, 8, 9])
     parser.add_argument("--targets", type=float, nargs="+", default=[2.0, 3.0, 4.0])
     parser.add_argument("--data-models", type=int, default=8)
@@ -539,41 +682,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transfer", default=None,
                         help="a metanetwork (.pt or select run dir) trained on another setting, added as a method")
     parser.add_argument("--ablation", default=None, metavar="NAME",
-                        help="only meta_train + select with the overrides, into <out>/ablation/NAME")
+                        help="only meta_train + select with the overrides, into <out>/ablation/NAME; its row goes to "
+                             "<results>/ablation.json")
     parser.add_argument("--variant", default=None, metavar="NAME",
-                        help="only the final runs, with the overrides, into <out>/variants/NAME (report <name>_NAME.md)")
+                        help="only the final runs, with the overrides, into <out>/variants/NAME; report in "
+                             "<results>/variants/NAME/")
     parser.add_argument("--select", default=None, metavar="DIR",
                         help="with --variant: the select run dir whose checkpoint and sparse-learning strength the "
                              "finals use (default <out>/select), e.g. <out>/ablation/NAME/select")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rebuild report.md and figures/accuracy.png of <results> (with --variant "
+                             "NAME: of <results>/variants/NAME) from the report.json saved beside it")
     argv = list(sys.argv[1:] if argv is None else argv)
     # Hydra overrides (key=value, anywhere on the line) are told apart from the options by their '='
     hydra_overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     args = parser.parse_args([a for a in argv if a not in hydra_overrides])
     args.overrides = hydra_overrides
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-
-    overrides = [f"pipeline.num_data_models={args.data_models}",
-                 f"select.sparse_learning_regs=[{','.join(f'{r:g}' for r in args.sparse_regs)}]", *args.overrides]
-    cfg = compose_config(args.task, overrides)
-    out, results_dir = Path(args.out).resolve(), Path(args.results).resolve()
     if args.ablation and args.variant:
         parser.error("--ablation and --variant exclude each other")
     if args.select and not args.variant:
         parser.error("--select goes with --variant")
+    results_dir = Path(args.results).resolve()
+    variant_dir = results_dir / "variants" / args.variant if args.variant else None
+    if args.report_only:
+        if args.ablation:
+            parser.error("--report-only rebuilds a report; an ablation row has none (its table is in the report)")
+        if args.overrides or args.select:
+            log.info("--report-only: overrides and --select ignored (the report is rebuilt from report.json as saved)")
+        path = rebuild_report(variant_dir or results_dir)
+        print(colored(f"proxy benchmark report rebuilt: {path}", "green", attrs=["bold"]))
+        return 0
+
+    overrides = [f"pipeline.num_data_models={args.data_models}",
+                 f"select.sparse_learning_regs=[{','.join(f'{r:g}' for r in args.sparse_regs)}]", *args.overrides]
+    cfg = compose_config(args.task, overrides)
+    out = Path(args.out).resolve()
     select_dir = Path(args.select).resolve() if args.select else None
+    command = " ".join(["python benchmarks/proxy.py", *argv])
     if args.ablation:
-        run_ablation(cfg, out, args.ablation, args.overrides, results_dir, args.name)
+        run_ablation(cfg, out, args.ablation, args.overrides, results_dir)
         return 0
     if args.variant:
         final_root, timings = run_variant(cfg, out, args.variant, args.seeds, args.targets, args.transfer,
                                           args.methods, select_dir)
-        path = write_report(cfg, out, results_dir, f"{args.name}_{args.variant}", args.seeds, args.targets, timings,
-                            args.transfer, final_root=final_root, variant=(args.name, args.overrides),
-                            select_dir=select_dir)
+        path = write_report(cfg, out, variant_dir, args.seeds, args.targets, timings, final_root=final_root,
+                            variant=args.overrides, select_dir=select_dir, bench_dir=results_dir, command=command)
         print(colored(f"proxy benchmark variant report: {path}", "green", attrs=["bold"]))
         return 0
     timings = run_benchmark(cfg, out, args.seeds, args.targets, args.transfer, args.methods, args.generate_seed)
-    path = write_report(cfg, out, results_dir, args.name, args.seeds, args.targets, timings, args.transfer)
+    path = write_report(cfg, out, results_dir, args.seeds, args.targets, timings, command=command)
     print(colored(f"proxy benchmark report: {path}", "green", attrs=["bold"]))
     return 0
 

@@ -1,8 +1,10 @@
-"""benchmarks/proxy.py end to end on the offline digits task (tiny budgets): the report, resumption, an ablation,
-a variant of the finals."""
+"""benchmarks/proxy.py: end to end on the offline digits task (tiny budgets): the report, resumption, an ablation,
+a variant of the finals, the report rebuilt from its report.json; and, fast, the paired statistics and
+``--report-only`` on a hand-made report.json."""
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -10,8 +12,9 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from scipy import stats
 
-from helpers import REPO
+from helpers import REPO, load_script
 TARGETS = (1.5, 2.0)
 METHOD_LABELS = {  # benchmarks/proxy.py LABELS, in table order
     "metanetwork": "Meta-pruning (metanetwork)",
@@ -59,7 +62,7 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
     first, first_seconds = proxy(tmp_path)
 
     # the report: one row per method, a column per target, numbers in every cell
-    markdown = (results / "proxy.md").read_text()
+    markdown = (results / "report.md").read_text()
     rows = table_rows(markdown, "## Test accuracy")
     assert rows["Method"] == ["1.5x", "2x", "seeds"]
     assert [k for k in rows if k not in ("Method", "---")] == list(METHOD_LABELS.values())
@@ -69,9 +72,12 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
         for cell in cells[:2]:
             assert 0.0 <= float(cell) <= 100.0, (label, cell)
     assert list(table_rows(markdown, "Validation accuracy"))[2:] == list(METHOD_LABELS.values())
-    paired = table_rows(markdown, "Paired differences")
-    assert paired["Difference"] == ["1.5x", "2x", "seeds"] and len(paired) == 2 + len(METHOD_LABELS) - 1
-    assert all(float(cell) == float(cell) for row in list(paired.values())[2:] for cell in row[:2])
+    paired = table_rows(markdown, "## Paired differences")
+    assert paired["Difference"] == ["target", "n", "mean", "SE", "paired t", "p", "95 % CI", "MDE (2.8 × SE)"]
+    assert len(paired) == 2 + len(METHOD_LABELS) - 1  # one row per baseline (rows are keyed by label, one target kept)
+    assert sum(line.startswith("| Meta-pruning − ") for line in markdown.splitlines()) == 2 * (len(METHOD_LABELS) - 1)
+    for row in list(paired.values())[2:]:  # one seed: a mean, no spread
+        assert row[1] == "1" and math.isfinite(float(row[2])) and row[3:] == ["-"] * 5
     prunability = table_rows(markdown, "Prunability itself")  # accuracy right after pruning, no fine-tune
     assert prunability["Method"] == ["before pruning", "1.5x", "2x", "seeds"]
     for label in METHOD_LABELS.values():
@@ -82,8 +88,11 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
         for target, cell in zip(TARGETS, collapsed[label]):
             result = json.loads((out / "final" / "seed1" / method / f"target_{target:g}x" / "results.json").read_text())
             assert float(cell) == sum(w <= 2 for w in result["model"]["widths"]), (method, target)
-    for name in ("proxy.png", "proxy_selection.png"):
-        assert (results / name).stat().st_size > 0, name
+    for name in ("accuracy.png", "selection.png", "meta_train.png"):
+        assert (results / "figures" / name).stat().st_size > 0, name
+        assert f"](figures/{name})" in markdown
+    assert "reading.md" not in markdown  # no reading written yet: no link to one
+    assert json.loads((results / "report.json").read_text())["runs"]
 
     # every stage timed
     timings = json.loads((out / "timings.json").read_text())
@@ -123,13 +132,23 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
     assert (out / "timings.json").read_text() == timings_text
     assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == before
     assert again_seconds < 0.6 * first_seconds
-    assert (results / "proxy.md").exists()
+    assert (results / "report.md").exists()
+
+    # the report again from report.json alone, with the working folder gone; a reading beside it is linked
+    (results / "reading.md").write_text("# Reading\n")
+    (out / "final").rename(tmp_path / "final_away")
+    proxy(tmp_path, "--report-only")
+    (tmp_path / "final_away").rename(out / "final")
+    rebuilt = (results / "report.md").read_text()
+    assert "re-rendered from `report.json` by `--report-only`" in rebuilt and "](reading.md)" in rebuilt
+    assert [line for line in rebuilt.splitlines() if line.startswith("|")] == \
+        [line for line in markdown.splitlines() if line.startswith("|")]
 
     # an ablation: meta_train + select only, on the benchmark's store, appended to the ablation table; this one
     # scores by the accuracy after pruning and fine-tuning (select.score=finetuned)
     proxy(tmp_path, "--ablation", "smoke", "select.score=finetuned", "select.finetuned_targets=[1.5]",
           "task.meta_train.epochs=1")
-    rows = json.loads((results / "proxy_ablation.json").read_text())
+    rows = json.loads((results / "ablation.json").read_text())
     assert [r["name"] for r in rows] == ["smoke"]
     row = rows[0]
     assert row["epoch"] == 1 and row["overrides"][-1] == "task.meta_train.epochs=1"
@@ -145,11 +164,13 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
     finished = {p: p.stat().st_mtime_ns for p in (out / "final").rglob("results.json")}
     proxy(tmp_path, "--variant", "capped", "method.max_pruning_ratio=0.5", "method.hard_cap=true")
     assert {p: p.stat().st_mtime_ns for p in (out / "final").rglob("results.json")} == finished
-    variant = (results / "proxy_capped.md").read_text()
+    variant = (results / "variants" / "capped" / "report.md").read_text()
     assert "method.max_pruning_ratio=0.5 method.hard_cap=true" in variant.splitlines()[4]
     assert "(here 0.5, hard: no step passes it)" in variant
     assert list(table_rows(variant, "## Test accuracy"))[2:] == list(METHOD_LABELS.values())
-    assert "](proxy_selection.png)" in variant and not (results / "proxy_capped_selection.png").exists()
+    assert "](../../figures/selection.png)" in variant and "](../../report.md)" in variant
+    assert not (results / "variants" / "capped" / "figures" / "selection.png").exists()
+    assert (results / "variants" / "capped" / "figures" / "accuracy.png").exists()
     for method in METHOD_LABELS:
         stage = out / "variants" / "capped" / "final" / "seed1" / method
         capped = OmegaConf.load(stage / "config.yaml").method
@@ -166,12 +187,92 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
                          "results.json").read_text())
     assert Path(result["metanetwork"]) == (out / "ablation" / "smoke" / "meta_train" / "checkpoints" /
                                            "epoch_0001.pt").resolve()
-    report = (results / "proxy_smoke_select.md").read_text()
-    assert "chosen by the selection in" in report and "](proxy_smoke_select_selection.png)" in report
-    assert "scored by `finetuned`" in report and (results / "proxy_smoke_select_selection.png").exists()
+    smoke = results / "variants" / "smoke_select"
+    report = (smoke / "report.md").read_text()
+    assert "chosen by the selection in `<out>/ablation/smoke/select`" in report
+    assert "](figures/selection.png)" in report and (smoke / "figures" / "selection.png").exists()
+    assert "scored by `finetuned`" in report
     assert "after pruning to 1.5x" in report  # the row's own select.finetuned_targets
     # its own meta-training (not the benchmark's): its own diagnostics plot
-    assert "](proxy_smoke_select_meta_train.png)" in report and (results / "proxy_smoke_select_meta_train.png").exists()
+    assert "](figures/meta_train.png)" in report and (smoke / "figures" / "meta_train.png").exists()
     checkpoints = sorted(p.name for p in (out / "ablation" / "smoke" / "meta_train" / "checkpoints").glob("*.pt"))
     assert checkpoints == ["epoch_0001.pt"]
     assert not (out / "ablation" / "smoke" / "final").exists()
+
+
+@pytest.fixture(scope="module")
+def proxy_module():
+    return load_script(REPO / "benchmarks" / "proxy.py", "proxy_benchmark_script")
+
+
+def test_paired_statistics_match_a_paired_t_test(proxy_module):
+    ours, theirs = [80.1, 79.3, 81.0, 78.2, 80.6, 79.9], [80.9, 80.0, 80.2, 80.1, 81.7, 80.0]
+    diffs = [a - b for a, b in zip(ours, theirs)]
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    got = proxy_module.paired_stats(mean, sd, len(diffs))
+    want = stats.ttest_rel(ours, theirs)
+    assert got["se"] == pytest.approx(sd / math.sqrt(6))
+    assert got["t"] == pytest.approx(want.statistic) and got["p"] == pytest.approx(want.pvalue)
+    assert got["ci"] == pytest.approx(stats.t.ppf(0.975, 5) * got["se"])
+    assert got["mde"] == pytest.approx(2.8 * got["se"])
+    row = proxy_module.paired_row("a − b", 2.0, got)
+    assert row.startswith(f"| a − b | 2x | 6 | {mean:+.2f} | {got['se']:.2f} | {got['t']:+.2f} | {got['p']:.3f} |")
+    # one seed: the mean only
+    assert proxy_module.paired_row("a − b", 3.0, proxy_module.paired_stats(-1.5, None, 1)) == \
+        "| a − b | 3x | 1 | -1.50 | - | - | - | - | - |"
+
+
+def _report_data(seeds=(1, 2, 3), targets=(2.0, 3.0)):
+    runs = []
+    for method_index, method in enumerate(METHOD_LABELS):
+        for seed in seeds:
+            for target in targets:
+                acc = 0.8 - 0.01 * target + 0.003 * method_index + 0.002 * seed * (method_index % 2)
+                runs.append({"method": method, "seed": seed, "target": target, "speed_up": target + 0.01,
+                             "pruned_acc": acc, "pruned_val_acc": acc - 0.01, "pre_pruning_acc": 0.81,
+                             "just_pruned_acc": 0.3, "widths": [1, 4, 8]})
+    return {"task": "t", "command": "python benchmarks/proxy.py --seeds 1 2 3", "generated": "2026-01-01 00:00 UTC",
+            "hardware": "h", "variant": None, "setup": ["- setup line"], "cap": None, "seeds": list(seeds),
+            "targets": list(targets), "runs": runs,
+            "selection": {"epoch": 2, "score": 0.5, "score_kind": "auc", "control_score": 0.4,
+                          "gain_over_control": 0.1, "ranking": [{"epoch": 2, "score": 0.5, "unpruned_acc": 0.8,
+                                                                 "eligible": True}]},
+            "figures": {"selection": None, "meta_train": None}, "timings": {"generate": 3.0}}
+
+
+def test_report_only_rebuilds_from_report_json(tmp_path, proxy_module):
+    results = tmp_path / "results"
+    variant = results / "variants" / "v"
+    for folder in (results, variant):
+        folder.mkdir(parents=True, exist_ok=True)
+        data = _report_data()
+        if folder == variant:
+            data["variant"] = {"overrides": ["method.hard_cap=true"], "select": None}
+        (folder / "report.json").write_text(json.dumps(data))
+    (results / "reading.md").write_text("# Reading\n")
+    (results / "ablation.json").write_text(json.dumps([{
+        "name": "row1", "overrides": ["task.meta_train.lr=3e-4"], "epoch": 4, "score": 0.3, "score_kind": "auc",
+        "unpruned_acc": 0.8, "eligible": True, "control_score": 0.2, "gain_over_control": 0.1, "seconds": 12.0}]))
+    assert proxy_module.main(["--results", str(results), "--report-only"]) == 0
+    assert proxy_module.main(["--results", str(results), "--variant", "v", "--report-only"]) == 0
+
+    report = (results / "report.md").read_text()
+    assert "](reading.md)" in report and "by `--report-only` on" in report and "--seeds 1 2 3" in report
+    assert table_rows(report, "## Ablation")["row1"][:3] == ["`task.meta_train.lr=3e-4`", "4", "0.3000"]
+    assert (results / "figures" / "accuracy.png").stat().st_size > 0
+    rows = [line for line in report.splitlines() if line.startswith("| Meta-pruning − DepGraph + sparse")]
+    assert [row.split(" | ")[1:3] for row in rows] == [["2x", "3"], ["3x", "3"]]
+    data = _report_data()
+    diffs = [100 * (a["pruned_acc"] - b["pruned_acc"]) for a in data["runs"] for b in data["runs"]
+             if a["method"] == "metanetwork" and b["method"] == "sparse_learning" and a["seed"] == b["seed"]
+             and a["target"] == b["target"] == 2.0]
+    stats = proxy_module.paired_stats(statistics.fmean(diffs), statistics.stdev(diffs), 3)
+    assert rows[0] == proxy_module.paired_row("Meta-pruning − DepGraph + sparse learning", 2.0, stats)
+    assert table_rows(report, "Collapsed layers")[METHOD_LABELS["control"]] == ["1.0 ± 0.0", "1.0 ± 0.0", "3"]
+
+    variant_report = (variant / "report.md").read_text()
+    assert "](../../report.md)" in variant_report and "`method.hard_cap=true`" in variant_report
+    assert "reading.md" not in variant_report and "## Ablation" not in variant_report
+
+    with pytest.raises(SystemExit, match="report.json"):
+        proxy_module.main(["--results", str(tmp_path / "nothing"), "--report-only"])
