@@ -41,7 +41,7 @@ MACs per image: ``pruning.depgraph.count_macs`` (torch-pruning's counter, the pa
 A pruning curve's points are approximated as uniform channel removal: after step j of N every layer keeps
 ``1 - j/N`` of its channels, so MACs fall as ``(1 - j/N)**2``.
 
-GPU-hours: measured where ``benchmarks/results/gpu_check.json`` (``--gpu-check``; written by
+GPU-hours: measured where ``benchmarks/results/gpu_check/gpu_check.json`` (``--gpu-check``; written by
 ``benchmarks/gpu_check.py`` on CUDA at paper sizes) has a training images/s of the row's architecture at its
 input size (section f, the variant the recipe uses: fp32, amp, amp+channels_last), scaled by MACs to pruned
 models, evaluation images at 3 per training image. Otherwise an ESTIMATE: training 6 FLOPs per MAC per image
@@ -76,7 +76,7 @@ from pruning.depgraph import count_macs  # noqa: E402
 from stages.select import parse_checkpoints  # noqa: E402
 
 CONFIG_DIR = ROOT / "configs"
-GPU_CHECK = ROOT / "benchmarks" / "results" / "gpu_check.json"
+GPU_CHECK = ROOT / "benchmarks" / "results" / "gpu_check" / "gpu_check.json"
 STAGES = ("generate", "meta_train", "select", "pretrain_final", "final")
 METHODS = ("metanetwork", "finetune", "sparse_learning", "none")
 METHOD_NAMES = {"metanetwork": "metanetwork", "finetune": "control (equal-budget fine-tune)",
@@ -606,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS,
                         help=f"assumed effective TFLOP/s of the estimate (default {DEFAULT_TFLOPS:g})")
     parser.add_argument("--gpu-check", type=Path, default=GPU_CHECK,
-                        help="gpu_check.json with measured images/s (default benchmarks/results/gpu_check.json)")
+                        help="gpu_check.json with measured images/s (default benchmarks/results/gpu_check/gpu_check.json)")
     parser.add_argument("--data-models", type=int, default=None, help="data models generated (default: see doc)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds of the final runs (default: the row's)")
     parser.add_argument("--methods", default="metanetwork,none",

@@ -6,8 +6,8 @@ Run it on the GPU machine, from the repository root::
     python benchmarks/gpu_check.py --sections b,c,e      # a subset
     python benchmarks/gpu_check.py --device cpu --tiny   # every section on CPU with tiny models (~30 s here)
 
-It writes ``gpu_check.md`` (readable report: device, torch / CUDA / cuDNN versions, date, every section's
-checks PASS / FAIL and numbers) and ``gpu_check.json`` into ``--out`` (default ``benchmarks/results/`` on CUDA;
+It writes ``report.md`` (readable report: device, torch / CUDA / cuDNN versions, date, every section's
+checks PASS / FAIL and numbers) and ``gpu_check.json`` into ``--out`` (default ``benchmarks/results/gpu_check/`` on CUDA;
 a CPU run without ``--out`` writes into a fresh temporary folder, so a CPU run never overwrites the GPU report).
 It prints one progress line per section and exits with 1 if any check failed. The whole run must stay within
 **7 minutes** on one H100 (the report states the total); every section is a function whose failure (a FAIL or
@@ -33,7 +33,7 @@ c. ResNet-56 graph with the 8 x 64 metanetwork (resnet56.yaml): device forward a
    (>= 0.999) and relative norm of the difference (<= 1e-3) of all metanetwork gradients, for a fixed random
    weighting of the outputs. TF32 is off for these comparisons (they test kernels, not TF32 rounding).
 d. deterministic mode (``utils.seed.seed_everything(0, deterministic=True)``): two meta-training steps
-   (``stages.meta_train.meta_gradient`` + AdamW) and a few training steps (``training.loop.train``, amp on
+   (``training.meta_gradient.meta_gradient`` + AdamW) and a few training steps (``training.loop.train``, amp on
    CUDA) raise nothing, and two runs from the same seed end bitwise equal (metanetwork parameters and the
    trained model's state dict). The warnings of ``warn_only`` (kernels without a deterministic version) are
    listed. The global flags are restored afterwards.
@@ -53,7 +53,8 @@ g. ``prune_to_speed_up`` (ResNet-56, target 2.3, the paper's method: configs/met
 h. ``python -m torch.distributed.run --standalone --nproc_per_node=1`` of this script's hidden worker
    (``--ddp-worker``): NCCL on CUDA (gloo on CPU) through ``utils.distributed.torchrun_session``, a tensor and an
    object broadcast, ``stages.ddp.train`` (DDP on a ``DistributedSampler``), ``training.loop.evaluate`` and one
-   sharded meta-training step (``stages.meta_train.sharded_loader`` + ``accumulated_step``); success and time.
+   sharded meta-training step (``stages.meta_train.sharded_loader`` + ``training.meta_gradient.accumulated_step``);
+   success and time.
 i. probe for batched data-model generation: K ResNet-56s trained at once with ``torch.func.functional_call``
    on stacked parameters (``stack_module_state``) under ``vmap`` against one ordinary model at a time (plain
    SGD steps, fp32), images/s for K = 1, 4, 8. BatchNorm in training mode: the running statistics are tracked
@@ -108,6 +109,7 @@ from nn.metanetwork import MetaNetwork  # noqa: E402
 from pruning.depgraph import count_macs, prune_to_speed_up  # noqa: E402
 from pruning.sparse_learning import SparseLearning  # noqa: E402
 from stages import ddp, meta_train  # noqa: E402
+from training import meta_gradient  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.loop import evaluate, train  # noqa: E402
 from utils import distributed  # noqa: E402
@@ -115,7 +117,7 @@ from utils.device import configure_cuda  # noqa: E402
 from utils.io import atomic_write, write_json  # noqa: E402
 from utils.seed import seed_everything  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = ROOT / "benchmarks" / "results" / "gpu_check"
 CONFIGS = ROOT / "configs"
 BUDGET_S = 7 * 60
 MEMORY_LIMIT_BYTES = 12e9  # section b: peak allocated memory of the VGG-19 forward + backward
@@ -381,7 +383,7 @@ def _fmt(value: Any) -> str:
 
 
 class _Settings:
-    """What ``meta_train.build_entry`` reads of the meta-training settings (the paper's CIFAR value)."""
+    """What ``meta_gradient.build_entry`` reads of the meta-training settings (the paper's CIFAR value)."""
 
     pruner_reg = 10.0
 
@@ -564,7 +566,7 @@ def _deterministic_run(ctx: Context) -> dict:
     seed_everything(0, deterministic=True)
     model = _randomize_bn(build_model(ctx.sizes.resnet, 10), 0).to(device)
     example = torch.ones(1, *ctx.sizes.input_shape, device=device)
-    entry = meta_train.build_entry(0, model, example, ctx.method, _Settings, input_shape=ctx.sizes.input_shape)
+    entry = meta_gradient.build_entry(0, model, example, ctx.method, _Settings, input_shape=ctx.sizes.input_shape)
     torch.manual_seed(1)
     net = build_metanetwork(entry.codec, ctx.resnet_options).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=5e-4)
@@ -572,8 +574,8 @@ def _deterministic_run(ctx: Context) -> dict:
     results = []
     for _ in range(2):
         optimizer.zero_grad(set_to_none=True)
-        results.append(meta_train.meta_gradient(net, entry, batches, reference_batches=100, alpha=16.0, device=device,
-                                                diagnostics=False))
+        results.append(meta_gradient.meta_gradient(net, entry, batches, reference_batches=100, alpha=16.0,
+                                                   device=device, diagnostics=False))
         optimizer.step()
     torch.manual_seed(3)
     trained = build_model(ctx.sizes.resnet, 10)
@@ -676,9 +678,9 @@ def section_e(ctx: Context, sec: Section) -> None:
     model = _resnet(ctx).eval()
     model_dev = copy.deepcopy(model).to(device)
     example = torch.ones(1, *ctx.sizes.input_shape)
-    entry_cpu = meta_train.build_entry(0, model, example, ctx.method, _Settings, input_shape=ctx.sizes.input_shape)
-    entry_dev = meta_train.build_entry(0, model_dev, example.to(device), ctx.method, _Settings,
-                                       input_shape=ctx.sizes.input_shape)
+    entry_cpu = meta_gradient.build_entry(0, model, example, ctx.method, _Settings, input_shape=ctx.sizes.input_shape)
+    entry_dev = meta_gradient.build_entry(0, model_dev, example.to(device), ctx.method, _Settings,
+                                          input_shape=ctx.sizes.input_shape)
     torch.manual_seed(1)
     net_cpu = build_metanetwork(entry_cpu.codec, ctx.resnet_options)
     net_dev = copy.deepcopy(net_cpu).to(device)
@@ -686,8 +688,8 @@ def section_e(ctx: Context, sec: Section) -> None:
 
     def step(net: nn.Module, entry: Any, dev: torch.device):
         net.zero_grad(set_to_none=True)
-        return meta_train.meta_gradient(net, entry, batches, reference_batches=100, alpha=16.0, device=dev,
-                                        diagnostics=False)
+        return meta_gradient.meta_gradient(net, entry, batches, reference_batches=100, alpha=16.0, device=dev,
+                                           diagnostics=False)
 
     sec.numbers.update(batches=f"{ctx.sizes.meta_batches} x {ctx.sizes.meta_batch}",
                        metanetwork=f"{ctx.sizes.resnet_net[0]} x {ctx.sizes.resnet_net[1]}")
@@ -847,15 +849,15 @@ def ddp_worker(args: argparse.Namespace) -> None:
         t = time.perf_counter()
         data_model = _randomize_bn(build_model(sizes.resnet, 10), 0).to(device)
         example = torch.ones(1, *sizes.input_shape, device=device)
-        entry = meta_train.build_entry(0, data_model, example, _paper_method(), _Settings,
-                                       input_shape=sizes.input_shape)
+        entry = meta_gradient.build_entry(0, data_model, example, _paper_method(), _Settings,
+                                          input_shape=sizes.input_shape)
         torch.manual_seed(1)
         net = build_metanetwork(entry.codec, _metanetwork_options("resnet56", sizes.resnet_net)).to(device)
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
         loader = meta_train.sharded_loader(dataset, sizes.batch, 0, seed=0, rank_=distributed.rank(),
                                            world=distributed.world_size())
-        step, norm = meta_train.accumulated_step(net, entry, list(itertools.islice(loader, 2)), reference_batches=100,
-                                                 alpha=16.0, device=device, diagnostics=False)
+        step, norm = meta_gradient.accumulated_step(net, entry, list(itertools.islice(loader, 2)),
+                                                    reference_batches=100, alpha=16.0, device=device, diagnostics=False)
         optimizer.step()
         info["meta_step"] = {"ce": step.ce, "reg": step.reg, "batches": step.batches, "grad_norm": norm,
                              "seconds": time.perf_counter() - t}
@@ -1165,7 +1167,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny models and data (CPU tests)")
     parser.add_argument("--sections", default=",".join(SECTION_KEYS), help="comma-separated subset of a..i")
-    parser.add_argument("--out", default=None, help="folder for gpu_check.md / .json (default: benchmarks/results "
+    parser.add_argument("--out", default=None, help="folder for report.md / gpu_check.json (default: benchmarks/results/gpu_check "
                         "on CUDA, a fresh temporary folder on the CPU)")
     parser.add_argument("--ddp-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1211,8 +1213,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "gpu_check.json", report)
-    atomic_write(out / "gpu_check.md", markdown(report))
-    print(f"[gpu_check] {'PASS' if report['passed'] else 'FAIL'} in {total:.1f} s; wrote {out / 'gpu_check.md'} and "
+    atomic_write(out / "report.md", markdown(report))
+    print(f"[gpu_check] {'PASS' if report['passed'] else 'FAIL'} in {total:.1f} s; wrote {out / 'report.md'} and "
           f"{out / 'gpu_check.json'}", flush=True)
     return 0 if report["passed"] else 1
 

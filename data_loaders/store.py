@@ -50,14 +50,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
 import torch
 
 from generate_dataset.models import model_from_state_dict
-from nn.graph import GraphCodec
 from utils import locking
 from utils.io import FileError, atomic_path, atomic_write, fsync_dir
 
@@ -769,19 +768,6 @@ class DataModelStore(Sequence[DataModelRecord]):
         else:  # a single data model can only meta-train
             n_train = n
         return list(range(n_train)), list(range(n_train, n))
-
-    def models_and_graphs(self, indices: Sequence[int] | None = None, device: str | torch.device = "cpu",
-                          shuffle_seed: int | None = None) -> Iterator[tuple[torch.nn.Module, Any, DataModelRecord]]:
-        """Yield ``(model, graph, record)`` ready for meta-training: the model in eval mode on ``device``
-        and its graph from :class:`nn.graph.GraphCodec` (structure analysis cached per architecture)."""
-        order = list(range(len(self))) if indices is None else list(indices)
-        if shuffle_seed is not None:
-            generator = torch.Generator().manual_seed(shuffle_seed)
-            order = [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
-        for index in order:
-            record = self[index]
-            model = record.build_model().to(device)
-            yield model, GraphCodec(model).encode(model), record
 
 
 def verify_store(path: str | os.PathLike, expect: Mapping[str, Any] | None = None) -> int:

@@ -6,12 +6,13 @@ was trained on (node/edge feature sizes and meanings, edge layout and identity-e
 name and the epoch.
 
 :func:`apply_saved_metanetwork` is THE "load a checkpoint, build the model's codec, apply" path of every
-stage (final runs, selection curves, ``analyse``).
+stage (final runs, selection curves, ``analyse``), and :func:`fitting_checkpoints` THE refusal of a checkpoint of
+another layout before any training (final runs, selection).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn as tnn
@@ -71,6 +72,17 @@ def load_metanetwork(path: str | Path, codec: GraphCodec | None = None,
     metanetwork = MetaNetwork(node_dim=layout["node_dim"], edge_dims=dict(layout["edge_dims"]), **spec["options"])
     metanetwork.load_state_dict(checkpoint["state_dict"])
     return metanetwork.to(map_location).eval(), checkpoint
+
+
+def fitting_checkpoints(model: tnn.Module, paths: Iterable[str | Path], **codec_options: Any) -> Iterator[dict]:
+    """The metanetwork checkpoints ``paths``, read one at a time, each refused (:class:`LayoutMismatchError` naming
+    both layouts) unless its graph layout fits ``model``'s graphs: the check every stage runs before any training.
+
+    ``codec_options``: ``GraphCodec`` keywords (``stages.common.codec_options``); the codec is built once.
+    """
+    codec = GraphCodec(model, **codec_options)
+    for path in paths:
+        yield load_metanetwork(path, codec)[1]
 
 
 @torch.no_grad()

@@ -18,7 +18,9 @@ Scores:
     ``[x_first, max_speed_up]`` (the integral divided by the interval's length, so a curve that
     keeps accuracy 0.9 everywhere scores 0.9), either with the step function above (``kind="step"``,
     the default: exact for "what accuracy do I get when pruning to t") or with straight lines between
-    points (``kind="trapezoid"``), both extended flat beyond the last point.
+    points (``kind="trapezoid"``), both extended flat beyond the last point. :func:`score_points` is run=select's
+    curve score (``auc``: the step area up to ``max_speed_up``; ``acc_at``); :func:`accuracy_floor` and
+    :func:`eligible` rank candidates that lost too much unpruned accuracy after those that did not.
 
 Under torchrun (DDP) every rank runs :func:`accuracy_speed_up_curve` on the same weights with its shard of a
 ``DistributedSampler`` loader: the accuracy is all-reduced by ``training.loop.evaluate``, the pruning (group-L2
@@ -48,6 +50,7 @@ log.addFilter(lambda _record: is_main_process())  # under torchrun only rank 0 l
 
 Point = tuple[float, float]
 AUC_KINDS = ("step", "trapezoid")
+CURVE_SCORES = ("auc", "acc_at")  # score_points
 
 
 def accuracy_speed_up_curve(
@@ -189,6 +192,30 @@ def mean_curve(curves: Sequence[Sequence[Sequence[float]]], max_speed_up: float 
         reached = [x for x in grid if x >= max_speed_up]
         grid = [x for x in grid if x < max_speed_up] + reached[:1]
     return [(x, sum(accuracy_at(c, x) for c in checked) / len(checked)) for x in grid]
+
+
+def score_points(points: Sequence[Sequence[float]], kind: str, max_speed_up: float, target_speed_up: float) -> float:
+    """``auc``: step-wise mean accuracy up to ``max_speed_up``; ``acc_at``: accuracy at ``target_speed_up``."""
+    if kind == "auc":
+        return area_under_curve(points, max_speed_up, kind="step")
+    if kind == "acc_at":
+        return accuracy_at(points, target_speed_up)
+    raise ValueError(f"curve score {kind!r} is unknown; valid: {', '.join(CURVE_SCORES)}")
+
+
+def accuracy_floor(max_accuracy_drop: float | None, control: Mapping[str, Any] | None) -> float | None:
+    """The lowest unpruned validation accuracy a candidate may keep: the control's (``unpruned_acc``) minus
+    ``max_accuracy_drop`` (None: no floor, the reference's pure curve score)."""
+    if max_accuracy_drop is None:
+        return None
+    if control is None:
+        raise ValueError("an accuracy floor compares with the control's unpruned accuracy; it needs the control")
+    return control["unpruned_acc"] - max_accuracy_drop
+
+
+def eligible(item: Mapping[str, Any], floor: float | None) -> bool:
+    """Whether a candidate keeps its unpruned validation accuracy at or above ``floor``."""
+    return floor is None or item["unpruned_acc"] >= floor - 1e-12
 
 
 # ----------------------------------------------------------------------------------------------

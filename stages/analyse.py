@@ -37,8 +37,8 @@ from generate_dataset.models import load_model
 from nn.apply import apply_saved_metanetwork
 from pruning.depgraph import count_macs
 from stages import ddp
+from stages.artifacts import metanetwork_setting
 from stages.common import FinalRunConfigError, codec_options, example_input, num_params, setup, task_data
-from stages.final import metanetwork_setting
 from training.loop import evaluate_splits
 from utils import distributed
 from utils.io import atomic_path, atomic_write

@@ -1,5 +1,6 @@
 """What several stages share: the composed Hydra config turned into objects (data, model, recipes, codec
-options), the context of a run on a task's data, and the per-run boilerplate (config, timing, results).
+options), the context of a run on a task's data with its prune-then-fine-tune step (:func:`prune_and_finetune`,
+the final runs' and select's ``finetuned`` score's), and the per-run boilerplate (config, timing, results).
 
 A task file is read here only, so every stage builds its data, models and recipes the same way.
 """
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_loaders.image_datasets import DataLoaders, DataSplits, build_datasets, build_loaders
 from generate_dataset.models import build_model, load_pretrained, resolve_pretrained
+from pruning.depgraph import prune_to_speed_up
 from stages import ddp
 from training.config import TrainConfig
 from training.loop import RESUME_DIR, TrainResult
@@ -40,6 +42,10 @@ RunFn = Callable[[DictConfig, Path], dict]
 
 class FinalRunConfigError(ValueError):
     """A final-run setting that cannot work (wrong model file, wrong method kind, bad target ...)."""
+
+
+class SelectionError(ValueError):
+    """A configuration or input problem of run=select / run=visualize that the user must fix."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,6 +201,30 @@ class RunContext:
     def check_same_structure(self, model: torch.nn.Module, when: str) -> None:
         """Under torchrun: every rank's ``model`` has rank 0's layer widths, or every rank raises."""
         ddp.check_same_structure(model, self.task.model, self.splits.num_classes, when)
+
+
+def prune_and_finetune(ctx: RunContext, model: torch.nn.Module, target: float, base_macs: float,
+                       config: TrainConfig, desc: str,
+                       before_finetune: Callable[[torch.nn.Module], Any] | None = None
+                       ) -> tuple[torch.nn.Module, float, TrainResult]:
+    """The final runs' last two steps, shared with run=select's ``finetuned`` score so that the score measures
+    what the final runs do: prune ``model`` (eval mode) to the TOTAL speed-up ``target`` (MACs of the unpruned
+    architecture ``base_macs`` over the pruned MACs) with the task's pruning (``ctx.method``,
+    ``task.pruning.iterative_steps``; an unreachable target raises), on rank 0 under torchrun
+    (``ctx.change_on_main``: use the returned model); then ``before_finetune(model)`` (the final runs evaluate the
+    pruned model, the score reseeds); then fine-tune it with ``config`` (``ctx.train``, ``<desc>_metrics.csv``).
+    Returns ``(model, achieved speed-up, fine-tune result)``."""
+    model.eval()
+
+    def prune(pruned: torch.nn.Module) -> float:
+        return prune_to_speed_up(pruned, target, ctx.method, ctx.example,
+                                 iterative_steps=ctx.task.pruning.iterative_steps, base_macs=base_macs, strict=True,
+                                 progress=True)
+
+    model, achieved = ctx.change_on_main(model, prune, f"after pruning to {target:g}x")
+    if before_finetune is not None:
+        before_finetune(model)
+    return model, achieved, ctx.train(model, config, desc)
 
 
 def run_context(cfg: DictConfig, run_dir: Path) -> RunContext:

@@ -56,24 +56,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 from termcolor import colored
 from torch import nn as tnn
 
 from generate_dataset.models import load_model, model_spec
-from nn.apply import apply_saved_metanetwork, load_metanetwork
-from nn.graph import GraphCodec
+from nn.apply import apply_saved_metanetwork, fitting_checkpoints
 from pruning import unstructured
 from pruning.depgraph import SpeedUpNotReachedError, count_macs, prune_to_speed_up
 from pruning.sparse_learning import SparseLearning
 from stages import ddp
-from stages.common import (RESULTS_FILE, FinalRunConfigError, RunContext, codec_options, num_params, recipe,
-                           run_context, start_model, task_model)
-from stages.select import chosen_checkpoint
+from stages.artifacts import metanetwork_setting, target_dir
+from stages.common import (RESULTS_FILE, FinalRunConfigError, RunContext, codec_options, num_params,
+                           prune_and_finetune, recipe, run_context, start_model, task_model)
 from training.loop import TrainResult, evaluate_splits
 from utils import distributed
 from utils.checkpoint import save_checkpoint
-from utils.io import is_null, write_json
+from utils.io import write_json
 
 log = logging.getLogger(__name__)
 log.addFilter(ddp.main_process_only)  # under torchrun only rank 0 logs
@@ -99,45 +98,11 @@ class UnreachableTargetError(SpeedUpNotReachedError):
 # ----------------------------------------------------------------------------------------------
 # Settings
 # ----------------------------------------------------------------------------------------------
-def resolve_metanetwork(value: Any) -> Path | None:
-    """``final.metanetwork`` -> a metanetwork checkpoint path, or None for the baseline.
-
-    A ``.pt`` file is used as is; a folder is a select run dir whose ``selection.json`` names the chosen
-    checkpoint (``stages.select.chosen_checkpoint``; a relative path is taken relative to that folder first).
-    """
-    if is_null(value):
-        return None
-    path = Path(str(value)).expanduser()
-    if path.is_file():
-        return path.resolve()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"final.metanetwork={value}: no such file or folder; pass a metanetwork checkpoint (.pt), a select "
-            "run dir (with selection.json), or null for the baseline without metanetwork"
-        )
-    chosen = Path(chosen_checkpoint(path))
-    for candidate in ((path / chosen) if not chosen.is_absolute() else chosen, chosen):
-        if candidate.is_file():
-            return candidate.resolve()
-    raise FileNotFoundError(f"the metanetwork chosen in {path} ({chosen}) does not exist")
-
-
-def metanetwork_setting(cfg: DictConfig) -> Path | None:
-    """``cfg.final.metanetwork`` resolved (:func:`resolve_metanetwork`); a clear error when left mandatory (???)."""
-    if OmegaConf.is_missing(cfg.final, "metanetwork"):
-        raise FinalRunConfigError(
-            "final.metanetwork is required here: pass final.metanetwork=<select run dir or metanetwork .pt>, "
-            "or final.metanetwork=null for the baseline without metanetwork"
-        )
-    return resolve_metanetwork(cfg.final.get("metanetwork"))
-
-
 def _check_metanetwork(path: Path | None, template: tnn.Module, ctx: RunContext) -> dict | None:
     """Refuse a metanetwork whose layout does not fit the task's graphs, before any training."""
     if path is None:
         return None
-    codec = GraphCodec(template, **codec_options(ctx.cfg))
-    _net, checkpoint = load_metanetwork(path, codec)  # LayoutMismatchError names both layouts
+    [checkpoint] = fitting_checkpoints(template, [path], **codec_options(ctx.cfg))  # else LayoutMismatchError
     spec = checkpoint["spec"]
     if spec.get("task") != ctx.task.name:
         log.info("transfer: metanetwork %s was trained on task %s, used on %s", path, spec.get("task"), ctx.task.name)
@@ -395,11 +360,6 @@ def final_targets(cfg: DictConfig) -> list[float]:
         raise FinalRunConfigError(f"final.target_speed_up={value!r}: expected a number or a list of numbers") from None
 
 
-def target_dir(run_dir: Path, target: float) -> Path:
-    """Sub-folder of a multi-target run that holds one target's ``results.json`` and pruned model."""
-    return Path(run_dir) / f"target_{target:g}x"
-
-
 def _init_prune(start: _Start, initial: float) -> TrainResult | None:
     """Init pruning to ``initial`` (total) and its fine-tune, unless the start model is already there."""
     ctx, model, base_macs = start.ctx, start.model, start.base_macs
@@ -438,16 +398,9 @@ def _prune_target(start: _Start, target: float, multi: bool, prepared: dict, fin
     pruned = copy.deepcopy(start.model) if multi else start.model
     stages = list(start.stages)
     log.info("pruning to %.4fx (total)", target)
-    pruned.eval()
-
-    def prune(model: tnn.Module) -> float:
-        return prune_to_speed_up(model, target, ctx.method, ctx.example,
-                                 iterative_steps=ctx.task.pruning.iterative_steps, base_macs=base_macs, strict=True,
-                                 progress=True)
-
-    pruned, _ = ctx.change_on_main(pruned, prune, f"after pruning to {target:g}x")
-    _stage(stages, "pruned", pruned, target_ctx, base_macs)
-    ft_prune = target_ctx.finetune(pruned, "after_pruning")
+    pruned, _achieved, ft_prune = prune_and_finetune(
+        target_ctx, pruned, target, base_macs, target_ctx.recipe("after_pruning"), "finetune_after_pruning",
+        before_finetune=lambda model: _stage(stages, "pruned", model, target_ctx, base_macs))
     final = _stage(stages, "final", pruned, target_ctx, base_macs)
     pruned.eval()
 

@@ -1,207 +1,75 @@
-"""Run mode ``meta_train``: meta-training of the graph metanetwork (reference §6, checkpoints as §9).
+"""Run mode ``meta_train``: meta-training of the graph metanetwork on the store's training data models
+(reference §6, §9).
 
-With ``task.meta_train.iterations_per_step: null`` (the CIFAR-scale tasks; single process): one optimiser
-step per training data model, data models in a seeded random order every epoch::
+The gradient of one data model (the method's core: one backward through the GNN per step, the CE/regulariser
+balance ``pruner_reg / reference_batches``) is ``training.meta_gradient``. This module runs it, in one of two
+schemes:
 
-    graph   = codec.encode(data model)                          # fixed input, no gradient
-    θ'      = codec.decode(metanetwork(graph))                  # generated weights, graph to the GNN
-    leaves  = θ'.detach().requires_grad_()
-    for each of the step's n batches b (task training loader, BN in eval mode):
-        CE_b = cross_entropy(functional_call(model, leaves + BN buffers, x_b), y_b); CE_b.backward()
-    grad    = (ref_batches / n) * sum_b dCE_b/dθ'  +  dR/dθ'    # R: pruning regulariser (pruning.regularizer)
-    torch.autograd.backward(θ', grad)                           # ONE backward through decoder + GNN
-    optimizer.step()                                            # AdamW; MultiStepLR stepped per epoch
+* ``task.meta_train.iterations_per_step: null`` (the CIFAR-scale tasks; one process): one AdamW step per training
+  data model, the data models in a seeded order every epoch; a step takes the next ``batches_per_step`` batches
+  (null: one pass) of one stream of reshuffled passes over the task's training split (:class:`_BatchStream`);
+* ``iterations_per_step: N`` (the authors' ImageNet step, under torchrun): rank r meta-trains training data model
+  ``r mod count`` on its ``DistributedSampler`` shard with a step every N batches (gradients averaged over the
+  ranks, ``training.meta_gradient.accumulated_step``), the trailing batches skipped, each epoch's batches seeded
+  from (seed, epoch, rank).
 
-Why one backward: the authors call ``CE_b.backward(retain_graph=True)`` for every batch, so the GNN
-graph is traversed n times per step. The GNN output θ' does not depend on the batch, so by linearity
-backward(θ', sum_b dCE_b/dθ') gives the same metanetwork gradient with one traversal
-(``tests/test_meta_train.py`` checks equality on every metanetwork parameter in float64).
+MultiStepLR steps once per epoch. Outputs under the run dir: ``checkpoints/epoch_{k:04d}.pt`` every epoch (1-based;
+``stages.artifacts``; with all that resuming needs, ``stages.meta_train_resume``), ``meta_train_metrics.csv`` and
+``meta_train_diagnostics.png`` (``stages.meta_train_metrics``; rank 0 writes) and ``results.json``. A run dir that
+holds checkpoints continues after the newest one (``meta_train.resume=true``), on the CPU bit-identical to an
+uninterrupted run. A NaN/inf loss, regulariser or gradient raises ``FloatingPointError`` before the optimiser
+step; the last checkpoint is the last good epoch. Each data model's codec and regulariser are built once per run
+without touching the global RNG (:class:`_EntryCache`).
 
-The CE/regulariser balance (``task.meta_train``): the authors' gradient is ``sum_{b=1..100} dCE_b +
-dR`` with ``R = (pruner_reg / 2) sum_g sum_c gamma_c ||θ_{g,c}||^2``: 100 batches of 500 = the CIFAR
-training set, i.e. ``pruner_reg / 100 = 0.1`` regulariser per unit of *mean* CE. Here::
-
-    gradient = reference_batches * mean_b(dCE_b/dθ') + dR/dθ'
-
-``reference_batches`` (100 for CIFAR: the reference's batches per step) makes this exactly the paper's
-gradient when a step sees that many batches, and keeps the balance ``pruner_reg / reference_batches``
-per mean CE for any ``batches_per_step`` (null = one pass over the whole training loader, as the
-reference; fewer batches = a cheaper, noisier estimate of the same objective). ``reference_batches:
-null`` reproduces the authors' literal sum (balance then changes with the number of batches).
-
-Data: ``task.meta_train.batch_size`` images per batch (null = ``task.batch_size``; 500 for the CIFAR
-tasks, the reference's "big" loader) from the task's training split (augmented; the validation split is
-held out). A step takes the next ``batches_per_step`` batches of one stream of passes over the split, each
-pass reshuffled, that restarts at every epoch start. The stream is ONE loader iterator per epoch (its workers
-start once per epoch, not once per pass, which with ``batches_per_step: null`` would be once per step). The
-loader's order and its workers' seeds come from its own seeded generator, drawn exactly as a fresh iterator per
-pass would draw them, so that generator's state (saved in each checkpoint) fixes every later batch; with
-``num_workers: 0`` the batches are bit for bit those of one iterator per pass.
-
-ImageNet scale, ``task.meta_train.iterations_per_step`` (the authors' ``optimize_every_iter``, reference §9;
-null = the one-step-per-data-model scheme above, which the CIFAR-scale tasks keep bit for bit). Under torchrun
-(or as rank 0 of 1 in a single process)::
-
-    each rank r meta-trains ONE data model: train_idx[r mod len(train_idx)]     # the reference's rank % data_model_num
-    epoch   = one pass over the rank's DistributedSampler shard of the training split (padded: every rank has
-              L = ceil(ceil(N / world) / batch_size) batches), reshuffled per epoch (sampler.set_epoch)
-    for each of the epoch's floor(L / iterations_per_step) steps:
-        θ'   = codec.decode(metanetwork(graph))                 # once per step, as the reference
-        grad = (ref_batches / n) * sum_b dCE_b/dθ' + dR/dθ'     # b: the shard's next n = iterations_per_step
-        torch.autograd.backward(θ', grad)                       # ONE backward through decoder + GNN
-        average_gradients(metanetwork)                          # mean over the ranks (the reference's DDP wrapper)
-        optimizer.step()                                        # same gradient and AdamW state on every rank, so
-                                                                # the parameters stay bit-identical across ranks
-    scheduler.step()                                            # once per epoch, as the reference
-
-The trailing ``L mod iterations_per_step`` batches of an epoch are skipped: the reference computes their CE but
-never steps on them (its accumulation restarts with the next epoch), so here they are not even loaded. The
-balance is the same formula per rank: with ``reference_batches = iterations_per_step = 200`` (the ImageNet task
-files) a rank's gradient is the authors' literal sum of 200 batch-CE gradients plus the regulariser's, i.e.
-``pruner_reg / 200`` (0.05) regulariser per unit of mean CE, and averaging over ranks keeps that balance. A
-single process is rank 0 of 1 and meta-trains only the FIRST training data model, as the reference does on one
-GPU (``0 % data_model_num``); a warning says so whenever fewer ranks than training data models run. Under
-torchrun ``iterations_per_step`` is required (the null scheme would repeat the same work on every rank).
-
-Mapping to the authors' ImageNet scripts (``meta_train.sh``, 8 GPUs x 32 images): their epochs are 0-based and
-their ``epoch_{e}.pth`` is saved after epoch e; here epochs are 1-based, so their epoch e is our epoch e + 1 and
-their checkpoint ``epoch_16.pth`` (ResNet-50's ``METANETWORK_INDEX=16``) is ``checkpoints/epoch_0017.pt``, ViT's
-``epoch_22.pth`` is ``epoch_0023.pt``. MultiStepLR milestones count scheduler steps (= finished epochs) in both, so
-the numbers are the same: milestone 2 = lr x gamma from the third epoch (their epoch 2, our epoch 3). Steps per
-epoch: their 1 281 167 images / (8 x 32) = 5005 batches per rank = 25 steps; here ``task.dataset.val_size``
-(10 000) is held out, so 4966 batches = 24 steps with 8 ranks. With fewer ranks a shard is larger and an epoch
-has more steps (4 ranks: 49), each still 200 batches per rank; an epoch is always one pass over the training set.
-
-Data in that mode: the rank's shard through a ``DistributedSampler`` (seed derived from ``seed``), batches of
-``task.meta_train.batch_size``. Every epoch reseeds torch / python / numpy and the loader's generator from
-(seed, epoch, rank), so an epoch's batches and augmentations depend only on those: a run killed mid-epoch
-resumes (``meta_train.resume``) from the last finished epoch's checkpoint, which every rank loads (rank 0 picks
-it), reruns the epoch and ends, on the CPU, bit-identical to an uninterrupted run. Resuming needs the same
-number of ranks (refused otherwise: the shards and data models per rank would differ). Rank 0 alone writes the
-checkpoints, the metrics CSV (with a ``steps`` column: optimiser steps in the epoch) and the plot, and shows
-progress; CE, R and the diagnostics of a step are means over the ranks (``grad_ce_norm`` / ``grad_reg_norm``: the
-mean of the ranks' own part norms), ``grad_norm`` the norm of the averaged gradient. ``steps`` in a checkpoint
-holds ``[epoch, step within the epoch, CE, R, |grad|]`` there (``[epoch, store index, ...]`` in the null scheme).
-A failure on one rank (a bad data model, a NaN, an error in a step) ends every rank with that rank's message.
-
-Outputs under the run dir: ``checkpoints/epoch_{k:04d}.pt`` every epoch (1-based, via
-``nn.apply.save_metanetwork``, with optimizer + scheduler state, RNG states and the loss
-history, so a run resumes exactly), ``meta_train_metrics.csv`` (per epoch: lr, mean CE, mean
-regulariser value, the diagnostics below, mean metanetwork gradient norm, seconds, images/s, peak GPU memory),
-``meta_train_diagnostics.png`` (rewritten every epoch) and ``results.json``.
-
-Diagnostics (per step from the step's generated weights, no extra metanetwork forward; the epoch's row is
-the mean over its training data models; see ``pruning.regularizer``, "Diagnostics"):
-
-* ``small_group_share``: share of the channels of all the pruner's dependency groups whose group norm
-  ``sqrt(sum over the group's members of ||slice_c||^2)`` (un-normalised, biases excluded) is at most
-  1 % of the largest such norm in the whole network (global, as the pruner ranks). Unstructured methods:
-  share of Conv/Linear weight entries with ``|w|`` at most 1 % of the largest ``|w|``.
-* ``small_group_share_input``: the same on the data model's own weights (the metanetwork's input).
-* ``weight_change``: ``||θ' - θ||_2 / ||θ||_2`` over all the tensors the codec generates together.
-* ``norm_ratio_p10``, ``norm_ratio_p50``, ``norm_ratio_p90``: quantiles over all channels of the ratio of each
-  channel's group norm (as for ``small_group_share``) in the generated weights to the same norm in the data
-  model's. They tell selective from uniform: a metanetwork that singles out channels to remove drives p10
-  towards 0 while p90 stays near 1; p10 close to p90 (with both below 1) is a uniform shrink, which under
-  batch-statistics BatchNorm lowers R at almost no cost in CE and leaves the network as prunable as before.
-* ``grad_ce_norm`` and ``grad_reg_norm``: the norms of the two parts of the step's metanetwork gradient,
-  the cross-entropy part (scaled by ``reference_batches`` as in the step) and the regulariser part. Their
-  ratio is the CE/regulariser balance that ``pruner_reg`` sets: AdamW follows the larger part, so with
-  ``grad_reg_norm`` tens of times ``grad_ce_norm`` the cross-entropy hardly constrains the metanetwork.
-  Costs one extra backward through the metanetwork per step (``diagnostics=False`` skips it).
-
-They do not change losses, gradients or resumption. Rows of an older checkpoint
-without these columns resume, with the cells left blank.
-
-Resuming: with ``meta_train.resume=true`` (default) a run dir that already holds checkpoints continues
-after the newest one (pass ``hydra.run.dir=<that dir>``); the RNG states (torch, CUDA, python, numpy, the
-loader's generator) are restored, so on the CPU the following losses and weights are bit-identical to an
-uninterrupted run (CUDA scatter kernels are not bitwise deterministic). Raising ``task.meta_train.epochs``
-continues a finished run. A NaN/inf loss, regulariser or gradient raises ``FloatingPointError`` naming
-the epoch and data model before the optimiser step; the last checkpoint is the last good epoch.
-
-Per data model (keyed by store index, built once per run and cached): the model on the device (eval
-mode, its own weights), its ``GraphCodec`` (data models may differ in widths), BN buffers and the
-regulariser (the torch-pruning ``GroupNormPruner``, whose dependency-graph tracing is the expensive
-part). Building them never consumes the global RNG (``torch.random.fork_rng``), so a resumed run draws
-the same random numbers as an uninterrupted one. Memory: one copy of every training data model on the
-device.
+Reference: [docs/stages.md](../docs/stages.md), "Meta-training"; under torchrun:
+[docs/distributed.md](../docs/distributed.md).
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import random
-import re
 import time
 from itertools import islice
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
 from torch import nn as tnn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from data_loaders.store import DataModelStore
-from nn.apply import build_metanetwork, save_metanetwork
-from nn.graph import GraphCodec, GraphCodecError
-from pruning.regularizer import (REG_PROJECTIONS, build_regularizer, relative_change, small_share,
-                                 without_scale_component)
+from nn.apply import build_metanetwork
+from nn.graph import GraphCodecError
+from pruning.regularizer import REG_PROJECTIONS
 from stages import ddp
+from stages.artifacts import list_checkpoints
 from stages.common import codec_options, example_input, setup, task_data
-from utils.checkpoint import CheckpointError, load_checkpoint, load_scheduler_state, plain_scheduler_state
-from utils.distributed import (all_gather_objects, all_reduce_mean, average_gradients, is_distributed,
-                               is_main_process, rank, run_on_every_rank, run_on_main, world_size)
-from utils.io import atomic_path, atomic_write
-from utils.seed import derive_seed, restore_rng, rng_state, seed_worker
+from stages.meta_train_metrics import DIAGNOSTICS_PNG, METRICS_CSV, plot_quietly, write_metrics
+from stages.meta_train_resume import RESUME_KEYS, pick_checkpoint, restore_checkpoint, save_epoch_checkpoint
+from training.meta_gradient import (BN_MODES, DIAGNOSTIC_COLUMNS, DataModelEntry, StepResult, accumulated_step,
+                                    build_entry, grad_norm, meta_gradient)
+from utils.checkpoint import load_checkpoint
+from utils.distributed import (all_gather_objects, is_distributed, is_main_process, rank, run_on_every_rank,
+                               run_on_main, world_size)
+from utils.seed import derive_seed, seed_worker
 from utils.tracking import log_metrics
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "MetaTrainSettings",
-    "DataModelEntry",
-    "StepResult",
-    "meta_gradient",
-    "build_entry",
     "meta_loader",
     "sharded_loader",
     "rank_data_model",
-    "accumulated_step",
-    "grad_norm",
     "run",
-    "plot_diagnostics",
-    "checkpoint_path",
-    "list_checkpoints",
 ]
 
-CHECKPOINT_DIR = "checkpoints"
-METRICS_CSV = "meta_train_metrics.csv"
-DIAGNOSTICS_PNG = "meta_train_diagnostics.png"
-DIAGNOSTIC_COLUMNS = ("small_group_share", "small_group_share_input", "weight_change", "norm_ratio_p10",
-                      "norm_ratio_p50", "norm_ratio_p90", "grad_ce_norm", "grad_reg_norm")
-NORM_RATIO_QUANTILES = (0.1, 0.5, 0.9)
-SMALL_FRACTION = 0.01  # a channel group is "small" at <= 1 % of the network's largest group norm
-# images/s: images forwarded through the generated networks per second (all ranks); peak_mem_gb: CUDA only
-CSV_COLUMNS = ("epoch", "lr", "ce", "reg", *DIAGNOSTIC_COLUMNS, "grad_norm", "seconds", "images_per_s", "peak_mem_gb")
-_CHECKPOINT_RE = re.compile(r"^epoch_(\d+)\.pt$")
-# task.meta_train values that a resumed run must share with the checkpoint (epochs may grow)
-_RESUME_KEYS = ("lr", "weight_decay", "milestones", "gamma", "pruner_reg", "alpha", "bias", "train_split",
-                "reference_batches", "batches_per_step", "batch_size", "bn_mode", "iterations_per_step",
-                "reg_projection", "max_batches_per_step", "max_steps_per_epoch")
-BN_MODES = ("eval", "batch")
-# keys added later: what older checkpoints ran with
-_RESUME_DEFAULTS = {"bn_mode": "eval", "iterations_per_step": None, "reg_projection": "none",
-                    "max_batches_per_step": None, "max_steps_per_epoch": None}
 # every key task.meta_train may hold (a misspelt one is refused instead of silently ignored)
 _SECTION_KEYS = frozenset({"epochs", "optimizer", "lr", "weight_decay", "milestones", "gamma", "pruner_reg", "alpha",
                            "bias", "train_split", "reference_batches", "batches_per_step", "batch_size", "bn_mode",
@@ -320,7 +188,7 @@ class MetaTrainSettings:
     def resume_view(self) -> dict:
         values = asdict(self)
         values["milestones"] = list(self.milestones)
-        return {k: values[k] for k in _RESUME_KEYS}
+        return {k: values[k] for k in RESUME_KEYS}
 
     def capped(self, batches: int) -> int:
         """A step of ``batches`` batches after ``max_batches_per_step``."""
@@ -332,219 +200,8 @@ class MetaTrainSettings:
 
 
 # ----------------------------------------------------------------------------------------------
-# One data model and one step
+# The training split, one stream of passes (iterations_per_step: null)
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class DataModelEntry:
-    """Everything a step needs for one data model (cached per store index for the whole run)."""
-
-    index: int
-    name: str  # "shard_0000.h5#3", for messages
-    model: tnn.Module  # on the device, eval mode, the data model's own weights (never modified)
-    codec: GraphCodec
-    regularizer: Any  # pruning.regularizer.GroupL2Regularizer | SignRegularizer
-    buffers: dict[str, Tensor]
-    cache: dict = field(default_factory=dict)  # values of the (never modified) own weights, e.g. the input share
-
-
-@dataclass
-class StepResult:
-    """Scalars of one step: mean batch CE, regulariser value R, number of batches, and the diagnostics
-    (module docstring; NaN when not computed)."""
-
-    ce: float
-    reg: float
-    batches: int
-    small_group_share: float = math.nan
-    small_group_share_input: float = math.nan
-    weight_change: float = math.nan
-    norm_ratio_p10: float = math.nan
-    norm_ratio_p50: float = math.nan
-    norm_ratio_p90: float = math.nan
-    grad_ce_norm: float = math.nan
-    grad_reg_norm: float = math.nan
-
-
-def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    return F.cross_entropy(logits, labels)
-
-
-def build_entry(index: int, model: tnn.Module, example: Tensor, method: Mapping[str, Any], settings: MetaTrainSettings,
-                input_shape: tuple[int, ...] | None = None, iterative_steps: int = 200, name: str = "",
-                **codec_options: Any) -> DataModelEntry:
-    """Codec + regulariser (torch-pruning dependency graph) for ``model`` (already on the device).
-
-    ``codec_options``: further ``GraphCodec`` keywords (``identity_edges``, ``edge_layout``,
-    ``legacy_fc_permutation``; config section ``codec``).
-
-    ``model`` is put in eval mode and its parameters stop requiring gradients (after the pruner's tracing,
-    which needs them): meta-training never updates a data model.
-    """
-    model.eval()
-    codec = GraphCodec(model, input_shape=input_shape, **codec_options)
-    regularizer = build_regularizer(model, example, method, reg=settings.pruner_reg, iterative_steps=iterative_steps)
-    model.requires_grad_(False)
-    return DataModelEntry(index=index, name=name or str(index), model=model, codec=codec, regularizer=regularizer,
-                          buffers=dict(model.named_buffers()))
-
-
-def meta_gradient(metanetwork: tnn.Module, entry: DataModelEntry, batches: Iterable[tuple[Tensor, Tensor]],
-                  reference_batches: int | None, alpha: float, bias: bool = False,
-                  device: torch.device | str | None = None, diagnostics: bool = True,
-                  bn_mode: str = "eval", reg_projection: str = "none") -> StepResult:
-    """Accumulate the meta-training gradient of one data model into the metanetwork's ``.grad``.
-
-    ``batches``: (images [B, C, H, W], labels [B]) pairs, moved to ``device`` (default: the model's).
-    The metanetwork gradient equals the one of the authors' per-batch ``backward(retain_graph=True)``
-    followed by the regulariser backward, scaled as ``reference_batches * mean_b + regulariser`` (module
-    docstring; ``reference_batches=None``: the plain sum over batches). One backward through the GNN.
-    Does not zero existing gradients and does not step the optimiser. ``diagnostics``: also fill the
-    result's ``small_group_share``, ``small_group_share_input`` and ``weight_change`` (:func:`step_diagnostics`).
-    ``bn_mode="batch"``: BatchNorm normalises with each batch's statistics (train-mode forward on copies of
-    the running buffers, so the data model's statistics never change); ``"eval"`` (the reference) uses them.
-    ``reg_projection``: ``"scale_free"`` / ``"shrink_only"`` push the regulariser gradient without each tensor's
-    own-direction component (``pruning.regularizer.without_scale_component``); R is the same either way.
-    """
-    if bn_mode not in BN_MODES:
-        raise ValueError(f"meta_gradient: bn_mode={bn_mode!r}; valid: {', '.join(BN_MODES)}")
-    if reg_projection not in REG_PROJECTIONS:
-        raise ValueError(f"meta_gradient: reg_projection={reg_projection!r}; valid: {', '.join(REG_PROJECTIONS)}")
-    model = entry.model
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    with torch.no_grad():
-        graph = entry.codec.encode(model)
-    generated = entry.codec.decode(metanetwork(graph))
-    leaves = {k: v.detach().requires_grad_(True) for k, v in generated.items()}
-
-    ce_sum = torch.zeros((), device=device, dtype=torch.float64)
-    n = 0
-    for images, labels in batches:
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if images.is_floating_point():
-            images = images.to(next(iter(leaves.values())).dtype)
-        if bn_mode == "batch":
-            model.train()  # BatchNorm only (no dropout in these models); updates go to throw-away copies
-            try:
-                buffers = {k: v.clone() for k, v in entry.buffers.items()}
-                logits = torch.func.functional_call(model, (buffers, leaves), (images,))
-            finally:
-                model.eval()
-        else:
-            logits = torch.func.functional_call(model, (entry.buffers, leaves), (images,))
-        loss = _cross_entropy(logits, labels)
-        loss.backward()  # accumulates dCE_b/dθ' into the leaves; the GNN graph is not touched
-        ce_sum += loss.detach().to(torch.float64)
-        n += 1
-    if n == 0:
-        raise ValueError("meta_gradient: no training batch (is the training loader empty?)")
-    scale = 1.0 if reference_batches is None else float(reference_batches) / n
-
-    reg_grads = entry.regularizer.gradient(leaves, alpha=alpha, bias=bias)
-    reg_value = entry.regularizer.value(leaves, reg_grads)
-    if reg_projection != "none":
-        own = dict(model.named_parameters())  # a tensor the metanetwork does not generate keeps its own weight
-        reg_grads = without_scale_component(reg_grads, {k: leaves.get(k, own.get(k)) for k in reg_grads},
-                                            shrink_only=reg_projection == "shrink_only")
-    outputs, grads = [], []
-    with torch.no_grad():
-        for key, out in generated.items():
-            leaf = leaves[key]
-            g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-            if scale != 1.0:
-                g = g * scale
-            if key in reg_grads:
-                g = g + reg_grads[key]
-            outputs.append(out)
-            grads.append(g)
-    if diagnostics:
-        ce_part = _ce_part(metanetwork, outputs, generated, leaves, scale)
-        before = {p: p.grad.clone() for p in metanetwork.parameters() if p.grad is not None}
-    torch.autograd.backward(outputs, grads)  # the step's gradient: the diagnostics never change it
-    result = StepResult(ce=float(ce_sum.item()) / n, reg=float(reg_value.item()), batches=n)
-    if diagnostics:
-        (result.small_group_share, result.small_group_share_input, result.weight_change,
-         (result.norm_ratio_p10, result.norm_ratio_p50, result.norm_ratio_p90)) = step_diagnostics(entry, leaves)
-        result.grad_ce_norm, result.grad_reg_norm = _part_norms(metanetwork, before, ce_part)
-    return result
-
-
-def _ce_part(metanetwork: tnn.Module, outputs: list[Tensor], generated: Mapping[str, Tensor],
-             leaves: Mapping[str, Tensor], scale: float) -> dict:
-    """The cross-entropy part of the metanetwork gradient, ``{parameter: gradient}``: one extra backward
-    through the GNN that accumulates nothing into ``.grad``."""
-    params = [p for p in metanetwork.parameters() if p.requires_grad]
-    ce_grads = [leaves[k].grad * scale if leaves[k].grad is not None else torch.zeros_like(leaves[k])
-                for k in generated]
-    parts = torch.autograd.grad(outputs, params, ce_grads, retain_graph=True, allow_unused=True)
-    return {p: g for p, g in zip(params, parts) if g is not None}
-
-
-@torch.no_grad()
-def _part_norms(metanetwork: tnn.Module, before: Mapping[Tensor, Tensor], ce_part: Mapping[Tensor, Tensor]
-                ) -> tuple[float, float]:
-    """(``||g_CE||``, ``||g_R||``) over all metanetwork parameters. The step's gradient is linear in its two
-    parts, so ``g_R`` = (``.grad`` after the step's backward - ``.grad`` before) - ``g_CE``."""
-    ce_sq = reg_sq = 0.0
-    for p in metanetwork.parameters():
-        if p.grad is None:
-            continue
-        step = p.grad - before[p] if p in before else p.grad
-        ce = ce_part.get(p)
-        reg = step if ce is None else step - ce
-        reg_sq += float(reg.double().pow(2).sum())
-        if ce is not None:
-            ce_sq += float(ce.double().pow(2).sum())
-    return math.sqrt(ce_sq), math.sqrt(reg_sq)
-
-
-@torch.no_grad()
-def step_diagnostics(entry: DataModelEntry, generated: Mapping[str, Tensor]
-                     ) -> tuple[float, float, float, tuple[float, ...]]:
-    """(small_group_share, small_group_share_input, weight_change, (norm_ratio_p10, _p50, _p90)) of
-    ``generated`` weights (module doc).
-
-    ``generated``: {state-dict key: tensor} as decoded by ``entry.codec``; the input's channel norms are
-    computed once per entry (the data model's own weights never change) and cached in ``entry.cache``.
-    """
-    regularizer = entry.regularizer
-    norms = regularizer.channel_norms(generated)
-    if "input_norms" not in entry.cache:
-        entry.cache["input_norms"] = regularizer.channel_norms({})
-        entry.cache["small_group_share_input"] = small_share(entry.cache["input_norms"], SMALL_FRACTION)
-    own_norms = entry.cache["input_norms"]
-    change = relative_change(generated, dict(entry.model.named_parameters()))
-    return (small_share(norms, SMALL_FRACTION), entry.cache["small_group_share_input"], change,
-            norm_ratio_quantiles(norms, own_norms))
-
-
-def norm_ratio_quantiles(norms: Tensor, own_norms: Tensor,
-                         quantiles: Sequence[float] = NORM_RATIO_QUANTILES) -> tuple[float, ...]:
-    """Quantiles of ``norms / own_norms`` (per channel; channels with a zero own norm are left out).
-
-    Both are :meth:`GroupL2Regularizer.channel_norms`-style vectors of the same channels. Unstructured
-    regularisers give per-weight magnitudes, so the quantiles are then over weights. No channel: NaNs.
-    """
-    norms, own_norms = norms.detach().flatten(), own_norms.detach().flatten().to(norms.device)
-    if norms.shape != own_norms.shape:
-        raise ValueError(f"norm_ratio_quantiles: {norms.numel()} generated norms vs {own_norms.numel()} own norms")
-    keep = own_norms > 0
-    if not bool(keep.any()):
-        return tuple(math.nan for _ in quantiles)
-    ratios = (norms[keep] / own_norms[keep]).to(torch.float64)
-    return tuple(float(q) for q in torch.quantile(ratios, torch.tensor(list(quantiles), dtype=torch.float64,
-                                                                        device=ratios.device)).tolist())
-
-
-def grad_norm(module: tnn.Module) -> float:
-    """Global L2 norm of the parameters' gradients (NaN/inf propagate)."""
-    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64) for p in module.parameters()
-             if p.grad is not None]
-    if not norms:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack(norms)).item())
-
-
 def meta_loader(dataset: Any, batch_size: int, num_workers: int, seed: int) -> DataLoader:
     """Shuffled loader of the training split for meta-training, its order from a seeded generator.
 
@@ -649,150 +306,15 @@ def _seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
     loader.sampler.set_epoch(epoch)
 
 
-def accumulated_step(metanetwork: tnn.Module, entry: DataModelEntry, batches: Iterable[tuple[Tensor, Tensor]],
-                     reference_batches: int | None, alpha: float, bias: bool = False,
-                     device: torch.device | str | None = None, diagnostics: bool = True,
-                     bn_mode: str = "eval", reg_projection: str = "none") -> tuple[StepResult, float]:
-    """The gradient of one ``iterations_per_step`` optimiser step, left in the metanetwork's ``.grad``.
-
-    Zeroes the gradients, accumulates this rank's :func:`meta_gradient` over ``batches`` (one backward through
-    the GNN; ``reference_batches / len(batches)`` times the CE sum plus the regulariser), then averages it over
-    the ranks, so every rank holds the same gradient. Returns the step's scalars as means over the ranks (CE, R,
-    diagnostics) and the norm of the averaged gradient. Without torchrun: this process's gradient. Does not
-    step the optimiser.
-    """
-    metanetwork.zero_grad(set_to_none=True)
-    result = run_on_every_rank(lambda: meta_gradient(metanetwork, entry, batches, reference_batches, alpha, bias,
-                                                  device, diagnostics=diagnostics, bn_mode=bn_mode,
-                                                  reg_projection=reg_projection),
-                            f"meta_train step on data model {entry.name}")
-    average_gradients(metanetwork.parameters())
-    keys = ("ce", "reg", *DIAGNOSTIC_COLUMNS)
-    device = torch.device(device) if device is not None else next(metanetwork.parameters()).device
-    values = all_reduce_mean(torch.tensor([getattr(result, k) for k in keys], dtype=torch.float64, device=device))
-    mean = StepResult(batches=result.batches, **dict(zip(keys, values.tolist())))
-    return mean, grad_norm(metanetwork)
-
-
 # ----------------------------------------------------------------------------------------------
-# Checkpoints, RNG states, metrics
+# The run
 # ----------------------------------------------------------------------------------------------
-def checkpoint_path(run_dir: str | Path, epoch: int) -> Path:
-    """``<run_dir>/checkpoints/epoch_{epoch:04d}.pt`` (1-based epochs)."""
-    return Path(run_dir) / CHECKPOINT_DIR / f"epoch_{int(epoch):04d}.pt"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(epoch, path) of the meta_train checkpoints in ``run_dir``, by epoch."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT_RE.match(p.name))]
-    return sorted(found)
-
-
-def _write_metrics(path: Path, history: list[dict]) -> None:
-    buffer = io.StringIO()
-    # iterations_per_step mode also records the optimiser steps of each epoch
-    at = CSV_COLUMNS.index("seconds")
-    columns = ((*CSV_COLUMNS[:at], "steps", *CSV_COLUMNS[at:]) if any("steps" in r for r in history)
-               else CSV_COLUMNS)
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for row in history:
-        writer.writerow(row)
-    atomic_write(path, buffer.getvalue())
-
-
-def plot_diagnostics(history: list[Mapping[str, Any]], path: str | Path) -> Path:
-    """Seven panels vs epoch: mean CE, R, the gradient's CE and regulariser parts, small_group_share (its input
-    value dashed), weight_change, the per-channel norm ratio's quantiles (selective vs uniform shrinking) and
-    the regulariser/CE gradient ratio.
-
-    Rows lacking a column (an older checkpoint's history) are plotted as gaps. Saved as a PNG at ``path``
-    (written to a temporary file, then renamed, so a reader never sees a half-written image).
-    """
-    # lazily: matplotlib costs about a second at import and only the plot needs it
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless; a no-op if already selected
-    import matplotlib.pyplot as plt
-
-    def column(key: str) -> list[float]:
-        values = []
-        for row in history:
-            value = row.get(key)
-            try:
-                values.append(float(value))
-            except (TypeError, ValueError):
-                values.append(math.nan)
-        return values
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    epochs = [int(row["epoch"]) for row in history]
-    panels = [("ce", "mean cross-entropy"), ("reg", "regulariser R"),
-              ("grad_ce_norm", "metanetwork gradient norm, by part"),
-              ("small_group_share", f"share of channel groups <= {SMALL_FRACTION:.0%} of the network's largest"),
-              ("weight_change", "weight change ||θ'-θ|| / ||θ||"),
-              ("norm_ratio", "channel group norm, generated / input"),
-              ("balance", "regulariser part / CE part of the gradient")]
-    ce_part, reg_part = column("grad_ce_norm"), column("grad_reg_norm")
-    fig, axes = plt.subplots(2, 4, figsize=(18, 7), sharex=True)
-    try:
-        axes.flat[-1].axis("off")
-        for ax, (key, title) in zip(axes.flat, panels):
-            if key == "norm_ratio":
-                # p10 far below p90: channels singled out; p10 close to p90: every channel shrinks alike
-                for q, style in (("p90", ":"), ("p50", "-"), ("p10", "--")):
-                    ax.plot(epochs, column(f"norm_ratio_{q}"), linestyle=style, marker="o", markersize=3,
-                            linewidth=1.2, label=q)
-                ax.legend(loc="best", fontsize="small")
-            elif key == "balance":
-                ax.plot(epochs, [r / c if c > 0 else math.nan for r, c in zip(reg_part, ce_part)], marker="o",
-                        markersize=3, linewidth=1.2)
-                ax.set_yscale("log")
-            elif key == "grad_ce_norm":
-                ax.plot(epochs, ce_part, marker="o", markersize=3, linewidth=1.2, label="cross-entropy")
-                ax.plot(epochs, reg_part, marker="s", markersize=3, linewidth=1.2, label="regulariser")
-                ax.set_yscale("log")
-                ax.legend(loc="best", fontsize="small")
-            else:
-                ax.plot(epochs, column(key), marker="o", markersize=3, linewidth=1.2, label="generated")
-            if key == "small_group_share":
-                ax.plot(epochs, column("small_group_share_input"), linestyle="--", linewidth=1.2,
-                        label="data model (input)")
-                ax.legend(loc="best", fontsize="small")
-            ax.set_title(title, fontsize="medium")
-            ax.grid(True, alpha=0.3)
-        for ax in axes[-1]:
-            ax.set_xlabel("epoch")
-        fig.suptitle("meta-training diagnostics (mean over the epoch's training data models)")
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-    return path
-
-
-def _plot_quietly(history: list[Mapping[str, Any]], path: Path) -> None:
-    """:func:`plot_diagnostics`, a failure only logged (the figure must never stop a meta-training run)."""
-    try:
-        plot_diagnostics(history, path)
-    except Exception as err:  # noqa: BLE001 - diagnostics only
-        log.warning("could not write %s: %s: %s", path, type(err).__name__, err)
-
-
 def _epoch_order(indices: list[int], seed: int, epoch: int) -> list[int]:
     """The data models' order in ``epoch``: a permutation from a seed derived from (seed, epoch)."""
     generator = torch.Generator().manual_seed(derive_seed(seed, "meta_train_order", epoch))
     return [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
 
 
-# ----------------------------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------------------------
 class _EntryCache:
     """Store index -> :class:`DataModelEntry`, built on first use without touching the global RNG."""
 
@@ -825,15 +347,6 @@ class _EntryCache:
                                       f"the first training data model: {err}") from None
         self.entries[index] = entry
         return entry
-
-
-def _newest_checkpoint(run_dir: Path) -> tuple[int, Path, dict] | None:
-    for epoch, path in reversed(list_checkpoints(run_dir)):
-        try:
-            return epoch, path, load_checkpoint(path, map_location="cpu")
-        except CheckpointError as err:
-            log.warning("skipping unreadable checkpoint %s: %s", path, err)
-    return None
 
 
 @dataclass
@@ -954,7 +467,7 @@ def _start_training(cfg: DictConfig, run_dir: Path, device: torch.device, settin
 def _resume(state: _Training, resume: bool) -> int:
     """Continue from the newest readable checkpoint of the run dir (weights, optimiser, scheduler, history, RNG);
     returns the epoch it finished (0 for a fresh run)."""
-    picked = run_on_main(_pick_checkpoint, state.run_dir, resume)  # under torchrun: rank 0 picks, all ranks load it
+    picked = run_on_main(pick_checkpoint, state.run_dir, resume)  # under torchrun: rank 0 picks, all ranks load it
     if picked is None:
         return 0
     start_epoch, path = picked[0], Path(picked[1])
@@ -965,26 +478,11 @@ def _resume(state: _Training, resume: bool) -> int:
     return start_epoch
 
 
-def _pick_checkpoint(run_dir: Path, resume: bool) -> tuple[int, str] | None:
-    """(epoch, path) of the newest readable checkpoint, None for a fresh run (rank 0 under torchrun)."""
-    found = list_checkpoints(run_dir)
-    if found and not resume:
-        raise FileExistsError(f"{run_dir / CHECKPOINT_DIR} already holds meta_train checkpoints and "
-                              "meta_train.resume=false; use a fresh hydra.run.dir or meta_train.resume=true")
-    newest = _newest_checkpoint(run_dir) if found else None
-    return None if newest is None else (newest[0], str(newest[1]))
-
-
 def _load_checkpoint_state(state: _Training, path: Path, checkpoint: Mapping[str, Any]) -> None:
     """Weights, optimiser, scheduler, history and RNG states of ``checkpoint`` into ``state`` (after checks)."""
-    _check_resumable(path, checkpoint, state.meta)
-    state.first.codec.check_layout(checkpoint["spec"]["layout"])
-    state.metanetwork.load_state_dict(checkpoint["state_dict"])
-    state.optimizer.load_state_dict(checkpoint["optimizer"])
-    load_scheduler_state(state.scheduler, checkpoint["scheduler"])
-    state.history = list(checkpoint["history"])
-    state.steps = [list(s) for s in checkpoint["steps"]]
-    restore_rng(checkpoint["rng"], state.loader.generator)  # iterations_per_step: reseeded per epoch anyway
+    state.history, state.steps = restore_checkpoint(path, checkpoint, state.meta, state.first.codec,
+                                                    state.metanetwork, state.optimizer, state.scheduler,
+                                                    state.loader.generator)
 
 
 def _step(state: _Training, epoch: int, index: int, stream: _BatchStream) -> tuple[StepResult, float]:
@@ -1101,13 +599,13 @@ def _save_epoch(state: _Training, epoch: int, row: dict) -> None:
 
 
 def _write_epoch(state: _Training, epoch: int, row: dict) -> None:
-    save_metanetwork(checkpoint_path(state.run_dir, epoch), state.metanetwork, state.first.codec, state.options,
-                     str(state.cfg.task.name), epoch, optimizer=state.optimizer.state_dict(),
-                     scheduler=plain_scheduler_state(state.scheduler), history=state.history, steps=state.steps,
-                     rng=rng_state(state.loader.generator), meta=state.meta)
-    _write_metrics(state.run_dir / METRICS_CSV, state.history)
+    save_epoch_checkpoint(state.run_dir, epoch, state.metanetwork, state.first.codec, state.options,
+                          str(state.cfg.task.name), optimizer=state.optimizer, scheduler=state.scheduler,
+                          history=state.history, steps=state.steps, loader_generator=state.loader.generator,
+                          meta=state.meta)
+    write_metrics(state.run_dir / METRICS_CSV, state.history)
     log_metrics("meta_train", row, step=epoch)  # the CSV row, to the logger= experiment tracker
-    _plot_quietly(state.history, state.run_dir / DIAGNOSTICS_PNG)
+    plot_quietly(state.history, state.run_dir / DIAGNOSTICS_PNG)
     log.info("meta_train epoch %d/%d: lr %.3g, CE %.4f, R %.4g, small groups %.3f (input %.3f), "
              "weight change %.4g, channel norm ratio p10/p90 %.3g/%.3g, |grad| %.4g (CE part %.4g, regulariser "
              "part %.4g), %.1f s, %.0f img/s", epoch, state.settings.epochs, row["lr"], row["ce"], row["reg"],
@@ -1149,9 +647,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     history = state.history
     if main and not (run_dir / METRICS_CSV).exists() and history:
-        _write_metrics(run_dir / METRICS_CSV, history)
+        write_metrics(run_dir / METRICS_CSV, history)
     if main and history and not (run_dir / DIAGNOSTICS_PNG).exists():
-        _plot_quietly(history, run_dir / DIAGNOSTICS_PNG)
+        plot_quietly(history, run_dir / DIAGNOSTICS_PNG)
     checkpoints = [str(p.relative_to(run_dir)) for _e, p in list_checkpoints(run_dir)]
     if main:
         log.info("meta_train done: %d epochs", len(history))
@@ -1187,24 +685,3 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
-def _check_resumable(path: Path, checkpoint: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-    """Refuse to continue a checkpoint made with other data, settings or metanetwork knobs."""
-    saved = checkpoint.get("meta")
-    required = ("optimizer", "scheduler", "history", "steps", "rng", "meta")
-    missing = [k for k in required if k not in checkpoint]
-    if missing:
-        raise CheckpointError(f"{path} is not a resumable meta_train checkpoint (lacks {missing}); use a fresh "
-                              "hydra.run.dir")
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {meta[k]!r}" for k in ("task", "store", "train_indices",
-                                                                               "options", "seed")
-             if saved.get(k) != meta[k]]
-    diffs += [f"task.meta_train.{k}: checkpoint {saved['settings'].get(k)!r}, now {v!r}"
-              for k, v in meta["settings"].items() if saved["settings"].get(k, _RESUME_DEFAULTS.get(k)) != v]
-    if "world_size" in meta and saved.get("world_size", 1) != meta["world_size"]:
-        diffs.append(f"ranks: checkpoint {saved.get('world_size', 1)}, now {meta['world_size']} (the shards and each "
-                     f"rank's data model depend on it; relaunch with torchrun --nproc_per_node="
-                     f"{saved.get('world_size', 1)})")
-    if diffs:
-        raise ValueError(f"cannot resume from {path}: the run was started with other settings ({'; '.join(diffs)}). "
-                         "Use a fresh hydra.run.dir, or restore the original settings (only task.meta_train.epochs "
-                         "may change)")

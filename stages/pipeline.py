@@ -36,6 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data_loaders.store import DataModelStore, StoreError
 from pruning.depgraph import check_method
 from stages import final, generate, meta_train, report, select, train
+from stages.artifacts import CURVES_PNG, MODEL_CHECKPOINT, chosen_checkpoint, final_results
 from stages.common import RESULTS_FILE, RunFn, run_recorded
 from utils import distributed, settings_diff
 from utils.seed import derive_seed
@@ -128,10 +129,10 @@ def _read_results(path: Path) -> dict:
 
 
 def _selection(select_dir: Any) -> Path:
-    """The checkpoint a select run dir chose (``select.chosen_checkpoint``); its errors as
+    """The checkpoint a select run dir chose (``stages.artifacts.chosen_checkpoint``); its errors as
     :class:`DamagedRecordError`."""
     try:
-        return Path(select.chosen_checkpoint(select_dir)).resolve()
+        return Path(chosen_checkpoint(select_dir)).resolve()
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise DamagedRecordError(err.args[0] if err.args else str(err)) from None
 
@@ -146,7 +147,7 @@ def changed_checkpoint(stage_dir: Path, stage: DictConfig) -> list[str]:
         return []
     now = _selection(source)  # a selection that cannot be read cannot vouch for the finished run
     used = set()
-    for done in [stage_dir / RESULTS_FILE, *sorted(stage_dir.glob(f"target_*/{RESULTS_FILE}"))]:
+    for done in final_results(stage_dir):
         if done.exists():
             recorded = _read_results(done).get("metanetwork")
             if recorded:
@@ -307,14 +308,14 @@ def check_settings(cfg: DictConfig) -> None:
 
 
 def _copy_plots(run_dir: Path) -> None:
-    for name in ("curves.png",):
+    for name in (CURVES_PNG,):
         if (run_dir / "select" / name).exists():
             shutil.copyfile(run_dir / "select" / name, run_dir / name)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole method on one task; the report stage prints the result table, the curve plot of the
-    selection stage is copied to ``run_dir/curves.png``."""
+    selection stage is copied to ``run_dir/curves.png`` (``stages.artifacts.CURVES_PNG``)."""
     check_settings(cfg)
     restart = Restart(cfg.pipeline.get("restart_changed", False), run_dir)  # a bool (check_settings)
     store = run_dir / "store"
@@ -324,7 +325,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
               **{"select.meta_train_dir": str(run_dir / "meta_train")})
     distributed.run_on_main(_copy_plots, run_dir)
     run_stage("pretrain_final", "pretrain_final", cfg, run_dir / "pretrain", restart)
-    model = str(run_dir / "pretrain" / "model.pt")
+    model = str(run_dir / "pretrain" / MODEL_CHECKPOINT)
     run_stage("pruning_final (metanetwork)", "pruning_final", cfg, run_dir / "final" / "metanetwork", restart,
               **{"final.model": model, "final.metanetwork": str(run_dir / "select")})
     run_stage("pruning_final (baseline)", "pruning_final", cfg, run_dir / "final" / "baseline", restart,

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig
 
+from stages.common import RESULTS_FILE
 from utils import distributed
 from utils.io import atomic_write
 
@@ -63,7 +64,7 @@ def find_results(root: str | Path) -> tuple[list[dict], list[str]]:
     if not root.is_dir():
         raise ReportError(f"report.dir={root} is not a folder; point it at a multirun/run folder of final runs")
     results, skipped = [], []
-    for path in sorted(root.rglob("results.json")):
+    for path in sorted(root.rglob(RESULTS_FILE)):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:

@@ -1,98 +1,35 @@
-"""Run modes ``select`` (choosing the metanetwork checkpoint) and ``visualize`` (plotting accuracy-vs-speed-up
-curves).
+"""Run modes ``select`` (choosing the metanetwork checkpoint on validation data) and ``visualize`` (plotting
+accuracy-vs-speed-up curves).
 
 The authors pick "the metanetwork at epoch k" by eye from curves measured on the TEST set (reference §6, §8).
-This module automates that choice honestly: everything here is measured on the VALIDATION split of the
-image dataset and on VALIDATION data models (``DataModelStore(cfg.store).split(task.meta_train.train_split)[1]``,
-the data models meta-training never saw); the test loader is never built into the fine-tune or the curve.
+Here everything is measured on the VALIDATION split of the image data and on VALIDATION data models (those
+meta-training never saw: ``DataModelStore.split(task.meta_train.train_split)[1]``); no test loader is built. For
+every requested checkpoint (``select.checkpoints``, :func:`parse_checkpoints`) and each of the first
+``select.num_val_models`` validation data models: apply the metanetwork once, fine-tune with
+``task.finetune.after_metanetwork`` (best-validation epoch), prune progressively without fine-tuning
+(``pruning.curves.accuracy_speed_up_curve``) and record validation accuracy. A checkpoint's score is the mean over
+the data models of ``select.score``: ``auc`` or ``acc_at`` (``pruning.curves.score_points``), or ``finetuned``
+(the final runs' prune and fine-tune, ``stages.common.prune_and_finetune``, scored on validation data). Ties go
+to the earlier epoch. Reference curves, never candidates: ``origin`` (the untouched data model), ``control``
+(the same fine-tune without a metanetwork) and sparse learning (``select.sparse_learning_regs``).
+``select.max_accuracy_drop`` ranks candidates that lost more unpruned accuracy than that against the control
+last (``pruning.curves.accuracy_floor``). A checkpoint meta-trained on a validation data model is refused
+(:func:`check_held_out`).
 
-For every requested checkpoint ``<select.meta_train_dir>/checkpoints/epoch_{k:04d}.pt`` and each of the first
-``select.num_val_models`` validation data models:
-
-1. apply the metanetwork once (``nn.apply.apply_saved_metanetwork``);
-2. fine-tune with ``task.finetune.after_metanetwork`` (``select.finetune_epochs`` shortens it, milestones scaled
-   in proportion; ``select.max_batches`` caps batches per epoch). Under ``protocol=paper`` that recipe would keep
-   the best-TEST epoch; here it keeps the best-validation epoch instead, because selection never reads test;
-3. prune progressively WITHOUT fine-tuning (``pruning.curves.accuracy_speed_up_curve``) up to
-   ``select.max_speed_up`` (default ``task.visualize.max_speed_up``) and record validation accuracy.
-
-Each checkpoint's score is the mean over the validation data models of ``select.score``: ``auc`` (mean accuracy
-over ``[data model speed-up, max_speed_up]``, step-wise, see ``pruning.curves``), ``acc_at`` (accuracy at
-``select.target_speed_up``) or ``finetuned``: what the final runs report, measured on validation data. A copy of
-the step-2 model is pruned to each of ``select.finetuned_targets`` (total speed-ups; null = ``target_speed_up``)
-with the final runs' pruning (``task.pruning.iterative_steps``), fine-tuned with ``task.finetune.after_pruning``
-(its last epoch kept: the score itself is read on the validation split) and scored by its validation accuracy,
-averaged over the targets. It costs one after-pruning fine-tune per target and curve; the curves are still drawn.
-Not under torchrun (a clear error). Ties go to the earlier epoch. ``select.max_accuracy_drop`` (null = off, the
-reference's pure curve score) makes the choice accuracy-aware: a candidate whose unpruned validation accuracy
-(the curve's first point, after the fine-tune) is more than that much below the control's is ranked after every
-candidate that keeps it (``ranking.json``: ``unpruned_acc``, ``eligible``), so a checkpoint that is easy to prune
-only because the metanetwork wrecked it is not chosen; the same rule picks ``best_sparse_reg``. Two reference lines, never candidates:
-
-- ``origin`` (``select.origin``): the untouched data model, NOT fine-tuned (as the reference plots it);
-- ``control`` (``select.control``): the same data model given exactly the checkpoints' fine-tune (recipe, seed,
-  loaders) WITHOUT a metanetwork, then pruned the same way. It separates what the metanetwork does from what
-  the extra fine-tune does: ``gain_over_control`` = chosen score - control score (a warning when <= 0).
-
-Held out, checked: each ``run=meta_train`` checkpoint records its store and ``train_indices`` (``meta``).
-``run=select`` refuses (``SelectionError``, naming both stores) a checkpoint whose store is not ``store=``
-(resolved paths) or whose ``train_indices`` contain a validation data model; ``run=visualize`` only warns.
-Checkpoints without that record cannot be checked: a warning.
-
-``select.checkpoints``: ``all`` (every ``epoch_*.pt``), an epoch or a list of epochs (each must exist), or a string
-``"start:stop:step"`` (inclusive ``stop``; empty parts mean first / last / 1) filtering the existing epochs.
-
-Outputs of ``run=select`` (in its run dir): ``selection.json`` (``chosen`` = absolute path of the checkpoint,
-``epoch``, ``score``, ``score_kind``, ``split="val"``, ``ranking``, ``origin_score``, ``control_score``,
-``gain_over_control``...), ``ranking.json`` (with the three reference scores), ``curves.json`` (every point,
-see below), ``curves.png`` and ``results.json``. Later runs find the choice by path:
-``chosen_checkpoint(select_run_dir)`` or ``final.metanetwork=<select run dir>``.
-
-Cache (``curves.json``; used by both runs). Each entry holds one curve (one checkpoint, ``origin`` or ``control``
-x one data model) with the *settings* that produced it: the checkpoint's and data model's content hashes (SHA-256,
-so moved files stay valid and overwritten ones are detected; ``checkpoint`` None and ``curve: "control"`` for the
-control, ``finetune`` None for origin), the fine-tune recipe, seed, dataset split settings, batch size, input
-size, pruning method, ``iterative_steps`` and ``max_batches``, and the ``max_speed_up`` it was
-pruned to. A cached curve is reused when all settings are equal and its ``max_speed_up`` is at least the
-requested one (the curve is cut at the first point reaching the request, which is exactly what a fresh
-computation returns); anything else is recomputed. ``select.cache`` names a select/visualize run dir or a
-``curves.json`` file; null means "nothing cached". Every run writes the merged cache to its OWN run dir
-(outputs stay under the run dir), so the next run can point ``select.cache`` at it.
-
-``run=visualize`` re-plots: ``select.cache=<select run dir>`` alone re-plots that run's checkpoints (the
-``meta_train_dir`` is read from the cache when ``select.meta_train_dir`` is null) without recomputing; adding
-``select.checkpoints=[...]`` or changing a setting computes only what the cache lacks. It writes
-``curves.png``, ``curves.json`` and ``results.json`` (scores, how many curves were reused / computed).
-
-``curves.png``: every curve its own colour (checkpoints along a colormap by epoch, ``origin`` grey dashed,
-``control`` black and thicker; ``pruning.curves.curve_styles``). Progress bars appear on a terminal only; in log
-files each curve gets one log line.
-
-Experiment tracking (``logger=``, ``utils.tracking``): ``run=select`` sends one row per candidate checkpoint as
-``select/<key>`` at step = its meta-training epoch (``score``, ``unpruned_acc``, ``rank``, ``eligible``,
-``gain_over_control``, ``per_model/<store index>``, ``finetuned/<target>``) and the choice with the reference
-scores as ``select_summary/<key>`` at the chosen epoch; ``run=visualize`` sends ``visualize/score``,
-``visualize/unpruned_acc`` and ``visualize/per_model/<store index>`` per checkpoint.
-
-Under torchrun (``main_imagenet/main_imagenet.py run=select``, DDP) every rank plans the same jobs and reads the
-same cache; each curve to compute runs on all ranks: the metanetwork is applied on every rank and rank 0's weights
-are broadcast, every fine-tune (checkpoints, control, sparse learning) is a DDP fine-tune on ``DistributedSampler``
-shards (``select.max_batches`` caps batches per rank), the fine-tuned weights (BatchNorm statistics included)
-are broadcast from rank 0 again, and the curve is measured with all-reduced validation accuracy, the pruned
-structure checked equal on every rank (``pruning.curves``). Rank 0's curve is broadcast, so the scores and the
-choice are the same on every rank; only rank 0 logs, shows bars and writes files (a failure there ends every
-rank with its message). The cache records the world size (a curve of another world size is recomputed).
+Outputs in the run dir: ``selection.json`` (the choice; read by ``stages.artifacts.chosen_checkpoint``),
+``ranking.json``, ``curves.json`` (the curve cache, ``stages.curve_cache``), ``curves.png`` and ``results.json``.
+``run=visualize`` re-plots from a cache (``select.cache``) and computes only what it lacks. Under torchrun every
+rank computes each curve (DDP fine-tunes, all-reduced accuracy) and keeps rank 0's; rank 0 alone writes. Every
+setting, output and tracked metric: [docs/stages.md](../docs/stages.md), "Choosing the checkpoint"; torchrun:
+[docs/distributed.md](../docs/distributed.md).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -102,15 +39,17 @@ from tqdm.auto import tqdm
 
 from data_loaders.image_datasets import build_loaders
 from data_loaders.store import DataModelStore
-from nn.apply import apply_saved_metanetwork, load_metanetwork
-from nn.graph import GraphCodec
+from nn.apply import apply_saved_metanetwork, fitting_checkpoints
 from pruning import curves as curves_lib
-from pruning.depgraph import count_macs, prune_to_speed_up
+from pruning.depgraph import count_macs
 from pruning.sparse_learning import SparseLearning
 from stages import ddp
+from stages.artifacts import CHECKPOINT_DIR, CURVES_PNG, SELECTION_FILE, checkpoints_by_epoch
+from stages.common import (RunContext, SelectionError, codec_options, example_input, prune_and_finetune, recipe,
+                           setup, task_data)
+from stages.curve_cache import (CACHE_FILE, CurveCache, CurveContext, CurveJob, file_sha256, json_round_trip,
+                                state_dict_sha256)
 from stages.ddp import train
-from stages.common import codec_options, example_input, recipe, setup, task_data
-from stages.meta_train import CHECKPOINT_DIR, list_checkpoints
 from training.config import TrainConfig
 from training.loop import evaluate
 from utils import distributed
@@ -121,44 +60,16 @@ from utils.tracking import log_metrics
 log = logging.getLogger(__name__)
 log.addFilter(ddp.main_process_only)  # under torchrun only rank 0 logs
 
-CACHE_FILE = "curves.json"
-SELECTION_FILE = "selection.json"
-CACHE_VERSION = 1
-SCORE_KINDS = ("auc", "acc_at", "finetuned")
+SCORE_KINDS = (*curves_lib.CURVE_SCORES, "finetuned")
 ORIGIN = "origin"
 CONTROL = "control"
 SPARSE_PREFIX = "sparse_reg_"  # sparse-learning reference curves, one per select.sparse_learning_regs value
 REFERENCES = (ORIGIN, CONTROL)  # reference curves: plotted and recorded, never candidates
 
 
-class SelectionError(ValueError):
-    """A configuration or input problem of run=select / run=visualize that the user must fix."""
-
-
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
-def checkpoints_by_epoch(meta_train_dir: str | Path) -> dict[int, Path]:
-    """``{epoch: absolute path}`` of every ``<meta_train_dir>/checkpoints/epoch_*.pt`` (clear errors if none).
-
-    ``stages.meta_train.list_checkpoints`` lists a run dir's checkpoints; this checks the setting
-    ``select.meta_train_dir`` and insists on at least one.
-    """
-    if is_null(meta_train_dir):
-        raise SelectionError("select.meta_train_dir is not set; pass select.meta_train_dir=<run dir of a finished "
-                             "run=meta_train> (or select.cache=<select run dir> for run=visualize)")
-    root = Path(str(meta_train_dir)).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"select.meta_train_dir={meta_train_dir}: no such folder; pass the run dir of a "
-                                "run=meta_train (it holds checkpoints/epoch_XXXX.pt)")
-    folder = root / CHECKPOINT_DIR
-    found = {epoch: path.resolve() for epoch, path in list_checkpoints(root) if path.is_file()}
-    if not found:
-        raise FileNotFoundError(f"no metanetwork checkpoints (epoch_XXXX.pt) in {folder}; is {root} the run dir of "
-                                "a run=meta_train that finished at least one epoch?")
-    return dict(sorted(found.items()))
-
-
 def parse_checkpoints(spec: Any, available: Mapping[int, Path], where: str = "") -> list[tuple[int, Path]]:
     """Resolve ``select.checkpoints`` (``all`` | epoch | list of epochs | ``"start:stop:step"``) to (epoch, path)."""
     where = where or "the meta_train checkpoints"
@@ -202,156 +113,9 @@ def parse_checkpoints(spec: Any, available: Mapping[int, Path], where: str = "")
     return sorted(set(result))
 
 
-def chosen_checkpoint(select_run_dir: str | Path) -> Path:
-    """The checkpoint a finished ``run=select`` chose (from its ``selection.json``; a folder or the file itself)."""
-    path = Path(str(select_run_dir)).expanduser()
-    selection = path if path.is_file() else path / SELECTION_FILE
-    if not selection.is_file():
-        raise FileNotFoundError(f"{selection} does not exist: {path} is not a finished run=select run dir "
-                                "(run=select writes selection.json when it finishes)")
-    try:
-        data = json.loads(selection.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{selection} is not valid JSON ({err}); re-run run=select") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{selection} holds a JSON {type(data).__name__}, not a selection; re-run run=select")
-    if not data.get("chosen"):
-        raise KeyError(f"{selection} has no 'chosen' entry naming the selected metanetwork checkpoint")
-    chosen = Path(data["chosen"])
-    if not chosen.is_absolute():
-        chosen = selection.parent / chosen
-    if not chosen.is_file():
-        raise FileNotFoundError(f"the metanetwork checkpoint chosen in {selection} ({chosen}) no longer exists")
-    return chosen
-
-
-# ----------------------------------------------------------------------------------------------
-# Fingerprints and cache
-# ----------------------------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Hash of names, dtypes, shapes and bytes of a state dict (identifies a stored data model by content)."""
-    digest = hashlib.sha256()
-    for name, tensor in state_dict.items():
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _plain(value: Any) -> Any:
-    """JSON round trip, so settings compare equal to what a cache file gives back."""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
-@dataclass
-class CurveJob:
-    """One curve to produce. ``checkpoint`` None: the untouched data model (label ``origin``, ``finetune``
-    False) or the control (label ``control``: fine-tuned like the checkpoints, no metanetwork applied)."""
-
-    label: str
-    epoch: int | None
-    checkpoint: Path | None
-    model_index: int
-    base_speed_up: float
-    settings: dict  # everything the points depend on, except max_speed_up
-    max_speed_up: float
-    entry: dict | None = None  # what the cache file keeps (from the cache or computed)
-    points: list | None = None  # the curve for this request (the entry's points cut at max_speed_up)
-    reused: bool = False
-    finetune: bool = True  # fine-tune with the after_metanetwork recipe before pruning (all but origin)
-    sparse_reg: float | None = None  # sparse-learning reference: that fine-tune with DepGraph's regulariser
-
-
-class CurveCache:
-    """Entries ``{label, epoch, checkpoint, model_index, base_speed_up, settings, max_speed_up, points, ...}``."""
-
-    def __init__(self, entries: Sequence[dict] = (), source: Path | None = None, meta: Mapping | None = None):
-        self.entries = list(entries)
-        self.source = source
-        self.meta = dict(meta or {})
-
-    @classmethod
-    def load(cls, location: str | Path | None) -> "CurveCache":
-        """Read ``curves.json`` from a run dir or a file path; None gives an empty cache."""
-        if is_null(location):
-            return cls()
-        path = Path(str(location)).expanduser()
-        file = path / CACHE_FILE if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"select.cache={location}: no {CACHE_FILE} there; pass a select/visualize run "
-                                    f"dir (it holds {CACHE_FILE}) or the file itself, or select.cache=null")
-        try:
-            data = json.loads(file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"select.cache: {file} is not valid JSON ({err}); delete it or use select.cache=null") \
-                from None
-        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or "entries" not in data:
-            raise ValueError(f"select.cache: {file} is not a curve cache of version {CACHE_VERSION}; "
-                             "use select.cache=null to recompute")
-        meta = {k: v for k, v in data.items() if k not in ("entries", "version")}
-        return cls(data["entries"], source=file, meta=meta)
-
-    def find(self, settings: dict, max_speed_up: float) -> tuple[dict, list] | None:
-        """``(entry, points cut at max_speed_up)`` of a cached curve with equal settings pruned at least to
-        ``max_speed_up`` (the one pruned furthest if several), else None."""
-        matches = [e for e in self.entries
-                   if e.get("settings") == settings and float(e.get("max_speed_up", -math.inf)) >= max_speed_up]
-        if not matches:
-            return None
-        entry = max(matches, key=lambda e: float(e["max_speed_up"]))
-        return entry, cut_curve(entry["points"], max_speed_up)
-
-    def save(self, path: Path, used: Sequence[dict], meta: Mapping) -> None:
-        """Write ``used`` entries plus the loaded ones they do not repeat (so the cache only grows)."""
-        def key(e):
-            return json.dumps([e.get("settings"), e.get("max_speed_up")], sort_keys=True)
-
-        seen = {key(e) for e in used}
-        kept = [e for e in self.entries if key(e) not in seen]
-        write_json(path, {"version": CACHE_VERSION, **dict(meta), "entries": list(used) + kept})
-
-
-def cut_curve(points: Sequence[Sequence[float]], max_speed_up: float) -> list[list[float]]:
-    """The points up to and including the first one reaching ``max_speed_up`` (what a fresh curve returns)."""
-    cut = []
-    for x, acc in points:
-        cut.append([float(x), float(acc)])
-        if x >= max_speed_up:
-            break
-    return cut
-
-
 # ----------------------------------------------------------------------------------------------
 # Planning and computing curves
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class CurveContext:
-    """What the curves of one run share; data and device are set up only when a curve must be computed."""
-
-    cfg: DictConfig
-    run_dir: Path
-    store: Any
-    val_indices: list[int]
-    records: dict[int, Any]
-    finetune: TrainConfig
-    method: dict
-    common: dict  # settings shared by every curve
-    device: torch.device | None = None
-    splits: Any = None
-    val_loader: Any = None
-    # select.score=finetuned: the total speed-ups and the after-pruning recipe of the score (None otherwise)
-    finetuned_targets: list[float] | None = None
-    after_pruning: TrainConfig | None = None
-
-
 def _select_section(cfg: DictConfig) -> DictConfig:
     section = cfg.get("select")
     if section is None:
@@ -462,7 +226,7 @@ def _common_settings(cfg: DictConfig, finetune, method: dict, finetuned: dict | 
     if finetuned is not None:
         # only a finetuned score adds this, so curves cached for the curve scores stay valid for them
         settings["finetuned"] = finetuned
-    return _plain(settings)
+    return json_round_trip(settings)
 
 
 def check_held_out(path: Path, checkpoint: Mapping[str, Any], store: Any, val_indices: Sequence[int],
@@ -537,10 +301,9 @@ def _plan(cfg: DictConfig, run_dir: Path, meta_train_dir: Any,
 
     # Refuse a checkpoint of another layout before any (long) computation; the error names the checkpoint.
     first = records[val_indices[0]].build_model()
-    codec = GraphCodec(first, **codec_options(cfg))
+    read = fitting_checkpoints(first, [path for _epoch, path in checkpoints], **codec_options(cfg))
     hashes = {}
-    for epoch, path in checkpoints:
-        _net, checkpoint = load_metanetwork(path, codec)
+    for (epoch, path), checkpoint in zip(checkpoints, read):
         if checkpoint["spec"].get("task") not in (None, cfg.task.name):
             log.warning("checkpoint %s was trained on task %r, selecting for %r", path,
                         checkpoint["spec"].get("task"), cfg.task.name)
@@ -553,54 +316,42 @@ def _plan(cfg: DictConfig, run_dir: Path, meta_train_dir: Any,
         model_settings = {"index": index, "sha256": state_dict_sha256(record.state_dict), "spec": record.spec,
                           "speed_up": record.speed_up}
         if section.get("origin", True):
-            settings = _plain({k: v for k, v in common.items() if k != "finetune"}
-                              | {"checkpoint": None, "data_model": model_settings, "finetune": None})
+            settings = json_round_trip({k: v for k, v in common.items() if k != "finetune"}
+                                       | {"checkpoint": None, "data_model": model_settings, "finetune": None})
             jobs.append(CurveJob(ORIGIN, None, None, index, record.speed_up, settings, max_speed_up,
                                  finetune=False))
         if section.get("control", True):
             # the checkpoints' fine-tune (recipe, seed, loaders) without a metanetwork; "curve" tells it from
             # origin (which has finetune None) and from any checkpoint (which has a checkpoint hash)
-            settings = _plain(common | {"checkpoint": None, "curve": CONTROL, "data_model": model_settings})
+            settings = json_round_trip(common | {"checkpoint": None, "curve": CONTROL,
+                                                 "data_model": model_settings})
             jobs.append(CurveJob(CONTROL, None, None, index, record.speed_up, settings, max_speed_up))
         for reg in sparse_regs(cfg):
             # DepGraph's sparse learning with the same budget: the control's fine-tune plus the regulariser
             sparse = {"reg": reg, "alpha": float(cfg.final.sparse_learning.alpha)}
-            settings = _plain(common | {"checkpoint": None, "curve": "sparse_learning", "sparse_learning": sparse,
-                                        "data_model": model_settings})
+            settings = json_round_trip(common | {"checkpoint": None, "curve": "sparse_learning",
+                                                 "sparse_learning": sparse, "data_model": model_settings})
             jobs.append(CurveJob(sparse_label(reg), None, None, index, record.speed_up, settings, max_speed_up,
                                  sparse_reg=reg))
         for epoch, path in checkpoints:
-            settings = _plain(common | {"checkpoint": {"sha256": hashes[epoch]}, "data_model": model_settings})
+            settings = json_round_trip(common | {"checkpoint": {"sha256": hashes[epoch]},
+                                                 "data_model": model_settings})
             jobs.append(CurveJob(f"epoch_{epoch}", epoch, path, index, record.speed_up, settings, max_speed_up))
     return ctx, jobs
 
 
-def accuracy_floor(section: DictConfig, control: Mapping[str, Any] | None) -> float | None:
-    """The lowest unpruned validation accuracy a candidate may keep: the control's minus
-    ``select.max_accuracy_drop`` (None: no floor, the reference's pure curve score)."""
-    drop = _max_accuracy_drop(section)
-    if drop is None:
-        return None
-    if control is None:
-        raise SelectionError("select.max_accuracy_drop compares with the control's unpruned accuracy; "
-                             "it needs select.control=true")
-    return control["unpruned_acc"] - drop
-
-
 def _max_accuracy_drop(section: DictConfig) -> float | None:
-    """``select.max_accuracy_drop`` checked: a number >= 0, or None (off)."""
+    """``select.max_accuracy_drop`` checked: a number >= 0 with the control on, or None (off)."""
     value = section.get("max_accuracy_drop")
     if is_null(value):
         return None
     drop = _number(value)
     if not math.isfinite(drop) or drop < 0:
         raise SelectionError(f"select.max_accuracy_drop={value!r} must be a number >= 0 or null")
+    if not section.get("control", True):
+        raise SelectionError("select.max_accuracy_drop compares with the control's unpruned accuracy; "
+                             "it needs select.control=true")
     return drop
-
-
-def eligible(item: Mapping[str, Any], floor: float | None) -> bool:
-    """Whether a candidate keeps its unpruned validation accuracy at or above ``floor``."""
-    return floor is None or item["unpruned_acc"] >= floor - 1e-12
 
 
 def is_reference(label: str) -> bool:
@@ -694,26 +445,17 @@ def _finetuned_accuracies(job: CurveJob, ctx: CurveContext, model: torch.nn.Modu
     base_macs = count_macs(model, example) * job.base_speed_up
     results = {}
     for target in ctx.finetuned_targets:
-        pruned = copy.deepcopy(model)
-        achieved = prune_to_speed_up(pruned, target, ctx.method, example,
-                                     iterative_steps=int(cfg.task.pruning.iterative_steps), base_macs=base_macs)
-        seed_everything(cfg.seed, deterministic=cfg.get("deterministic", False))
-        train(pruned, _train_and_val_loaders(ctx), ctx.after_pruning, device, run_dir=ctx.run_dir / "finetune",
-              desc=f"{job.label}_model{job.model_index}_{target:g}x")
+        run = RunContext(cfg, ctx.run_dir / "finetune", device, ctx.splits, _train_and_val_loaders(ctx), ctx.method,
+                         example)
+        pruned, achieved, _result = prune_and_finetune(
+            run, copy.deepcopy(model), target, base_macs, ctx.after_pruning,
+            f"{job.label}_model{job.model_index}_{target:g}x",
+            before_finetune=lambda _pruned: seed_everything(cfg.seed, deterministic=cfg.get("deterministic", False)))
         acc = evaluate(pruned, ctx.val_loader, device, max_batches=_select_section(cfg).get("max_batches"))["acc"]
         results[f"{target:g}"] = {"speed_up": achieved, "val_acc": acc}
         log.info("%s, data model %d: pruned to %.3fx and fine-tuned: validation accuracy %.4f", job.label,
                  job.model_index, achieved, acc)
     return results
-
-
-def score_points(points: Sequence[Sequence[float]], kind: str, max_speed_up: float, target_speed_up: float) -> float:
-    """``auc``: step-wise mean accuracy up to ``max_speed_up``; ``acc_at``: accuracy at ``target_speed_up``."""
-    if kind == "auc":
-        return curves_lib.area_under_curve(points, max_speed_up, kind="step")
-    if kind == "acc_at":
-        return curves_lib.accuracy_at(points, target_speed_up)
-    raise SelectionError(f"select.score={kind!r} is unknown; valid: {', '.join(SCORE_KINDS)}")
 
 
 def _score_kind(section: DictConfig) -> str:
@@ -731,9 +473,7 @@ def check_settings(cfg: DictConfig, meta_train_epochs: int | None = None) -> Non
     after each epoch, 1-based), ``checkpoints`` against the epochs such a meta-training writes."""
     section = _select_section(cfg)
     _score_kind(section)
-    if _max_accuracy_drop(section) is not None and not section.get("control", True):
-        raise SelectionError("select.max_accuracy_drop compares with the control's unpruned accuracy; "
-                             "it needs select.control=true")
+    _max_accuracy_drop(section)
     _finetuned_targets(cfg)
     sparse_regs(cfg)
     if meta_train_epochs is not None:
@@ -749,7 +489,7 @@ def _score(job: CurveJob, kind: str, max_speed_up: float, target_speed_up: float
     if kind == "finetuned":
         accuracies = [item["val_acc"] for item in job.entry["finetuned"].values()]
         return sum(accuracies) / len(accuracies)
-    return score_points(job.points, kind, max_speed_up, target_speed_up)
+    return curves_lib.score_points(job.points, kind, max_speed_up, target_speed_up)
 
 
 def _produce(ctx: CurveContext, jobs: list[CurveJob], cache: CurveCache) -> dict[str, dict]:
@@ -831,7 +571,7 @@ def _run_curves(cfg: DictConfig, run_dir: Path, meta_train_dir: Any, cache: Curv
 
     def write() -> None:
         cache.save(run_dir / CACHE_FILE, [job.entry for job in jobs], meta)
-        _plot(ctx, summary, run_dir / "curves.png")
+        _plot(ctx, summary, run_dir / CURVES_PNG)
 
     distributed.run_on_main(write)
     reused = sum(job.reused for job in jobs)
@@ -849,12 +589,12 @@ def run_select(cfg: DictConfig, run_dir: Path) -> dict:
     cache = CurveCache.load(section.get("cache"))
     ctx, jobs, summary, counts = _run_curves(cfg, run_dir, section.get("meta_train_dir"), cache)
     origin, control = summary.get(ORIGIN), summary.get(CONTROL)
-    floor = accuracy_floor(section, control)
+    floor = curves_lib.accuracy_floor(_max_accuracy_drop(section), control)
     candidates = [item for label, item in summary.items() if not is_reference(label)]
     # eligible ones first (select.max_accuracy_drop), each part by score; ties: earlier epoch
-    ranking = sorted(candidates, key=lambda item: (not eligible(item, floor), -item["score"], item["epoch"]))
+    ranking = sorted(candidates, key=lambda item: (not curves_lib.eligible(item, floor), -item["score"], item["epoch"]))
     ranked = [{"rank": i + 1, "epoch": item["epoch"], "checkpoint": item["checkpoint"], "score": item["score"],
-               "unpruned_acc": item["unpruned_acc"], "eligible": eligible(item, floor),
+               "unpruned_acc": item["unpruned_acc"], "eligible": curves_lib.eligible(item, floor),
                "per_model": item["per_model"], **({"finetuned": item["finetuned"]} if "finetuned" in item else {})}
               for i, item in enumerate(ranking)]
     best = ranking[0]
@@ -863,15 +603,15 @@ def run_select(cfg: DictConfig, run_dir: Path) -> dict:
                                                        "finetuned") if k in item},
                                "gain_over_control": item["score"] - control["score"] if control else None},
                     step=item["epoch"])
-    if not eligible(best, floor):
+    if not curves_lib.eligible(best, floor):
         log.warning("no checkpoint keeps the unpruned validation accuracy within select.max_accuracy_drop=%s of "
                     "the control's (%.4f); choosing the best-scoring one anyway", section.max_accuracy_drop,
                     control["unpruned_acc"])
     kind = str(section.score)
     sparse = {f"{reg:g}": summary[sparse_label(reg)] for reg in sparse_regs(cfg)}
     sparse_scores = {reg: item["score"] for reg, item in sparse.items()}
-    best_sparse = min(sparse, key=lambda reg: (not eligible(sparse[reg], floor), -sparse_scores[reg], float(reg))
-                      ) if sparse else None
+    best_sparse = min(sparse, key=lambda reg: (not curves_lib.eligible(sparse[reg], floor), -sparse_scores[reg],
+                                               float(reg))) if sparse else None
     references = {
         "origin_score": origin["score"] if origin else None,
         "control_score": control["score"] if control else None,
@@ -943,8 +683,8 @@ def run_visualize(cfg: DictConfig, run_dir: Path) -> dict:
             log_metrics("visualize", {k: item[k] for k in ("score", "unpruned_acc", "per_model")}, step=item["epoch"])
     results = {"run": "visualize", "task": cfg.task.name, "score_kind": str(section.score), "split": "val",
                "scores": {label: item["score"] for label, item in summary.items()}, **counts,
-               "plot": str(run_dir / "curves.png")}
+               "plot": str(run_dir / CURVES_PNG)}
     if distributed.is_main_process():
         print(f"[{cfg.task.name}] visualize: {counts['curves_computed']} curve(s) computed, "
-              f"{counts['curves_reused']} reused -> {run_dir / 'curves.png'}")
+              f"{counts['curves_reused']} reused -> {run_dir / CURVES_PNG}")
     return results

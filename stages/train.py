@@ -31,6 +31,7 @@ from torch import nn
 from generate_dataset.models import load_model, model_spec
 from pruning.depgraph import count_macs, prune_to_speed_up
 from stages import ddp
+from stages.artifacts import MODEL_CHECKPOINT
 from stages.common import FinalRunConfigError, recipe, run_context, setup, start_model, task_data
 from training.loop import evaluate_splits
 from utils import distributed
@@ -39,7 +40,6 @@ from utils.io import is_null
 
 log = logging.getLogger(__name__)
 
-MODEL_CHECKPOINT = "model.pt"
 INIT_PRUNED_CHECKPOINT = "init_pruned_model.pt"
 
 

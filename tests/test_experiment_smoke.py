@@ -45,7 +45,8 @@ from omegaconf import DictConfig
 from helpers import CONFIG_DIR, compose_cfg, run_torchrun
 from stages import execute, generate, pipeline
 from stages.common import recipe, run_recorded
-from stages.meta_train import MetaTrainSettings, list_checkpoints
+from stages.artifacts import list_checkpoints
+from stages.meta_train import MetaTrainSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -13,8 +13,9 @@ from nn.apply import LayoutMismatchError
 from pruning.depgraph import SpeedUpNotReachedError, count_macs
 from stages import analyse, execute, final
 from stages.analyse import effective_rank
+from stages.artifacts import metanetwork_setting, resolve_metanetwork
 from stages.common import FinalRunConfigError, task_data
-from stages.final import UnreachableTargetError, metanetwork_setting, resolve_metanetwork
+from stages.final import UnreachableTargetError
 from training.loop import evaluate
 from utils.checkpoint import save_checkpoint
 

@@ -66,7 +66,7 @@ def test_tiny_cpu_run_executes_every_section_and_writes_the_report(tmp_path):
     assert sections["h"]["numbers"]["backend"] == "gloo"
     assert {"K=1", "K=2"} <= set(sections["i"]["numbers"]) and "verdict" in sections["i"]["numbers"]
 
-    text = (tmp_path / "gpu_check.md").read_text()
+    text = (tmp_path / "report.md").read_text()
     assert "NOT the GPU acceptance" in text and "torch " in text and "cuDNN" in text
     for key in "abcdefghi":
         assert f"## {key}. " in text
@@ -93,7 +93,7 @@ def test_a_failing_section_fails_the_run_without_stopping_the_others(tmp_path, m
     assert sections["a"]["status"] == "fail" and "boom in a section" in sections["a"]["error"]
     assert sections["b"]["status"] == "fail" and sections["b"]["error"] is None
     assert sections["g"]["status"] == "pass"  # ran after the failures
-    text = (tmp_path / "gpu_check.md").read_text()
+    text = (tmp_path / "report.md").read_text()
     assert "boom in a section" in text and "| a check that fails | FAIL | on purpose |" in text
 
 

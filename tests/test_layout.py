@@ -4,6 +4,7 @@ run-mode registry for the config check):
 * imports run one way: utils -> (data_loaders, generate_dataset.models, nn) -> (pruning, training) -> stages
   -> entry scripts (main/main.py, main_imagenet/main_imagenet.py, generate_dataset/generate.py, benchmarks/),
   and no project module imports another in a circle;
+* no run mode (a module of the stages.RUNS table) imports another, the pipeline excepted;
 * no import inside a function, except the few allow-listed optional or slow dependencies;
 * the run modes the configs list are exactly the stages registry's, and every package is installed by setup.py.
 """
@@ -28,7 +29,8 @@ LAYERS = {
     "stages": 3,
 }
 ENTRY_LAYER = 4
-ENTRY_SCRIPTS = ("main/main.py", "main_imagenet/main_imagenet.py", "generate_dataset/generate.py", "setup.py")
+ENTRY_SCRIPTS = ("main/main.py", "main_imagenet/main_imagenet.py", "main/convert_release.py", "generate_dataset/generate.py",
+                 "setup.py")
 TOP_LEVEL = {"utils", "data_loaders", "generate_dataset", "nn", "pruning", "training", "stages"}
 # Imports allowed inside functions: optional (torch_scatter) or slow to import and needed by one code path only
 # (matplotlib for plots, scikit-learn for the digits dataset). Each such import carries a comment saying why.
@@ -163,6 +165,31 @@ def test_the_layer_test_sees_the_layers():
 # ----------------------------------------------------------------------------------------------
 # Run modes: the registry, the configs, the pipeline
 # ----------------------------------------------------------------------------------------------
+def run_mode_modules() -> set[str]:
+    """The modules that hold the run modes: those of the functions in the ``stages.RUNS`` table."""
+    return {fn.__module__ for fn in stages.RUNS.values()}
+
+
+def test_no_run_mode_imports_another():
+    """Run modes share code through modules that are not run modes (stages.common, stages.ddp, stages.artifacts
+    ...), never by importing each other, and those shared modules import no run mode either (which would let one
+    run mode reach another through them). The pipeline, which chains the run modes, and the registry are the
+    exceptions."""
+    modes = run_mode_modules()
+    assert {"stages.meta_train", "stages.select", "stages.final", "stages.pipeline"} <= modes  # the table is read
+    exempt = {"stages", "stages.pipeline"}
+    wrong = []
+    for name in sorted(n for n in MODULES if n.startswith("stages.") and n not in exempt):
+        for line, target in project_imports(MODULES[name]):
+            if target in modes and target != name:
+                wrong.append(f"{MODULES[name].relative_to(REPO)}:{line} imports run mode {target}")
+    assert not wrong, "a stage module imports a run mode (share the code through a non-run-mode module):\n" + \
+        "\n".join(wrong)
+    # not vacuous: the check sees the pipeline's imports of the run modes it chains
+    assert {"stages.meta_train", "stages.select", "stages.final"} <= {t for _l, t in
+                                                                       project_imports(MODULES["stages.pipeline"])}
+
+
 def configured_run_modes() -> set[str]:
     """The run modes configs/main.yaml lists in the comment above ``run:``."""
     text = (CONFIG_DIR / "main.yaml").read_text()

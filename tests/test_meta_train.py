@@ -16,8 +16,9 @@ from helpers import METHOD, compose_cfg
 from nn.apply import LayoutMismatchError, build_metanetwork, load_metanetwork
 from nn.graph import GraphCodec
 from pruning.regularizer import build_regularizer, group_gamma, relative_change, small_share, without_scale_component
-from stages import execute, meta_train
+from stages import artifacts, execute, meta_train, meta_train_metrics, meta_train_resume
 from stages.common import codec_options
+from training import meta_gradient
 
 WIDTHS = [8, 5, 8, 7, 16, 3, 32]  # resnet8, non-uniform as after pruning
 TINY_NET = {"num_layer": 2, "hiddim": 8, "node_res_ratio": 0.01, "edge_res_ratio": 0.01}
@@ -43,7 +44,8 @@ class _Settings:
 
 
 def make_entry(model, dtype=torch.float32):
-    return meta_train.build_entry(0, model, torch.ones(1, 1, 8, 8, dtype=dtype), METHOD, _Settings, input_shape=(1, 8, 8))
+    return meta_gradient.build_entry(0, model, torch.ones(1, 1, 8, 8, dtype=dtype), METHOD, _Settings,
+                                     input_shape=(1, 8, 8))
 
 
 def tiny_metanetwork(entry, seed=1, dtype=torch.float32):
@@ -72,7 +74,7 @@ def float64_case(seed, num_batches, batch_size):
 def test_one_backward_equals_per_batch_retain_graph_reference():
     model, entry, net, batches = float64_case(0, num_batches=3, batch_size=5)
 
-    result = meta_train.meta_gradient(net, entry, batches, reference_batches=3, alpha=16.0)
+    result = meta_gradient.meta_gradient(net, entry, batches, reference_batches=3, alpha=16.0)
     fast = grads_of(net)
 
     # the authors' way: a backward through the GNN per batch (retain_graph), then the regulariser's
@@ -100,7 +102,7 @@ def test_balance_is_independent_of_batches_per_step():
 
     def gradient(k, reference_batches):
         net.zero_grad(set_to_none=True)
-        meta_train.meta_gradient(net, entry, [batch] * k, reference_batches=reference_batches, alpha=16.0)
+        meta_gradient.meta_gradient(net, entry, [batch] * k, reference_batches=reference_batches, alpha=16.0)
         return torch.cat([p.grad.flatten() for p in net.parameters()])
 
     k2, k4 = gradient(2, 100), gradient(4, 100)
@@ -119,8 +121,8 @@ def test_gradient_parts_are_the_ce_and_regulariser_gradients_and_leave_the_step_
         if prior is not None:  # meta_gradient accumulates: a gradient already there must not leak into the parts
             for p in net.parameters():
                 p.grad = torch.full_like(p, prior)
-        result = meta_train.meta_gradient(net, entry, batches, reference_batches=50, alpha=16.0,
-                                          diagnostics=diagnostics)
+        result = meta_gradient.meta_gradient(net, entry, batches, reference_batches=50, alpha=16.0,
+                                             diagnostics=diagnostics)
         return result, torch.cat([p.grad.flatten() for p in net.parameters()])
 
     result, total = step(True, prior=0.25)
@@ -260,8 +262,8 @@ def test_reg_projection_changes_only_the_regulariser_part_of_the_step():
 
     def step(reg_projection):
         net.zero_grad(set_to_none=True)
-        result = meta_train.meta_gradient(net, entry, batches, reference_batches=50, alpha=16.0,
-                                          reg_projection=reg_projection)
+        result = meta_gradient.meta_gradient(net, entry, batches, reference_batches=50, alpha=16.0,
+                                             reg_projection=reg_projection)
         return result, torch.cat([p.grad.flatten() for p in net.parameters()])
 
     plain, plain_total = step("none")
@@ -366,13 +368,13 @@ def test_step_diagnostics_are_those_of_the_generated_weights():
     # residual ratios 0: the generated weights are the data model's, whatever the decoders output
     torch.manual_seed(0)
     still = build_metanetwork(entry.codec, {**TINY_NET, "node_res_ratio": 0.0, "edge_res_ratio": 0.0})
-    result = meta_train.meta_gradient(still, entry, batch, reference_batches=1, alpha=16.0)
+    result = meta_gradient.meta_gradient(still, entry, batch, reference_batches=1, alpha=16.0)
     assert result.weight_change == 0.0
     assert result.small_group_share == result.small_group_share_input == input_share
     assert (result.norm_ratio_p10, result.norm_ratio_p50, result.norm_ratio_p90) == (1.0, 1.0, 1.0)
 
     net = tiny_metanetwork(entry)
-    result = meta_train.meta_gradient(net, entry, batch, reference_batches=1, alpha=16.0)
+    result = meta_gradient.meta_gradient(net, entry, batch, reference_batches=1, alpha=16.0)
     with torch.no_grad():
         generated = entry.codec.decode(net(entry.codec.encode(model)))
     diff = math.sqrt(sum((generated[k].double() - own[k].double()).pow(2).sum().item() for k in generated))
@@ -383,23 +385,23 @@ def test_step_diagnostics_are_those_of_the_generated_weights():
     ratios = entry.regularizer.channel_norms(generated) / entry.regularizer.channel_norms(own)
     expected = torch.quantile(ratios, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
     assert [result.norm_ratio_p10, result.norm_ratio_p50, result.norm_ratio_p90] == pytest.approx(expected)
-    plain = meta_train.meta_gradient(net, entry, batch, reference_batches=1, alpha=16.0, diagnostics=False)
+    plain = meta_gradient.meta_gradient(net, entry, batch, reference_batches=1, alpha=16.0, diagnostics=False)
     assert math.isnan(plain.weight_change) and plain.ce == result.ce and plain.reg == result.reg
 
 
 def test_norm_ratio_quantiles_tell_a_uniform_shrink_from_singled_out_channels():
     own = torch.linspace(1.0, 2.0, 100, dtype=torch.float64)
-    p10, p50, p90 = meta_train.norm_ratio_quantiles(0.5 * own, own)
+    p10, p50, p90 = meta_gradient.norm_ratio_quantiles(0.5 * own, own)
     assert p10 == pytest.approx(0.5) and p90 == pytest.approx(0.5)  # uniform: every channel alike
     selective = own.clone()
     selective[:30] = 0.0  # 30 % of the channels removed, the rest untouched
-    p10, p50, p90 = meta_train.norm_ratio_quantiles(selective, own)
+    p10, p50, p90 = meta_gradient.norm_ratio_quantiles(selective, own)
     assert p10 == 0.0 and p50 == pytest.approx(1.0) and p90 == pytest.approx(1.0)
     own[0] = 0.0  # a channel with no own norm has no ratio: left out, never NaN or inf
-    assert all(math.isfinite(q) for q in meta_train.norm_ratio_quantiles(selective, own))
-    assert all(math.isnan(q) for q in meta_train.norm_ratio_quantiles(torch.zeros(3), torch.zeros(3)))
+    assert all(math.isfinite(q) for q in meta_gradient.norm_ratio_quantiles(selective, own))
+    assert all(math.isnan(q) for q in meta_gradient.norm_ratio_quantiles(torch.zeros(3), torch.zeros(3)))
     with pytest.raises(ValueError, match="3 generated norms vs 4"):
-        meta_train.norm_ratio_quantiles(torch.ones(3), torch.ones(4))
+        meta_gradient.norm_ratio_quantiles(torch.ones(3), torch.ones(4))
 
 
 def test_batch_bn_mode_uses_batch_statistics_and_never_touches_the_running_ones():
@@ -413,9 +415,9 @@ def test_batch_bn_mode_uses_batch_statistics_and_never_touches_the_running_ones(
     saved = {k: v.clone() for k, v in entry.buffers.items()}
     batch = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))]
     net = tiny_metanetwork(entry)
-    eval_ce = meta_train.meta_gradient(net, entry, batch, reference_batches=1, alpha=16.0).ce
+    eval_ce = meta_gradient.meta_gradient(net, entry, batch, reference_batches=1, alpha=16.0).ce
     net.zero_grad()
-    batch_ce = meta_train.meta_gradient(net, entry, batch, reference_batches=1, alpha=16.0, bn_mode="batch").ce
+    batch_ce = meta_gradient.meta_gradient(net, entry, batch, reference_batches=1, alpha=16.0, bn_mode="batch").ce
     assert batch_ce != pytest.approx(eval_ce)
     for key, value in entry.buffers.items():  # running stats and the batch counter unchanged
         assert torch.equal(value, saved[key]), key
@@ -429,7 +431,7 @@ def test_batch_bn_mode_uses_batch_statistics_and_never_touches_the_running_ones(
         expected = torch.nn.functional.cross_entropy(copy_(batch[0][0]), batch[0][1]).item()
     assert batch_ce == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="bn_mode"):
-        meta_train.meta_gradient(net, entry, batch, reference_batches=1, alpha=16.0, bn_mode="train")
+        meta_gradient.meta_gradient(net, entry, batch, reference_batches=1, alpha=16.0, bn_mode="train")
 
 
 def test_settings_errors_name_the_config_key():
@@ -586,12 +588,12 @@ def full_run(store_dir, tmp_path_factory):
 
 
 def checkpoint(run_dir, epoch):
-    return torch.load(meta_train.checkpoint_path(run_dir, epoch), weights_only=True)
+    return torch.load(artifacts.checkpoint_path(run_dir, epoch), weights_only=True)
 
 
 def test_hydra_run_writes_checkpoints_metrics_and_results(full_run, store_dir):
     run_dir, summary = full_run
-    assert [p.name for _, p in meta_train.list_checkpoints(run_dir)] == ["epoch_0001.pt", "epoch_0002.pt"]
+    assert [p.name for _, p in artifacts.list_checkpoints(run_dir)] == ["epoch_0001.pt", "epoch_0002.pt"]
     results = json.loads((run_dir / "results.json").read_text())
     assert results == json.loads(json.dumps(summary))
     assert results["epochs"] == 2 and results["train_data_models"] == [0, 1] and results["val_data_models"] == [2]
@@ -599,21 +601,21 @@ def test_hydra_run_writes_checkpoints_metrics_and_results(full_run, store_dir):
     assert results["balance"]["reg_per_mean_ce"] == pytest.approx(0.1)
     rows = list(csv.DictReader((run_dir / "meta_train_metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert list(rows[0]) == list(meta_train.CSV_COLUMNS)
+    assert list(rows[0]) == list(meta_train_metrics.CSV_COLUMNS)
     assert float(rows[0]["lr"]) == pytest.approx(0.01) and float(rows[1]["lr"]) == pytest.approx(0.001)  # milestone 1
     for r in rows:
         assert math.isfinite(float(r["ce"])) and float(r["reg"]) > 0 and float(r["grad_norm"]) > 0
-        for key in meta_train.DIAGNOSTIC_COLUMNS:
+        for key in meta_gradient.DIAGNOSTIC_COLUMNS:
             assert math.isfinite(float(r[key])), key
         assert 0.0 <= float(r["small_group_share"]) <= 1.0 and float(r["weight_change"]) > 0
-    assert (run_dir / meta_train.DIAGNOSTICS_PNG).stat().st_size > 0
-    assert results["diagnostics_png"] == meta_train.DIAGNOSTICS_PNG
+    assert (run_dir / meta_train_metrics.DIAGNOSTICS_PNG).stat().st_size > 0
+    assert results["diagnostics_png"] == meta_train_metrics.DIAGNOSTICS_PNG
     ck = checkpoint(run_dir, 2)
     assert ck["spec"]["epoch"] == 2 and len(ck["steps"]) == 4  # 2 epochs x 2 training data models
     assert {s[1] for s in ck["steps"]} == {0, 1}
     # the metanetwork loads for a data model of other widths (one codec per data model)
     other = DataModelStore(store_dir)[1].build_model()
-    net, _ = load_metanetwork(meta_train.checkpoint_path(run_dir, 2), GraphCodec(other, input_shape=(1, 8, 8)))
+    net, _ = load_metanetwork(artifacts.checkpoint_path(run_dir, 2), GraphCodec(other, input_shape=(1, 8, 8)))
     assert net.hiddim == 8 and len(net.convs) == 2
     # the weights actually moved
     first = checkpoint(run_dir, 1)["state_dict"]
@@ -622,21 +624,21 @@ def test_hydra_run_writes_checkpoints_metrics_and_results(full_run, store_dir):
 
 def test_resume_after_a_kill_gives_identical_losses_and_weights(full_run, store_dir, tmp_path, monkeypatch):
     run_dir, _ = full_run
-    original_save = meta_train.save_metanetwork
+    original_save = meta_train_resume.save_metanetwork
 
     def save_then_die(path, *args, **kwargs):
         result = original_save(path, *args, **kwargs)
         raise KeyboardInterrupt("killed after the epoch-1 checkpoint")
 
-    monkeypatch.setattr(meta_train, "save_metanetwork", save_then_die)
+    monkeypatch.setattr(meta_train_resume, "save_metanetwork", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         execute(run_cfg(store_dir), tmp_path)
-    monkeypatch.setattr(meta_train, "save_metanetwork", original_save)
-    assert [e for e, _ in meta_train.list_checkpoints(tmp_path)] == [1]
+    monkeypatch.setattr(meta_train_resume, "save_metanetwork", original_save)
+    assert [e for e, _ in artifacts.list_checkpoints(tmp_path)] == [1]
     # as if written before the diagnostics existed: history rows without their columns, no plot yet
-    path = meta_train.checkpoint_path(tmp_path, 1)
+    path = artifacts.checkpoint_path(tmp_path, 1)
     old = torch.load(path, weights_only=True)
-    old["history"] = [{k: v for k, v in row.items() if k not in meta_train.DIAGNOSTIC_COLUMNS}
+    old["history"] = [{k: v for k, v in row.items() if k not in meta_gradient.DIAGNOSTIC_COLUMNS}
                       for row in old["history"]]
     torch.save(old, path)
 
@@ -649,9 +651,9 @@ def test_resume_after_a_kill_gives_identical_losses_and_weights(full_run, store_
     assert [r["ce"] for r in resumed["history"]] == [r["ce"] for r in uninterrupted["history"]]
     rows = list(csv.DictReader((tmp_path / "meta_train_metrics.csv").open()))
     assert [r["small_group_share"] for r in rows][0] == ""  # the old row's cells are left blank
-    for key in meta_train.DIAGNOSTIC_COLUMNS:
+    for key in meta_gradient.DIAGNOSTIC_COLUMNS:
         assert float(rows[1][key]) == uninterrupted["history"][1][key], key
-    assert (tmp_path / meta_train.DIAGNOSTICS_PNG).exists()
+    assert (tmp_path / meta_train_metrics.DIAGNOSTICS_PNG).exists()
 
     # resuming needs the same settings
     with pytest.raises(ValueError, match="pruner_reg"):
@@ -662,18 +664,18 @@ def test_resume_after_a_kill_gives_identical_losses_and_weights(full_run, store_
 
 def test_nan_loss_stops_with_floating_point_error_and_keeps_last_good_checkpoint(store_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = meta_train._cross_entropy
+    real = meta_gradient._cross_entropy
 
     def poisoned(logits, labels):
         calls["n"] += 1
         loss = real(logits, labels)
         return loss * float("nan") if calls["n"] > 4 else loss  # epoch 1 = 2 data models x 2 batches
 
-    monkeypatch.setattr(meta_train, "_cross_entropy", poisoned)
+    monkeypatch.setattr(meta_gradient, "_cross_entropy", poisoned)
     with pytest.raises(FloatingPointError, match=r"epoch 2, data model shard_0000(\.h5)?#[01]"):
         execute(run_cfg(store_dir), tmp_path)
-    assert [e for e, _ in meta_train.list_checkpoints(tmp_path)] == [1]
-    net, ck = load_metanetwork(meta_train.checkpoint_path(tmp_path, 1))
+    assert [e for e, _ in artifacts.list_checkpoints(tmp_path)] == [1]
+    net, ck = load_metanetwork(artifacts.checkpoint_path(tmp_path, 1))
     assert all(torch.isfinite(p).all() for p in net.parameters()) and ck["spec"]["epoch"] == 1
     rows = list(csv.DictReader((tmp_path / "meta_train_metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1]
@@ -689,7 +691,7 @@ def test_codec_config_keys_reach_the_codec_and_a_mismatch_is_refused(store_dir, 
     assert default["identity_edges"] is None and default["edge_layout"] == "auto"
     assert not default["legacy_fc_permutation"]
     execute(cfg, tmp_path)
-    path = meta_train.checkpoint_path(tmp_path, 1)
+    path = artifacts.checkpoint_path(tmp_path, 1)
     layout = torch.load(path, weights_only=True)["spec"]["layout"]
     assert layout["identity_edges"] == "sparse" and layout["edge_layout"] == "padded"
     model = DataModelStore(store_dir)[0].build_model()

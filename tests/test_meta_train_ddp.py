@@ -17,7 +17,8 @@ from data_loaders.store import ShardWriter
 from generate_dataset.models import build_model, model_spec
 from helpers import METHOD, REPO, compose_cfg, run_torchrun, write_imagefolder
 from nn.apply import build_metanetwork
-from stages import execute, meta_train
+from stages import artifacts, execute, meta_train, meta_train_metrics, meta_train_resume
+from training import meta_gradient
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,8 +50,8 @@ def test_accumulated_steps_equal_the_authors_per_batch_sum_step_after_step():
     is the authors' sum over its batches of the per-batch CE backward (retain_graph) plus the regulariser's,
     computed with the weights the previous step left; reference_batches == iterations_per_step changes nothing."""
     model = data_model(0, dtype=torch.float64, in_channels=1, classes=10)
-    entry = meta_train.build_entry(0, model, torch.ones(1, 1, 8, 8, dtype=torch.float64), METHOD, _Settings,
-                                   input_shape=(1, 8, 8))
+    entry = meta_gradient.build_entry(0, model, torch.ones(1, 1, 8, 8, dtype=torch.float64), METHOD, _Settings,
+                                      input_shape=(1, 8, 8))
     torch.manual_seed(1)
     net = build_metanetwork(entry.codec, TINY_NET).to(torch.float64)
     g = torch.Generator().manual_seed(0)
@@ -72,7 +73,7 @@ def test_accumulated_steps_equal_the_authors_per_batch_sum_step_after_step():
     stream = iter(batches)
     for step, reference_batches in enumerate((None, 2)):
         expected = authors_gradient(batches[2 * step:2 * step + 2])
-        result, norm = meta_train.accumulated_step(net, entry, islice(stream, 2), reference_batches, alpha=16.0)
+        result, norm = meta_gradient.accumulated_step(net, entry, islice(stream, 2), reference_batches, alpha=16.0)
         assert result.batches == 2 and math.isfinite(result.ce) and result.reg > 0
         for name, p in net.named_parameters():
             assert expected[name].abs().max() > 0, name
@@ -115,9 +116,9 @@ def test_resuming_with_another_number_of_ranks_is_refused():
     meta = {"task": "t", "store": "s", "train_indices": [0, 1], "options": {}, "seed": 7, "world_size": 2,
             "settings": {"lr": 0.01}}
     checkpoint = {k: None for k in ("optimizer", "scheduler", "history", "steps", "rng")}
-    meta_train._check_resumable("ck.pt", {**checkpoint, "meta": {**meta, "world_size": 2}}, meta)  # same: fine
+    meta_train_resume.check_resumable("ck.pt", {**checkpoint, "meta": {**meta, "world_size": 2}}, meta)  # same: fine
     with pytest.raises(ValueError, match=r"ranks: checkpoint 8, now 2 .*--nproc_per_node=8"):
-        meta_train._check_resumable("ck.pt", {**checkpoint, "meta": {**meta, "world_size": 8}}, meta)
+        meta_train_resume.check_resumable("ck.pt", {**checkpoint, "meta": {**meta, "world_size": 8}}, meta)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def overrides(root, iterations_per_step, epochs=2):
 
 
 def checkpoint(run_dir, epoch):
-    return torch.load(meta_train.checkpoint_path(run_dir, epoch), weights_only=True)
+    return torch.load(artifacts.checkpoint_path(run_dir, epoch), weights_only=True)
 
 
 def test_single_process_is_rank_0_and_a_run_killed_mid_epoch_resumes_identically(data_dir, tmp_path, monkeypatch):
@@ -158,7 +159,7 @@ def test_single_process_is_rank_0_and_a_run_killed_mid_epoch_resumes_identically
     resumes from epoch 1's checkpoint and ends bit-identical to the uninterrupted one (the same resume code as
     under torchrun, except that there rank 0 picks the checkpoint and every rank loads it)."""
     cfg = compose_cfg(overrides(data_dir, 5) + [f"store={data_dir / 'store'}"])
-    real = meta_train._cross_entropy
+    real = meta_gradient._cross_entropy
     calls = {"n": 0, "limit": math.inf}
 
     def counted(logits, labels):
@@ -167,15 +168,15 @@ def test_single_process_is_rank_0_and_a_run_killed_mid_epoch_resumes_identically
             raise KeyboardInterrupt("killed in epoch 2")
         return real(logits, labels)
 
-    monkeypatch.setattr(meta_train, "_cross_entropy", counted)
-    monkeypatch.setattr(meta_train, "_plot_quietly", lambda *args: None)  # seconds per epoch; tested elsewhere
+    monkeypatch.setattr(meta_gradient, "_cross_entropy", counted)
+    monkeypatch.setattr(meta_train, "plot_quietly", lambda *args: None)  # seconds per epoch; tested elsewhere
     whole = tmp_path / "whole"
     summary = execute(cfg, whole)
     assert calls["n"] == 2 * 2 * 5  # 2 epochs x 2 steps x 5 batches: the trailing 2 batches are skipped
     info = summary["iterations_per_step"]
     assert info == {"world_size": 1, "iterations_per_step": 5, "steps_per_epoch": 2, "batches_per_epoch": 12,
                     "skipped_batches_per_epoch": 2, "rank_data_models": [0], "unused_train_data_models": [1]}
-    rows = list(csv.DictReader((whole / meta_train.METRICS_CSV).open()))
+    rows = list(csv.DictReader((whole / meta_train_metrics.METRICS_CSV).open()))
     assert [(int(r["epoch"]), int(r["steps"])) for r in rows] == [(1, 2), (2, 2)]
     assert [s[:2] for s in checkpoint(whole, 2)["steps"]] == [[1, 1], [1, 2], [2, 1], [2, 2]]
 
@@ -183,7 +184,7 @@ def test_single_process_is_rank_0_and_a_run_killed_mid_epoch_resumes_identically
     calls.update(n=0, limit=10 + 6)  # epoch 1 (10 batches), then the 2nd batch of epoch 2's second step
     with pytest.raises(KeyboardInterrupt):
         execute(cfg, killed)
-    assert [e for e, _ in meta_train.list_checkpoints(killed)] == [1]
+    assert [e for e, _ in artifacts.list_checkpoints(killed)] == [1]
     calls.update(limit=math.inf)
     resumed = execute(cfg, killed)
     assert resumed["resumed_from_epoch"] == 1 and resumed["epochs"] == 2
@@ -210,9 +211,10 @@ import os, runpy, sys
 sys.path.insert(0, {repo!r})
 import torch
 from stages import meta_train
+from training import meta_gradient
 from utils import distributed
 RANK, KILL_AT = int(os.environ["RANK"]), {kill_at}
-save, real, cleanup = meta_train._save_epoch, meta_train._cross_entropy, distributed.cleanup
+save, real, cleanup = meta_train._save_epoch, meta_gradient._cross_entropy, distributed.cleanup
 
 def save_and_dump(state, epoch, row):
     save(state, epoch, row)
@@ -227,14 +229,14 @@ def dying(logits, labels):
     return real(logits, labels)
 
 meta_train._save_epoch = save_and_dump
-meta_train._plot_quietly = lambda *args: None
+meta_train.plot_quietly = lambda *args: None
 script = os.path.join({repo!r}, "main_imagenet", "main_imagenet.py")
 args = sys.argv[1:]
 run_dir = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")][0]
 others = [a for a in args if not a.startswith("hydra.run.dir=")]
 for launch, patched, end, where in ((1, dying, lambda: None, run_dir), (2, real, lambda: None, run_dir),
                                     (3, real, cleanup, run_dir + "_whole")):
-    meta_train._cross_entropy, distributed.cleanup = patched, end
+    meta_gradient._cross_entropy, distributed.cleanup = patched, end
     sys.argv = [script, *others, f"hydra.run.dir={{where}}"]
     try:
         runpy.run_path(script, run_name="__main__")
@@ -285,6 +287,6 @@ def test_torchrun_two_ranks_identical_parameters_steps_per_epoch_failure_and_res
     assert results["iterations_per_step"] == {
         "world_size": 2, "iterations_per_step": 2, "steps_per_epoch": 3, "batches_per_epoch": 6,
         "skipped_batches_per_epoch": 0, "rank_data_models": [0, 1], "unused_train_data_models": []}
-    rows = list(csv.DictReader((run_dir / meta_train.METRICS_CSV).open()))
+    rows = list(csv.DictReader((run_dir / meta_train_metrics.METRICS_CSV).open()))
     assert [(int(r["epoch"]), int(r["steps"])) for r in rows] == [(1, 3), (2, 3)]
     assert all(math.isfinite(float(r["ce"])) and float(r["reg"]) > 0 for r in rows)

@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from data_loaders.store import DataModelStore, ShardWriter
 from generate_dataset.models import build_model, model_spec
 from helpers import compose_cfg
-from stages import generate, pipeline, select
+from stages import generate, pipeline
+from stages.artifacts import chosen_checkpoint
 from utils.seed import derive_seed
 
 BASE = ["task=resnet20_on_digits", "pipeline.num_data_models=2"]
@@ -154,7 +155,7 @@ def test_a_damaged_selection_is_never_reused(tmp_path, monkeypatch, content):
         assert str(select_dir / "selection.json") in str(refused.value)
     # reading it says which file and what to do, never a bare decoding error
     with pytest.raises((ValueError, KeyError), match=r"selection\.json.*(re-run run=select|'chosen')"):
-        select.chosen_checkpoint(select_dir)
+        chosen_checkpoint(select_dir)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def _fake_stages(monkeypatch) -> list[str]:
             (stage_dir / "selection.json").write_text(json.dumps({"chosen": str(chosen)}))
         elif mode == "pruning_final":
             source = stage.final.metanetwork
-            summary["metanetwork"] = None if source is None else str(select.chosen_checkpoint(source))
+            summary["metanetwork"] = None if source is None else str(chosen_checkpoint(source))
         (stage_dir / "results.json").write_text(json.dumps(summary))
         ran.append("/".join(stage_dir.parts[-2:]) if mode == "pruning_final" else stage_dir.name)
         return summary

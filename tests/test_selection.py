@@ -26,9 +26,11 @@ from nn.apply import LayoutMismatchError, build_metanetwork, save_metanetwork
 from nn.graph import GraphCodec
 from pruning import curves
 from pruning.curves import accuracy_at, accuracy_speed_up_curve, area_under_curve, mean_curve, plot_curves
-from stages import execute, select
-from stages.common import task_data
-from stages.select import SelectionError, checkpoints_by_epoch, chosen_checkpoint, parse_checkpoints
+from stages import common, ddp, execute, select
+from stages.artifacts import checkpoints_by_epoch, chosen_checkpoint
+from stages.common import SelectionError, task_data
+from stages.curve_cache import CurveCache
+from stages.select import parse_checkpoints
 from training.config import TrainConfig
 from training.loop import evaluate, train
 
@@ -245,7 +247,7 @@ def _finetuned_cfg(env, **select):
 
 def test_finetuned_score_prunes_copies_to_each_target_and_finetunes_them(env, select_dir, tmp_path, monkeypatch):
     trained, pruned = [], []
-    real_train, real_prune = select.train, select.prune_to_speed_up
+    real_train, real_prune = select.train, common.prune_to_speed_up
 
     def counting_train(model, loaders, cfg, *args, **kwargs):
         assert loaders.test is None  # the score's fine-tunes cannot read the test split either
@@ -258,7 +260,8 @@ def test_finetuned_score_prunes_copies_to_each_target_and_finetunes_them(env, se
         return achieved
 
     monkeypatch.setattr(select, "train", counting_train)
-    monkeypatch.setattr(select, "prune_to_speed_up", counting_prune)
+    monkeypatch.setattr(ddp, "train", counting_train)  # the after-pruning fine-tunes (common.prune_and_finetune)
+    monkeypatch.setattr(common, "prune_to_speed_up", counting_prune)
     result = execute(_finetuned_cfg(env, checkpoints="[2]", finetuned_targets="[1.5,2.0]"), tmp_path / "a")
     assert result["score_kind"] == "finetuned" and result["epoch"] == 2
     # origin is pruned and fine-tuned once per target (no fine-tune before); control and epoch 2 as well
@@ -305,6 +308,7 @@ def _forbid_computation(monkeypatch):
 
     monkeypatch.setattr(curves, "accuracy_speed_up_curve", boom)
     monkeypatch.setattr(select, "train", boom)
+    monkeypatch.setattr(ddp, "train", boom)  # the finetuned score's fine-tunes (common.prune_and_finetune)
 
 
 def test_visualize_replots_from_the_select_cache_without_recomputing(env, select_dir, tmp_path, monkeypatch):
@@ -323,7 +327,7 @@ def test_visualize_replots_from_the_select_cache_without_recomputing(env, select
     full = next(e["points"] for e in saved if e["label"] == "epoch_2")
     assert full[-1][0] >= 3.0  # the cache keeps the longest curve, not the cut
     assert cut["scores"]["epoch_2"] == pytest.approx(area_under_curve(full, 2.0))
-    cached = select.CurveCache.load(tmp_path / "vis2" / "curves.json")
+    cached = CurveCache.load(tmp_path / "vis2" / "curves.json")
     entry, points = cached.find(next(e["settings"] for e in saved if e["label"] == "epoch_2"), 2.0)
     assert points[-1][0] >= 2.0 > points[-2][0] and points == full[:len(points)]
     assert cached.find(entry["settings"], 3.5) is None  # a longer curve than cached must be computed

@@ -21,7 +21,6 @@ from data_loaders.store import DataModelStore, ShardWriter, StoreError, model_pa
 from data_loaders.store import main as store_cli
 from generate_dataset.models import build_model, model_spec
 from helpers import REPO, compose_cfg
-from nn.graph import GraphCodec
 from stages import generate
 from utils.seed import derive_seed
 
@@ -311,21 +310,6 @@ def test_generator_survives_sigkill_and_resumes_without_duplicates(tmp_path):
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
     assert not list(store.rglob(".*.tmp"))
     ShardWriter(store, 2, DataModelStore(store).identity).close()  # the generators released the shard's lock
-
-
-def test_models_and_graphs_yields_ready_pairs_in_seeded_order(tmp_path):
-    _, models = add_models(tmp_path, 0, range(4))
-    store = DataModelStore(tmp_path)
-    train_idx, _ = store.split(0.75)
-    first = [r.position for _, _, r in store.models_and_graphs(train_idx, shuffle_seed=5)]
-    second = [r.position for _, _, r in store.models_and_graphs(train_idx, shuffle_seed=5)]
-    assert first == second and sorted(first) == [0, 1, 2]
-    for model, graph, record in store.models_and_graphs([1]):
-        assert not model.training
-        expected = GraphCodec(models[1]).encode(models[1])
-        assert torch.equal(graph.x, expected.x) and torch.equal(graph.edge_index, expected.edge_index)
-        x = torch.randn(2, 3, 16, 16)
-        assert torch.equal(model(x), models[1](x))
 
 
 def test_split_matches_the_reference_ceil_rule(tmp_path):

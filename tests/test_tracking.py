@@ -14,7 +14,7 @@ import torch
 from data_loaders.store import ShardWriter
 from generate_dataset.models import build_model, model_spec
 from helpers import compose_cfg
-from stages import execute, meta_train, select
+from stages import execute, meta_train_metrics, select
 from training.config import TrainConfig
 from utils import distributed, tracking
 from utils.tracking import TrackingUnavailableError, active_logger, log_metrics, tracking_session
@@ -91,9 +91,9 @@ def test_a_meta_train_run_sends_every_epoch_row_and_its_config(tmp_path):
     run_dir = tmp_path / "run"
     execute(cfg, run_dir)
     assert active_logger() is None  # execute closed its session
-    rows = list(csv.DictReader((run_dir / meta_train.METRICS_CSV).open()))
+    rows = list(csv.DictReader((run_dir / meta_train_metrics.METRICS_CSV).open()))
     events = read_events(run_dir / "tensorboard")
-    written = [c for c in meta_train.CSV_COLUMNS if rows[0][c] != ""]  # peak_mem_gb: CUDA only
+    written = [c for c in meta_train_metrics.CSV_COLUMNS if rows[0][c] != ""]  # peak_mem_gb: CUDA only
     assert "peak_mem_gb" not in written and "images_per_s" in written
     assert sorted(events.Tags()["scalars"]) == sorted(f"meta_train/{c}" for c in written)
     for column in written:  # one point per epoch row, at its epoch, with the CSV's value
