@@ -173,7 +173,7 @@ def test_restart_changed_recomputes_from_the_changed_stage_on(tmp_path, monkeypa
     (["select.max_accuracy_drop=-1"], "select.max_accuracy_drop"),
     (["select.max_accuracy_drop=0.02", "select.control=false"], "select.max_accuracy_drop"),
     (["select.finetuned_targets=[0.5]"], "select.finetuned_targets"),
-    (["task.meta_train.epochs=2"], "select.checkpoints"),  # the task's select.checkpoints 5::5: no epoch 5
+    (["task.meta_train.epochs=1"], "select.checkpoints"),  # the task's select.checkpoints 2::2: no epoch 2
     (["task.meta_train.epochs=2", "select.checkpoints=[1,3]"], "select.checkpoints"),
 ])
 def test_every_bad_setting_is_refused_before_the_first_stage(tmp_path, monkeypatch, overrides, key):

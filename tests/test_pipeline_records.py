@@ -223,6 +223,7 @@ def test_a_restart_killed_after_its_first_move_resumes(tmp_path, monkeypatch):
 
     # a generation setting changes; the restart is killed right after it moved its first folder (generate/)
     changed = [*BASE, "task.train.epochs=3"]
+    shipped_epochs = compose_cfg(BASE).task.train.epochs  # the store on disk was made with the task's own setting
     real_move = pipeline.Restart.move_aside
     moves = []
 
@@ -240,7 +241,8 @@ def test_a_restart_killed_after_its_first_move_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline.Restart, "move_aside", real_move)
 
     # the plain command refuses the old store before the generator opens it, naming it and what to do
-    with pytest.raises(pipeline.StaleStageError, match=r"store .*task\.train\.epochs: 30 -> 3.*restart_changed=true"):
+    refused = rf"store .*task\.train\.epochs: {shipped_epochs} -> 3.*restart_changed=true"
+    with pytest.raises(pipeline.StaleStageError, match=refused):
         pipeline.run(compose_cfg(changed), run_dir)
     assert ran == []
 
@@ -250,7 +252,7 @@ def test_a_restart_killed_after_its_first_move_resumes(tmp_path, monkeypatch):
     store = DataModelStore(run_dir / "store")
     assert len(store) == 2 and all(store[i].config["task"]["train"]["epochs"] == 3 for i in range(2))
     old_stores = [p for p in run_dir.glob("superseded-*/store") if p.is_dir()]
-    assert len(old_stores) == 1 and DataModelStore(old_stores[0])[0].config["task"]["train"]["epochs"] == 30
+    assert len(old_stores) == 1 and DataModelStore(old_stores[0])[0].config["task"]["train"]["epochs"] == shipped_epochs
     for name in ALL_STAGES:  # every stage's record is of the new settings
         assert OmegaConf.load(run_dir / name / "config.yaml").task.train.epochs == 3, name
 
