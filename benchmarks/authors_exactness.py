@@ -158,6 +158,7 @@ import torch_geometric  # noqa: E402
 from generate_dataset.models import load_model  # noqa: E402
 from nn.apply import LayoutMismatchError, load_metanetwork  # noqa: E402
 from nn.graph import GraphCodec  # noqa: E402
+from utils.device import cpu_name  # noqa: E402
 from utils.io import atomic_write  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "authors_exactness" / "report.md"
@@ -227,14 +228,7 @@ def compare_case(folder: Path, out: Path, theirs: dict, code: Path, images: torc
 
 
 def _machine(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return (f"{cpu} (CPU), {threads} torch thread(s) on each side; Python {platform.python_version()}, torch "
             f"{torch.__version__}, torch_geometric {torch_geometric.__version__}")
 

@@ -113,7 +113,7 @@ from training import meta_gradient  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.loop import evaluate, train  # noqa: E402
 from utils import distributed  # noqa: E402
-from utils.device import configure_cuda  # noqa: E402
+from utils.device import configure_cuda, cpu_name  # noqa: E402
 from utils.io import atomic_write, write_json  # noqa: E402
 from utils.seed import seed_everything  # noqa: E402
 
@@ -1034,16 +1034,6 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _nccl_version() -> str | None:
     try:
         return ".".join(map(str, torch.cuda.nccl.version()))
@@ -1057,7 +1047,7 @@ def environment(device: torch.device) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
-        "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
+        "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
                    "count": torch.cuda.device_count() if cuda else 0,
                    "memory_gb": round(props.total_memory / 1e9, 1) if cuda else None,
                    "capability": f"{props.major}.{props.minor}" if cuda else None},

@@ -51,7 +51,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -71,6 +70,7 @@ from termcolor import colored  # noqa: E402
 
 from stages.pipeline import generate_stage, run_stage  # noqa: E402
 from stages.report import find_results, mean_std  # noqa: E402
+from utils.device import cpu_name  # noqa: E402
 from utils.io import atomic_write, write_json  # noqa: E402
 
 log = logging.getLogger("proxy")
@@ -258,14 +258,7 @@ def _stat(values: list[float], digits: int = 2) -> str:
 
 
 def _hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     threads = torch.get_num_threads()
     return f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} on CPU with {threads} threads"
 
@@ -650,9 +643,9 @@ def run_ablation(cfg: DictConfig, out: Path, name: str, overrides: list[str], re
     # the reference curves (origin, control, sparse learning) do not depend on the metanetwork: reuse the
     # newest earlier select's curves where their settings match (stages.select's cache checks them)
     earlier = sorted(out.glob("**/select/curves.json"), key=lambda p: p.stat().st_mtime)
-    selection = run_stage("select", "select", cfg, folder / "select", store=str(store),
-                          **{"select.meta_train_dir": str(folder / "meta_train"),
-                             "select.cache": str(earlier[-1]) if earlier else None})
+    run_stage("select", "select", cfg, folder / "select", store=str(store),
+              **{"select.meta_train_dir": str(folder / "meta_train"),
+                 "select.cache": str(earlier[-1]) if earlier else None})
     row = {"name": name, "overrides": overrides, **ablation_row(folder / "select" / "selection.json"),
            "seconds": round(time.time() - started, 1)}
     path = results_dir / ABLATION

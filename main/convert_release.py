@@ -34,8 +34,6 @@ exactness of the imported metanetwork against the authors' code: ``benchmarks/au
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
 import pickle  # only for its exception class: weights-only loading refuses a pickled module with it
 import subprocess
 import sys
@@ -106,7 +104,7 @@ from nn.apply import load_metanetwork, save_metanetwork  # noqa: E402
 from nn.authors import AuthorsMetanetworkError, import_authors_metanetwork  # noqa: E402
 from nn.graph import GraphCodec, GraphCodecError  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
-from utils.io import write_json  # noqa: E402
+from utils.io import file_sha256, write_json  # noqa: E402
 
 CONFIG_DIR = ROOT / "configs"
 MODEL_FILE, METANETWORK_FILE = "model.pth", "metanetwork.pth"
@@ -124,14 +122,6 @@ class ReleaseError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # Reading the files
 # ----------------------------------------------------------------------------------------------------------------
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _unpickle_in_child(path: Path, code: Path, python: str | None = None) -> dict:
     """Unpickle ``path`` in a child process (``python``, default this interpreter; it needs only torch and what the
     pickle names) and return its plain payload, read weights-only."""
@@ -153,7 +143,7 @@ def read_file(path: Path, code: Path | None, trust_pickles: bool, python: str | 
     "bytes"}``. A plain state dict loads weights-only; a pickled module only with ``trust_pickles`` and ``code``."""
     if not path.is_file():
         raise ReleaseError(f"{path}: no such file")
-    info = {"source": str(path.resolve()), "sha256": sha256(path), "bytes": path.stat().st_size}
+    info = {"source": str(path.resolve()), "sha256": file_sha256(path), "bytes": path.stat().st_size}
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # weights-only loading refused a pickled object

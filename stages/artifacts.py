@@ -100,7 +100,7 @@ def resolve_metanetwork(value: Any) -> Path | None:
     """``final.metanetwork`` -> a metanetwork checkpoint path, or None for the baseline.
 
     A ``.pt`` file is used as is; a folder is a select run dir whose ``selection.json`` names the chosen
-    checkpoint (:func:`chosen_checkpoint`; a relative path is taken relative to that folder first).
+    checkpoint (:func:`chosen_checkpoint`; a relative path is taken relative to that folder).
     """
     if is_null(value):
         return None
@@ -112,11 +112,7 @@ def resolve_metanetwork(value: Any) -> Path | None:
             f"final.metanetwork={value}: no such file or folder; pass a metanetwork checkpoint (.pt), a select "
             "run dir (with selection.json), or null for the baseline without metanetwork"
         )
-    chosen = Path(chosen_checkpoint(path))
-    for candidate in ((path / chosen) if not chosen.is_absolute() else chosen, chosen):
-        if candidate.is_file():
-            return candidate.resolve()
-    raise FileNotFoundError(f"the metanetwork chosen in {path} ({chosen}) does not exist")
+    return chosen_checkpoint(path).resolve()  # relative to the folder, and checked to exist, there
 
 
 def metanetwork_setting(cfg: DictConfig) -> Path | None:

@@ -29,14 +29,6 @@ CACHE_FILE = "curves.json"
 CACHE_VERSION = 1
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     """Hash of names, dtypes, shapes and bytes of a state dict (identifies a stored data model by content)."""
     digest = hashlib.sha256()

@@ -294,7 +294,7 @@ def _pre_pruning(model: tnn.Module, kind: str, mn_path: Path | None, stages: lis
 # pruning_final
 # ----------------------------------------------------------------------------------------------
 def _check_structured(ctx: RunContext, targets: list[float]) -> float:
-    cfg, task = ctx.cfg, ctx.task
+    task = ctx.task
     if ctx.method.get("kind", "structured") != "structured":
         raise FinalRunConfigError(
             f"run=pruning_final prunes channels but method={ctx.method.get('name')} is {ctx.method.get('kind')}; "

@@ -47,13 +47,12 @@ from stages import ddp
 from stages.artifacts import CHECKPOINT_DIR, CURVES_PNG, SELECTION_FILE, checkpoints_by_epoch
 from stages.common import (RunContext, SelectionError, codec_options, example_input, prune_and_finetune, recipe,
                            setup, task_data)
-from stages.curve_cache import (CACHE_FILE, CurveCache, CurveContext, CurveJob, file_sha256, json_round_trip,
-                                state_dict_sha256)
+from stages.curve_cache import CACHE_FILE, CurveCache, CurveContext, CurveJob, json_round_trip, state_dict_sha256
 from stages.ddp import train
 from training.config import TrainConfig
 from training.loop import evaluate
 from utils import distributed
-from utils.io import is_null, write_json
+from utils.io import file_sha256, is_null, write_json
 from utils.seed import seed_everything
 from utils.tracking import log_metrics
 

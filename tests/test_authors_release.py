@@ -6,6 +6,7 @@ files that must be unpickled."""
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import subprocess
@@ -35,9 +36,15 @@ TINY_TASK = ("resnet20_on_digits", ("task.model=resnet8",))  # resnet8 on 1x8x8 
 RATIOS = {"node_res_ratio": 0.3, "edge_res_ratio": 0.2}
 
 
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256, computed here independently of the code under test."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # State dicts in the authors' key layout
 # ----------------------------------------------------------------------------------------------------------------
+
 def authors_mygnn(num_layer=2, hiddim=6, node_dim=8, edge_dims=(9,), seed=0, mid=None) -> OrderedDict:
     """An authors' metanetwork state dict: ``MyGNN`` for one edge size, ``MyGNN_resnet50``/``_ViT`` naming
     (``edgeEnc_<d>``) for several; ``mid`` gives the first size a 2-layer encoder / 3-layer decoder (ViT patch)."""
@@ -396,7 +403,7 @@ def test_torch_pruning_base_model_loads_through_task_pretrained(tmp_path, name, 
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
     record = convert_script.convert_model_file(path, {"resnet56": "resnet56_on_CIFAR10",
                                                       "vgg19": "VGG19_on_CIFAR100"}[name], tmp_path / "out")
-    assert record["unpickled"] is False and record["files"]["model.pt"]["sha256"] == convert_script.sha256(path)
+    assert record["unpickled"] is False and record["files"]["model.pt"]["sha256"] == sha256_of(path)
     loaded, checkpoint = load_model(tmp_path / "out" / "model.pt")
     assert checkpoint["source"]["source"] == str(path.resolve())
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items())
@@ -431,7 +438,7 @@ def test_state_dict_release_converts_and_records_the_legacy_layout(tmp_path):
     assert record["task"] == "resnet20_on_digits"  # from the path
     assert record["unpickled"] is False
     mn_info = record["files"]["metanetwork.pt"]
-    assert mn_info["sha256"] == convert_script.sha256(folder / "metanetwork.pth")
+    assert mn_info["sha256"] == sha256_of(folder / "metanetwork.pth")
     assert mn_info["dropped_keys"] == [f"mlps.{i}.0.{p}" for i in range(2) for p in ("weight", "bias")]
     assert mn_info["layout"]["legacy_fc_permutation"] is True
     assert json.loads((tmp_path / "out" / "conversion.json").read_text()) == json.loads(json.dumps(record))
@@ -619,7 +626,7 @@ def test_pickled_release_converts_in_a_child_process_and_runs_pruning_final(pick
     assert record["files"]["model.pt"]["class"] == "generate_dataset.resnet_family.ResNet"
     assert mn["options"] == {"num_layer": 2, "hiddim": 8, "node_res_ratio": 0.5, "edge_res_ratio": 0.5}
     assert mn["residual_ratios_read_from"] == {k: f"module attribute '{k}'" for k in RATIOS}
-    assert mn["sha256"] == convert_script.sha256(folder / "metanetwork.pth")
+    assert mn["sha256"] == sha256_of(folder / "metanetwork.pth")
 
     base = ["run=pruning_final", f"final.model={out / 'model.pt'}", f"final.metanetwork={out / 'metanetwork.pt'}"]
     with pytest.raises(LayoutMismatchError, match="legacy_fc_permutation"):

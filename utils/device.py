@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -50,3 +52,15 @@ def configure_cuda(deterministic: bool = False) -> None:
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = True
     torch.set_float32_matmul_precision("high")  # TF32 matmuls
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux ``/proc/cpuinfo``; elsewhere what ``platform`` knows), for reports that
+    must say which machine measured them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -12,6 +12,7 @@ target file and says what to do.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import errno as errno_codes
 import json
 import os
@@ -156,3 +157,12 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, durable: bool = Fal
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
     """``payload`` as indented JSON (one trailing newline), written atomically; returns ``path``."""
     return atomic_write(path, json.dumps(payload, indent=2) + "\n")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (checkpoints can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -28,9 +28,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .pretrained import strip_wrapper_prefix
 from .registry import ArchitectureMismatchError, model_from_state_dict, model_spec, widths_from_state_dict
 
-__all__ = ["ExternalModelError", "EXTERNAL_CLASSES", "strip_wrapper_prefix", "external_model"]
+__all__ = ["ExternalModelError", "EXTERNAL_CLASSES", "external_model"]
 
 # Classes of the external code bases (qualified name without module) -> this project's architecture family.
 EXTERNAL_CLASSES = {
@@ -49,13 +50,6 @@ EXTERNAL_CLASSES = {
 
 class ExternalModelError(ValueError):
     """An external weights file does not hold the task's architecture."""
-
-
-def strip_wrapper_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state_dict`` without a ``module.`` prefix on every key (a DataParallel / DDP save), else unchanged."""
-    if state_dict and all(str(k).startswith("module.") for k in state_dict):
-        return {str(k)[len("module."):]: v for k, v in state_dict.items()}
-    return dict(state_dict)
 
 
 def external_model(name: str, state_dict: Mapping[str, torch.Tensor], source: str,

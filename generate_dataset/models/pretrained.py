@@ -127,9 +127,15 @@ def _unwrap(loaded: Any, path: Path, name: str) -> Mapping[str, torch.Tensor]:
         found = sorted(map(str, loaded))[:_SHOWN] if isinstance(loaded, Mapping) else type(loaded).__name__
         raise PretrainedWeightsError(
             f"task.pretrained={path} holds no state dict (found {found}); save model.state_dict() with torch.save")
-    if loaded and all(str(k).startswith("module.") for k in loaded):  # saved from a DistributedDataParallel wrapper
-        loaded = {str(k)[len("module."):]: v for k, v in loaded.items()}
-    return loaded
+    return strip_wrapper_prefix(loaded)
+
+
+def strip_wrapper_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` without a ``module.`` prefix on every key (a DataParallel / DistributedDataParallel save),
+    else unchanged."""
+    if state_dict and all(str(k).startswith("module.") for k in state_dict):
+        return {str(k)[len("module."):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
 
 
 def pretrained_state_dict(path: str | os.PathLike, name: str) -> Mapping[str, torch.Tensor]:
