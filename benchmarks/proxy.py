@@ -85,6 +85,9 @@ LABELS = {
     "transfer": "Meta-pruning, transferred metanetwork",
 }
 DEFAULT_SPARSE_REGS = [5e-4, 5e-3, 5e-2]
+# overrides that cannot change a baseline's final run (no baseline reads meta-training, the metanetwork or selection):
+# a --variant with only these may pair its metanetwork runs with the benchmark's own baselines (--reuse-baselines)
+REUSE_SAFE_PREFIXES = ("task.meta_train.", "metanetwork.", "select.", "task.select.")
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "proxy"
 ABLATION = "ablation.json"  # the ablation rows, in the benchmark's results folder
 # the per-layer cap's method keys, which the random stage (its own method section) takes from the configured method
@@ -293,6 +296,20 @@ def plot_results(table: dict, path: Path, title: str) -> Path:
     return path
 
 
+def _reused_runs(final_root: Path, methods: list[str] | None, seeds: list[int], targets: list[float]) -> list[dict]:
+    """The benchmark's own final runs of ``methods`` at ``seeds`` and ``targets`` (``--reuse-baselines``)."""
+    if not methods:
+        return []
+    wanted = {round(float(t), 4) for t in targets}
+    runs = [r for r in collect(final_root) if r["method"] in methods and r["seed"] in seeds and r["target"] in wanted]
+    methods = sorted({r["method"] for r in runs})  # the baselines the benchmark ran
+    missing = sorted({(m, s) for m in methods for s in seeds} - {(r["method"], r["seed"]) for r in runs})
+    if missing:
+        raise SystemExit("--reuse-baselines: the benchmark has no finals for "
+                         + ", ".join(f"{m} (seed {s})" for m, s in missing) + f" under {final_root}")
+    return runs
+
+
 def _budget_lines(cfg: DictConfig, seeds: list[int], targets: list[float], meta: dict, select: dict) -> list[str]:
     task, ft = cfg.task, cfg.task.finetune
     mt = task.meta_train
@@ -349,12 +366,14 @@ def _figure(results_dir: Path, bench_dir: Path, key: str, source: Path, own: boo
 
 def gather_report(cfg: DictConfig, out: Path, results_dir: Path, seeds: list[int], targets: list[float],
                   timings: dict, final_root: Path | None = None, variant: list[str] | None = None,
-                  select_dir: Path | None = None, bench_dir: Path | None = None, command: str = "") -> dict:
+                  select_dir: Path | None = None, bench_dir: Path | None = None, command: str = "",
+                  reused: list[str] | None = None) -> dict:
     """Everything the report of the finals under ``final_root`` (default ``<out>/final``) shows, as one JSON-able
     dict; copies the selection and meta-training figures into ``<results_dir>/figures``. ``variant``: the overrides
     a ``--variant`` run gave its finals; such a report links the benchmark's (``bench_dir``'s) selection and
     meta-training figures instead of copying its own, unless ``select_dir`` (default ``<out>/select``) names
-    another selection: then its own."""
+    another selection: then its own. ``reused``: methods whose runs come from the benchmark's own finals
+    (``<out>/final``, same seeds and targets) rather than from ``final_root`` (``--reuse-baselines``)."""
     own_selection = select_dir is not None and select_dir.resolve() != (out / "select").resolve()
     select_dir = select_dir or out / "select"
     bench_dir = bench_dir or results_dir
@@ -379,12 +398,13 @@ def gather_report(cfg: DictConfig, out: Path, results_dir: Path, seeds: list[int
         "hardware": _hardware(),
         "variant": None if variant is None else {
             "overrides": list(variant),
-            "select": _shown_path(select_dir, out) if own_selection else None},
+            "select": _shown_path(select_dir, out) if own_selection else None,
+            "reused": sorted(reused or [])},
         "setup": _budget_lines(cfg, seeds, targets, meta, select),
         "cap": None if cap is None else {"ratio": cap, "hard": bool(cfg.method.get("hard_cap"))},
         "seeds": list(seeds),
         "targets": list(targets),
-        "runs": collect(final_root or out / "final"),
+        "runs": collect(final_root or out / "final") + _reused_runs(out / "final", reused, seeds, targets),
         "selection": {key: select.get(key) for key in SELECTION_KEYS} | {
             "ranking": [{key: r.get(key) for key in ("epoch", "score", "unpruned_acc", "eligible")}
                         for r in select["ranking"]]},
@@ -438,6 +458,11 @@ def render_report(data: dict, results_dir: Path) -> Path:
                       "from the same per-seed starts, with the same selected metanetwork and sparse-learning strength "
                       "(so each seed's runs pair with the benchmark's own); data models, meta-training and selection "
                       "are the benchmark's.", ""]
+        if variant.get("reused"):
+            reused = ", ".join(LABELS.get(m, m) for m in variant["reused"])
+            lines += [f"Runs not repeated here: {reused} are the benchmark's own finals (same seeds, starts and "
+                      "targets; `--reuse-baselines`), since the overrides touch only meta-training, the metanetwork "
+                      "and selection, which those runs do not read.", ""]
     lines += ["## Setup and budgets", "", *data["setup"]]
     lines += ["", "## Test accuracy after pruning and fine-tune (mean ± std over seeds, %)", ""]
     lines += _method_table(table, targets, lambda r: r["pruned_acc"])
@@ -683,6 +708,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--select", default=None, metavar="DIR",
                         help="with --variant: the select run dir whose checkpoint and sparse-learning strength the "
                              "finals use (default <out>/select), e.g. <out>/ablation/NAME/select")
+    parser.add_argument("--reuse-baselines", action="store_true",
+                        help="with --variant: run only --methods and pair them with the benchmark's own finals of "
+                             "the other methods; allowed only when every override is under "
+                             f"{', '.join(REUSE_SAFE_PREFIXES)} (settings the baselines' finals do not read)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rebuild report.md and figures/accuracy.png of <results> (with --variant "
                              "NAME: of <results>/variants/NAME) from the report.json saved beside it")
@@ -696,6 +725,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ablation and --variant exclude each other")
     if args.select and not args.variant:
         parser.error("--select goes with --variant")
+    if args.reuse_baselines:
+        if not args.variant:
+            parser.error("--reuse-baselines goes with --variant")
+        unsafe = [o for o in args.overrides if not o.lstrip("+~").startswith(REUSE_SAFE_PREFIXES)]
+        if unsafe:
+            parser.error(f"--reuse-baselines: {' '.join(unsafe)} may change the baselines' finals; only overrides "
+                         f"under {', '.join(REUSE_SAFE_PREFIXES)} leave them as the benchmark ran them")
     results_dir = Path(args.results).resolve()
     variant_dir = results_dir / "variants" / args.variant if args.variant else None
     if args.report_only:
@@ -719,8 +755,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant:
         final_root, timings = run_variant(cfg, out, args.variant, args.seeds, args.targets, args.transfer,
                                           args.methods, select_dir)
+        reused = [m for m in METHODS if m not in args.methods] if args.reuse_baselines else None
         path = write_report(cfg, out, variant_dir, args.seeds, args.targets, timings, final_root=final_root,
-                            variant=args.overrides, select_dir=select_dir, bench_dir=results_dir, command=command)
+                            variant=args.overrides, select_dir=select_dir, bench_dir=results_dir, command=command,
+                            reused=reused)
         print(colored(f"proxy benchmark variant report: {path}", "green", attrs=["bold"]))
         return 0
     timings = run_benchmark(cfg, out, args.seeds, args.targets, args.transfer, args.methods, args.generate_seed)

@@ -180,9 +180,11 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
             assert result["source_model"] == str(start) and result["speed_up"] >= target
 
     # a variant with another selection (the ablation row's): its checkpoint in the metanetwork's finals
+    # paired with the benchmark's own baselines (--reuse-baselines): only the metanetwork's finals run again
     proxy(tmp_path, "--variant", "smoke_select", "--select", str(out / "ablation" / "smoke" / "select"),
-          "--methods", "metanetwork")
+          "--methods", "metanetwork", "--reuse-baselines")
     assert {p: p.stat().st_mtime_ns for p in (out / "final").rglob("results.json")} == finished
+    assert [p.name for p in (out / "variants" / "smoke_select" / "final" / "seed1").iterdir()] == ["metanetwork"]
     result = json.loads((out / "variants" / "smoke_select" / "final" / "seed1" / "metanetwork" / "target_2x" /
                          "results.json").read_text())
     assert Path(result["metanetwork"]) == (out / "ablation" / "smoke" / "meta_train" / "checkpoints" /
@@ -191,6 +193,12 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
     report = (smoke / "report.md").read_text()
     assert "chosen by the selection in `<out>/ablation/smoke/select`" in report
     assert "](figures/selection.png)" in report and (smoke / "figures" / "selection.png").exists()
+    assert "the benchmark's own finals" in report and "`--reuse-baselines`" in report
+    reused_rows = table_rows(report, "## Test accuracy")
+    benchmark_rows = table_rows(markdown, "## Test accuracy")
+    for method in ("control", "sparse_learning", "depgraph", "random"):  # the benchmark's numbers, unchanged
+        assert reused_rows[METHOD_LABELS[method]] == benchmark_rows[METHOD_LABELS[method]], method
+    assert sum(line.startswith("| Meta-pruning − ") for line in report.splitlines()) == 2 * (len(METHOD_LABELS) - 1)
     assert "scored by `finetuned`" in report
     assert "after pruning to 1.5x" in report  # the row's own select.finetuned_targets
     # its own meta-training (not the benchmark's): its own diagnostics plot
@@ -276,3 +284,31 @@ def test_report_only_rebuilds_from_report_json(tmp_path, proxy_module):
 
     with pytest.raises(SystemExit, match="report.json"):
         proxy_module.main(["--results", str(tmp_path / "nothing"), "--report-only"])
+
+
+def test_reuse_baselines_refuses_overrides_the_baselines_read(tmp_path, proxy_module):
+    """--reuse-baselines pairs a variant's metanetwork runs with the benchmark's baselines: only honest when no
+    override changes what those baselines' finals read."""
+    base = ["--out", str(tmp_path / "out"), "--results", str(tmp_path / "results")]
+    with pytest.raises(SystemExit):
+        proxy_module.main([*base, "--variant", "v", "--reuse-baselines", "task.finetune.after_pruning.epochs=9"])
+    with pytest.raises(SystemExit):
+        proxy_module.main([*base, "--variant", "v", "--reuse-baselines", "method.hard_cap=true"])
+    with pytest.raises(SystemExit):  # not a variant
+        proxy_module.main([*base, "--reuse-baselines"])
+    # meta-training and metanetwork overrides pass the check and reach the variant (which then needs a selection)
+    with pytest.raises(SystemExit, match="finished selection"):
+        proxy_module.main([*base, "--variant", "v", "--reuse-baselines", "--methods", "metanetwork",
+                           "task.meta_train.pruner_reg=1", "++metanetwork.node_res_ratio=0.01"])
+
+
+def test_reused_baselines_are_the_benchmarks_own_runs(tmp_path, proxy_module, monkeypatch):
+    runs = [{"method": m, "seed": s, "target": t} for m in ("control", "sparse_learning", "metanetwork")
+            for s in (1, 2) for t in (2.0, 3.0)]
+    monkeypatch.setattr(proxy_module, "collect", lambda root: runs)
+    got = proxy_module._reused_runs(tmp_path, ["control", "sparse_learning", "depgraph"], [1, 2], [2.0])
+    assert sorted((r["method"], r["seed"]) for r in got) == [("control", 1), ("control", 2),
+                                                             ("sparse_learning", 1), ("sparse_learning", 2)]
+    assert proxy_module._reused_runs(tmp_path, None, [1], [2.0]) == []
+    with pytest.raises(SystemExit, match=r"control \(seed 3\)"):  # a seed the benchmark never ran
+        proxy_module._reused_runs(tmp_path, ["control"], [1, 3], [2.0])
