@@ -85,9 +85,11 @@ LABELS = {
     "transfer": "Meta-pruning, transferred metanetwork",
 }
 DEFAULT_SPARSE_REGS = [5e-4, 5e-3, 5e-2]
-# overrides that cannot change a baseline's final run (no baseline reads meta-training, the metanetwork or selection):
-# a --variant with only these may pair its metanetwork runs with the benchmark's own baselines (--reuse-baselines)
+# overrides that cannot change a baseline's final run (no baseline reads meta-training, the metanetwork or selection;
+# every final run sets its own seed): a --variant may pair its metanetwork runs with the benchmark's own baselines
+# (--reuse-baselines) when every other override has the value those baselines ran with
 REUSE_SAFE_PREFIXES = ("task.meta_train.", "metanetwork.", "select.", "task.select.")
+REUSE_SAFE_KEYS = ("seed",)
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "proxy"
 ABLATION = "ablation.json"  # the ablation rows, in the benchmark's results folder
 # the per-layer cap's method keys, which the random stage (its own method section) takes from the configured method
@@ -485,6 +487,12 @@ def render_report(data: dict, results_dir: Path) -> Path:
     lines += ["", "## Paired differences (test accuracy, points)", "", PAIRED_EXPLANATION, ""]
     lines += _paired_table(table, targets)
     lines += ["", _goals(table, targets), ""]
+    lines += ["Paired differences before pruning (after each method's pre-pruning training) and right after pruning, "
+              "before the after-pruning fine-tune (test accuracy, points; the same conventions): what the "
+              "pre-pruning training costs, and prunability itself.", ""]
+    lines += _paired_table(table, targets, key="pre_pruning_acc") + \
+        _paired_table(table, targets, key="just_pruned_acc")[len(PAIRED_HEADER):]
+    lines += [""]
 
     plot = plot_results(table, results_dir / FIGURES / FIGURE_FILES["accuracy"],
                         f"{data['task']}: accuracy vs speed-up (test)")
@@ -589,14 +597,15 @@ def paired_stats(mean: float, sd: float | None, n: int) -> dict:
     return stats
 
 
-def paired_row(label: str, target: float, stats: dict) -> str:
-    """One Markdown row of the paired table from :func:`paired_stats`."""
+def paired_row(label: str, target: float | str, stats: dict) -> str:
+    """One Markdown row of the paired table from :func:`paired_stats` (``target``: a speed-up, or a column name)."""
     def cell(key, fmt):
         return "-" if stats[key] is None else format(stats[key], fmt)
 
     ci = "-" if stats["ci"] is None else \
         f"[{stats['mean'] - stats['ci']:+.2f}, {stats['mean'] + stats['ci']:+.2f}]"
-    return (f"| {label} | {target:g}x | {stats['n']} | {stats['mean']:+.2f} | {cell('se', '.2f')} | "
+    column = target if isinstance(target, str) else f"{target:g}x"
+    return (f"| {label} | {column} | {stats['n']} | {stats['mean']:+.2f} | {cell('se', '.2f')} | "
             f"{cell('t', '+.2f')} | {cell('p', '.3f')} | {ci} | {cell('mde', '.2f')} |")
 
 
@@ -604,18 +613,22 @@ PAIRED_HEADER = ["| Difference | target | n | mean | SE | paired t | p | 95 % CI
                  "|---|---|---|---|---|---|---|---|---|"]
 
 
-def _paired_table(table: dict, targets: list[float], method: str = "metanetwork") -> list[str]:
-    """Markdown rows ``method - baseline`` x target of the per-seed test-accuracy differences (points)."""
+def _paired_table(table: dict, targets: list[float], method: str = "metanetwork", key: str = "pruned_acc") -> list[str]:
+    """Markdown rows ``method - baseline`` x target of the per-seed differences (points) of the runs' ``key``: the
+    final test accuracy, ``just_pruned_acc`` (right after pruning) or ``pre_pruning_acc`` (one column: it is the
+    same at every target)."""
     if method not in table:
         return []
+    columns = [("before pruning", targets[0])] if key == "pre_pruning_acc" else [(t, t) for t in targets]
     rows = list(PAIRED_HEADER)
     for baseline in [m for m in METHODS if m != method and m in table]:
-        for t in targets:
-            mine = {r["seed"]: r["pruned_acc"] for r in table[method].get(round(t, 4), [])}
-            theirs = {r["seed"]: r["pruned_acc"] for r in table[baseline].get(round(t, 4), [])}
+        for column, t in columns:
+            def values(name):
+                return {r["seed"]: r[key] for r in table[name].get(round(t, 4), []) if r.get(key) is not None}
+            mine, theirs = values(method), values(baseline)
             diffs = [100 * (mine[s] - theirs[s]) for s in sorted(mine.keys() & theirs.keys())]
             if diffs:
-                rows.append(paired_row(f"{LABELS[method].split(' (')[0]} − {LABELS[baseline]}", t,
+                rows.append(paired_row(f"{LABELS[method].split(' (')[0]} − {LABELS[baseline]}", column,
                                        paired_stats(*mean_std(diffs), len(diffs))))
     return rows
 
@@ -653,6 +666,28 @@ def ablation_row(selection_file: Path) -> dict:
             "control_score": selection["control_score"], "gain_over_control": selection["gain_over_control"],
             "control_unpruned_acc": selection.get("control_unpruned_acc"),
             "sparse_learning_scores": selection.get("sparse_learning_scores")}
+
+
+def overrides_changing_baselines(cfg: DictConfig, out: Path, overrides: list[str], methods: list[str]) -> list[str]:
+    """The overrides that would make ``--reuse-baselines`` dishonest: those outside :data:`REUSE_SAFE_PREFIXES`
+    whose value in ``cfg`` differs from the one a baseline of the benchmark ran with (its ``config.yaml``)."""
+    recorded = next((OmegaConf.load(path) for method in METHODS if method not in methods
+                     for path in sorted((out / "final").glob(f"seed*/{method}/config.yaml"))), None)
+    if recorded is None:
+        raise SystemExit(f"--reuse-baselines: no baseline finals of the benchmark under {out / 'final'}")
+
+    def value(config: DictConfig, key: str):
+        found = OmegaConf.select(config, key, default="<unset>")
+        return OmegaConf.to_container(found) if OmegaConf.is_config(found) else found
+
+    changed = []
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key in REUSE_SAFE_KEYS or key.startswith(REUSE_SAFE_PREFIXES):
+            continue
+        if value(cfg, key) != value(recorded, key):
+            changed.append(override)
+    return changed
 
 
 def run_ablation(cfg: DictConfig, out: Path, name: str, overrides: list[str], results_dir: Path) -> dict:
@@ -728,10 +763,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse_baselines:
         if not args.variant:
             parser.error("--reuse-baselines goes with --variant")
-        unsafe = [o for o in args.overrides if not o.lstrip("+~").startswith(REUSE_SAFE_PREFIXES)]
-        if unsafe:
-            parser.error(f"--reuse-baselines: {' '.join(unsafe)} may change the baselines' finals; only overrides "
-                         f"under {', '.join(REUSE_SAFE_PREFIXES)} leave them as the benchmark ran them")
     results_dir = Path(args.results).resolve()
     variant_dir = results_dir / "variants" / args.variant if args.variant else None
     if args.report_only:
@@ -753,6 +784,12 @@ def main(argv: list[str] | None = None) -> int:
         run_ablation(cfg, out, args.ablation, args.overrides, results_dir)
         return 0
     if args.variant:
+        if args.reuse_baselines:
+            changed = overrides_changing_baselines(cfg, out, args.overrides, args.methods)
+            if changed:
+                parser.error(f"--reuse-baselines: {' '.join(changed)} differ from what the benchmark's baselines ran "
+                             f"with (their config.yaml under {out / 'final'}); only overrides under "
+                             f"{', '.join(REUSE_SAFE_PREFIXES)} may differ")
         final_root, timings = run_variant(cfg, out, args.variant, args.seeds, args.targets, args.transfer,
                                           args.methods, select_dir)
         reused = [m for m in METHODS if m not in args.methods] if args.reuse_baselines else None

@@ -41,6 +41,21 @@ def proxy(tmp_path, *extra):
     return proc, time.time() - started
 
 
+def section_rows(markdown, title):
+    """The cells of the rows of the first Markdown table after the line starting with ``title`` (header and rule
+    left out), in order."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title))
+    rows, seen = [], False
+    for line in lines[start + 1:]:
+        if line.startswith("|"):
+            seen = True
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif seen:
+            break
+    return rows[2:]
+
+
 def table_rows(markdown, title):
     """{first cell: other cells} of the Markdown table that follows the line starting with ``title``."""
     lines = markdown.splitlines()
@@ -75,9 +90,18 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
     paired = table_rows(markdown, "## Paired differences")
     assert paired["Difference"] == ["target", "n", "mean", "SE", "paired t", "p", "95 % CI", "MDE (2.8 × SE)"]
     assert len(paired) == 2 + len(METHOD_LABELS) - 1  # one row per baseline (rows are keyed by label, one target kept)
-    assert sum(line.startswith("| Meta-pruning − ") for line in markdown.splitlines()) == 2 * (len(METHOD_LABELS) - 1)
+    assert len(section_rows(markdown, "## Paired differences")) == 2 * (len(METHOD_LABELS) - 1)
     for row in list(paired.values())[2:]:  # one seed: a mean, no spread
         assert row[1] == "1" and math.isfinite(float(row[2])) and row[3:] == ["-"] * 5
+    # before pruning (one column) and right after pruning (a column per target), paired the same way
+    early = section_rows(markdown, "Paired differences before pruning")
+    baselines = len(METHOD_LABELS) - 1
+    assert [row[1] for row in early] == ["before pruning"] * baselines + [f"{t:g}x" for _ in range(baselines)
+                                                                         for t in TARGETS]
+    start = json.loads((out / "final" / "seed1" / "control" / "target_2x" / "results.json").read_text())
+    meta = json.loads((out / "final" / "seed1" / "metanetwork" / "target_2x" / "results.json").read_text())
+    assert early[0][0] == "Meta-pruning − DepGraph + equal-budget fine-tune (control)"
+    assert float(early[0][3]) == pytest.approx(100 * (meta["pre_pruning_acc"] - start["pre_pruning_acc"]), abs=0.006)
     prunability = table_rows(markdown, "Prunability itself")  # accuracy right after pruning, no fine-tune
     assert prunability["Method"] == ["before pruning", "1.5x", "2x", "seeds"]
     for label in METHOD_LABELS.values():
@@ -198,7 +222,7 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
     benchmark_rows = table_rows(markdown, "## Test accuracy")
     for method in ("control", "sparse_learning", "depgraph", "random"):  # the benchmark's numbers, unchanged
         assert reused_rows[METHOD_LABELS[method]] == benchmark_rows[METHOD_LABELS[method]], method
-    assert sum(line.startswith("| Meta-pruning − ") for line in report.splitlines()) == 2 * (len(METHOD_LABELS) - 1)
+    assert len(section_rows(report, "## Paired differences")) == 2 * (len(METHOD_LABELS) - 1)
     assert "scored by `finetuned`" in report
     assert "after pruning to 1.5x" in report  # the row's own select.finetuned_targets
     # its own meta-training (not the benchmark's): its own diagnostics plot
@@ -268,7 +292,8 @@ def test_report_only_rebuilds_from_report_json(tmp_path, proxy_module):
     assert "](reading.md)" in report and "by `--report-only` on" in report and "--seeds 1 2 3" in report
     assert table_rows(report, "## Ablation")["row1"][:3] == ["`task.meta_train.lr=3e-4`", "4", "0.3000"]
     assert (results / "figures" / "accuracy.png").stat().st_size > 0
-    rows = [line for line in report.splitlines() if line.startswith("| Meta-pruning − DepGraph + sparse")]
+    rows = ["| " + " | ".join(cells) + " |" for cells in section_rows(report, "## Paired differences")
+            if cells[0] == "Meta-pruning − DepGraph + sparse learning"]
     assert [row.split(" | ")[1:3] for row in rows] == [["2x", "3"], ["3x", "3"]]
     data = _report_data()
     diffs = [100 * (a["pruned_acc"] - b["pruned_acc"]) for a in data["runs"] for b in data["runs"]
@@ -289,17 +314,33 @@ def test_report_only_rebuilds_from_report_json(tmp_path, proxy_module):
 def test_reuse_baselines_refuses_overrides_the_baselines_read(tmp_path, proxy_module):
     """--reuse-baselines pairs a variant's metanetwork runs with the benchmark's baselines: only honest when no
     override changes what those baselines' finals read."""
-    base = ["--out", str(tmp_path / "out"), "--results", str(tmp_path / "results")]
-    with pytest.raises(SystemExit):
-        proxy_module.main([*base, "--variant", "v", "--reuse-baselines", "task.finetune.after_pruning.epochs=9"])
-    with pytest.raises(SystemExit):
-        proxy_module.main([*base, "--variant", "v", "--reuse-baselines", "method.hard_cap=true"])
+    out = tmp_path / "out"
+    base = ["--out", str(out), "--results", str(tmp_path / "results")]
     with pytest.raises(SystemExit):  # not a variant
         proxy_module.main([*base, "--reuse-baselines"])
+    with pytest.raises(SystemExit, match="no baseline finals"):
+        proxy_module.main([*base, "--variant", "v", "--reuse-baselines", "--methods", "metanetwork"])
+    # a baseline that ran with a 5-epoch after-pruning fine-tune and no cap
+    stage = out / "final" / "seed7" / "control"
+    stage.mkdir(parents=True)
+    recorded = proxy_module.compose_config("resnet20_on_FashionMNIST", ["task.finetune.after_pruning.epochs=5"])
+    OmegaConf.save(recorded, stage / "config.yaml")
+
+    def changing(overrides):
+        cfg = proxy_module.compose_config("resnet20_on_FashionMNIST", overrides)
+        return proxy_module.overrides_changing_baselines(cfg, out, overrides, ["metanetwork"])
+
+    assert changing(["task.finetune.after_pruning.epochs=5", "seed=1", "task.meta_train.pruner_reg=1",
+                     "metanetwork.node_res_ratio=0.01"]) == []
+    assert changing(["task.finetune.after_pruning.epochs=9", "method.hard_cap=true", "task.meta_train.epochs=3"]) == \
+        ["task.finetune.after_pruning.epochs=9", "method.hard_cap=true"]
+    with pytest.raises(SystemExit):
+        proxy_module.main([*base, "--variant", "v", "--reuse-baselines", "--methods", "metanetwork",
+                           "method.hard_cap=true"])
     # meta-training and metanetwork overrides pass the check and reach the variant (which then needs a selection)
     with pytest.raises(SystemExit, match="finished selection"):
         proxy_module.main([*base, "--variant", "v", "--reuse-baselines", "--methods", "metanetwork",
-                           "task.meta_train.pruner_reg=1", "++metanetwork.node_res_ratio=0.01"])
+                           "task.meta_train.pruner_reg=1", "metanetwork.node_res_ratio=0.01"])
 
 
 def test_reused_baselines_are_the_benchmarks_own_runs(tmp_path, proxy_module, monkeypatch):
