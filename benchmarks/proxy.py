@@ -639,6 +639,9 @@ def _goals(table: dict, targets: list[float]) -> str:
         runs = table.get(method, {}).get(round(t, 4))
         return statistics.fmean(100 * r["pruned_acc"] for r in runs) if runs else None
 
+    missing = [LABELS[m] for m in ("metanetwork", "sparse_learning", "depgraph") if m not in table]
+    if missing:
+        return f"Goal check: not made, these runs have no {', '.join(missing)} (see `--methods`)."
     parts = []
     for t in targets:
         meta, sparse, plain = mean("metanetwork", t), mean("sparse_learning", t), mean("depgraph", t)
