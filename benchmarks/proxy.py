@@ -312,10 +312,22 @@ def _reused_runs(final_root: Path, methods: list[str] | None, seeds: list[int], 
     return runs
 
 
-def _budget_lines(cfg: DictConfig, seeds: list[int], targets: list[float], meta: dict, select: dict) -> list[str]:
+def _budget_lines(cfg: DictConfig, seeds: list[int], targets: list[float], meta: dict, select: dict,
+                  benchmark_selection: bool = False) -> list[str]:
+    """The setup lines of a report; ``benchmark_selection``: a variant that reuses the benchmark's selection, which
+    was made with the benchmark's settings, not the variant's overrides."""
     task, ft = cfg.task, cfg.task.finetune
     mt = task.meta_train
     steps = (meta.get("epochs") or 0) * len(meta.get("train_data_models") or [])
+    selection = (
+        "- Selection: the benchmark's own, made with its settings (its report says how), not with this variant's "
+        "overrides." if benchmark_selection else
+        f"- Selection: checkpoints scored by `{select.get('score_kind')}` "
+        + (f"(mean validation accuracy after pruning to {', '.join(f'{t}x' for t in select['ranking'][0]['finetuned'])}"
+           " and the after-pruning fine-tune)" if select.get("score_kind") == "finetuned" else
+           f"of validation accuracy (no fine-tune after pruning) up to {cfg.select.max_speed_up}x")
+        + f" on the validation data model(s) {select.get('validation_models')}, after the "
+        f"{ft.after_metanetwork.epochs}-epoch after_metanetwork fine-tune.")
     return [
         f"- Task `{task.name}`: {task.model}, dataset {task.dataset.name} at {list(task.input_size)} "
         f"(training subset: {task.dataset.get('train_size') or 'all'} images; validation: "
@@ -329,12 +341,7 @@ def _budget_lines(cfg: DictConfig, seeds: list[int], targets: list[float], meta:
         f"{mt.reference_batches}, {mt.batches_per_step or 'all'} batches of {mt.batch_size or task.batch_size} "
         "images per step; metanetwork "
         f"{OmegaConf.to_container(cfg.metanetwork)}.",
-        f"- Selection: checkpoints scored by `{select.get('score_kind')}` "
-        + (f"(mean validation accuracy after pruning to {', '.join(f'{t}x' for t in select['ranking'][0]['finetuned'])}"
-           " and the after-pruning fine-tune)" if select.get("score_kind") == "finetuned" else
-           f"of validation accuracy (no fine-tune after pruning) up to {cfg.select.max_speed_up}x")
-        + f" on the validation data model(s) {select.get('validation_models')}, after the "
-        f"{ft.after_metanetwork.epochs}-epoch after_metanetwork fine-tune.",
+        selection,
         f"- Final runs, per seed ({', '.join(map(str, seeds))}) from one shared start (trained "
         f"{task.train.epochs} epochs, init-pruned, fine-tuned {ft.after_init_pruning.epochs}): metanetwork, "
         f"control and sparse learning get {ft.after_metanetwork.epochs} epochs before pruning, DepGraph and "
@@ -402,7 +409,7 @@ def gather_report(cfg: DictConfig, out: Path, results_dir: Path, seeds: list[int
             "overrides": list(variant),
             "select": _shown_path(select_dir, out) if own_selection else None,
             "reused": sorted(reused or [])},
-        "setup": _budget_lines(cfg, seeds, targets, meta, select),
+        "setup": _budget_lines(cfg, seeds, targets, meta, select, benchmark_selection=not own),
         "cap": None if cap is None else {"ratio": cap, "hard": bool(cfg.method.get("hard_cap"))},
         "seeds": list(seeds),
         "targets": list(targets),
