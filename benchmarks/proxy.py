@@ -400,6 +400,7 @@ def gather_report(cfg: DictConfig, out: Path, results_dir: Path, seeds: list[int
     # another selection of the same meta-training (a copy in an ablation row) shows the benchmark's plot
     own_diag = own and not (variant is not None and diag.exists() and shared_diag.exists()
                             and shared_diag.read_bytes() == diag.read_bytes())
+    reused_runs = _reused_runs(out / "final", reused, seeds, targets)
     return {
         "task": cfg.task.name,
         "command": command,
@@ -408,12 +409,12 @@ def gather_report(cfg: DictConfig, out: Path, results_dir: Path, seeds: list[int
         "variant": None if variant is None else {
             "overrides": list(variant),
             "select": _shown_path(select_dir, out) if own_selection else None,
-            "reused": sorted(reused or [])},
+            "reused": sorted({r["method"] for r in reused_runs})},
         "setup": _budget_lines(cfg, seeds, targets, meta, select, benchmark_selection=not own),
         "cap": None if cap is None else {"ratio": cap, "hard": bool(cfg.method.get("hard_cap"))},
         "seeds": list(seeds),
         "targets": list(targets),
-        "runs": collect(final_root or out / "final") + _reused_runs(out / "final", reused, seeds, targets),
+        "runs": collect(final_root or out / "final") + reused_runs,
         "selection": {key: select.get(key) for key in SELECTION_KEYS} | {
             "ranking": [{key: r.get(key) for key in ("epoch", "score", "unpruned_acc", "eligible")}
                         for r in select["ranking"]]},

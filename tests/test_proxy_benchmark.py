@@ -218,6 +218,8 @@ def test_proxy_benchmark_report_resume_and_ablation(tmp_path):
     assert "chosen by the selection in `<out>/ablation/smoke/select`" in report
     assert "](figures/selection.png)" in report and (smoke / "figures" / "selection.png").exists()
     assert "the benchmark's own finals" in report and "`--reuse-baselines`" in report
+    assert json.loads((smoke / "report.json").read_text())["variant"]["reused"] == \
+        sorted(m for m in METHOD_LABELS if m != "metanetwork")
     reused_rows = table_rows(report, "## Test accuracy")
     benchmark_rows = table_rows(markdown, "## Test accuracy")
     for method in ("control", "sparse_learning", "depgraph", "random"):  # the benchmark's numbers, unchanged
