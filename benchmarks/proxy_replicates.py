@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxy  # noqa: E402  (the sibling benchmark: its labels and paired statistics)
+from scipy.stats import t as student_t  # noqa: E402
 
 BASELINES = ("control", "sparse_learning")
 KEYS = (("pre_pruning_acc", "before pruning"), ("just_pruned_acc", "right after pruning"),
@@ -114,7 +115,7 @@ def render(replicates: list[dict], summary: dict, command: str, out: Path) -> st
             sparse = next((v for k, v in (sel.get("sparse_learning_scores") or {}).items()
                            if float(k) == float(sel.get("best_sparse_reg") or -1)), None)
         gain_sl = sel.get("gain_over_sparse_learning")
-        lines.append(f"| {r['name']} | `{r['command']}` | {sel['epoch']} | {sel['score']:.4f} | "
+        lines.append(f"| {r['name']} | `{r['command'].replace(str(proxy.ROOT) + '/', '')}` | {sel['epoch']} | {sel['score']:.4f} | "
                      f"{sel['control_score']:.4f} | {sel['gain_over_control']:+.4f} | "
                      f"{_num(sparse, '.4f')} ({sel.get('best_sparse_reg')}) | {_num(gain_sl, '+.4f')} | "
                      f"{len(r['seeds'])} |")
@@ -130,11 +131,13 @@ def render(replicates: list[dict], summary: dict, command: str, out: Path) -> st
             cells = [f"{s['mean']:+.2f} ({_num(s['se'], '.2f')}), {_num(s['t'], '+.2f')}" for s in row["replicates"]]
             lines.append(f"| {row['column']} | " + " | ".join(cells) + " |")
         lines.append("")
+    k = len(replicates)
+    t_factor = float(student_t.ppf(0.975, k - 1) + student_t.ppf(0.80, k - 1))
     lines += ["## Over the replicates", "",
-              f"**Between metanetworks**: n = {len(replicates)} replicate means; SE = their sd / √n, t on n − 1 "
-              "degrees of freedom. The metanetwork is a random draw: what someone meta-training their own can expect. With "
-              "so few replicates the t quantiles make the smallest detectable effect much larger than 2.8 × SE "
-              "(about 4.3 × SE at n = 3).",
+              f"**Between metanetworks**: n = {k} replicate means; SE = their sd / √n, t on n − 1 degrees of freedom. "
+              "The metanetwork is a random draw: what someone meta-training their own can expect. With so few "
+              "replicates the t quantiles make the smallest detectable effect much larger than 2.8 × SE: "
+              f"(t(0.975, {k - 1}) + t(0.80, {k - 1})) × SE = {t_factor:.1f} × SE.",
               "", "| Difference | column | n | mean | SE | t | p | 95 % CI | MDE (2.8 × SE) | sd between metanetworks |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:

@@ -77,6 +77,7 @@ def test_summary_matches_hand_computed_statistics(tmp_path, module):
     assert "[rep_a](../rep_a/report.md)" in report
     assert "Equal-budget fine-tune (control): yes" in report.replace("DepGraph + equal", "Equal")
     assert "| rep_c | `python benchmarks/proxy.py --generate-seed rep_c` | 4 | 0.3200 |" in report
+    assert "= 5.4 × SE" in report  # (t(0.975, 2) + t(0.80, 2)) for three replicates
 
 
 def test_baselines_that_differ_between_replicates_are_flagged(tmp_path, module):
