@@ -78,6 +78,10 @@ def test_summary_matches_hand_computed_statistics(tmp_path, module):
     assert "Equal-budget fine-tune (control): yes" in report.replace("DepGraph + equal", "Equal")
     assert "| rep_c | `python benchmarks/proxy.py --generate-seed rep_c` | 4 | 0.3200 |" in report
     assert "= 5.4 × SE" in report  # (t(0.975, 2) + t(0.80, 2)) for three replicates
+    assert "reading.md" not in report
+    (out / "reading.md").write_text("# Reading\n")  # a hand-written reading beside the report is linked
+    module.main([*map(str, folders), "--out", str(out)])
+    assert "](reading.md)" in (out / "report.md").read_text()
 
 
 def test_baselines_that_differ_between_replicates_are_flagged(tmp_path, module):
