@@ -30,8 +30,6 @@ import proxy  # noqa: E402  (the sibling benchmark: its labels and paired statis
 from scipy.stats import t as student_t  # noqa: E402
 
 BASELINES = ("control", "sparse_learning")
-KEYS = (("pre_pruning_acc", "before pruning"), ("just_pruned_acc", "right after pruning"),
-        ("pruned_acc", "after fine-tune"))
 
 
 def load(folder: Path) -> dict:
@@ -41,15 +39,6 @@ def load(folder: Path) -> dict:
     data = json.loads(path.read_text())
     data["name"], data["folder"] = folder.name, folder.resolve()
     return data
-
-
-def differences(data: dict, baseline: str, key: str, target: float) -> dict[int, float]:
-    """seed -> metanetwork − baseline (points) of ``key`` at ``target``."""
-    def values(method):
-        return {r["seed"]: r[key] for r in data["runs"] if r["method"] == method
-                and round(float(r["target"]), 4) == round(float(target), 4) and r.get(key) is not None}
-    mine, theirs = values("metanetwork"), values(baseline)
-    return {s: 100 * (mine[s] - theirs[s]) for s in sorted(mine.keys() & theirs.keys())}
 
 
 def columns(targets: list[float]) -> list[tuple[str, str, float]]:
@@ -69,10 +58,11 @@ def summarise(replicates: list[dict]) -> dict:
     targets = sorted(set.intersection(*(set(map(float, r["targets"])) for r in replicates)))
     if not targets:
         raise SystemExit("the replicates share no target speed-up")
+    tables = [proxy.by_method(r["runs"]) for r in replicates]
     rows = []
     for baseline in BASELINES:
         for key, column, target in columns(targets):
-            per_replicate = [differences(r, baseline, key, target) for r in replicates]
+            per_replicate = [proxy.paired_differences(table, "metanetwork", baseline, key, target) for table in tables]
             seeds = sorted(set.intersection(*(set(d) for d in per_replicate)))
             if not seeds:
                 continue
@@ -112,12 +102,10 @@ def render(replicates: list[dict], summary: dict, command: str, out: Path) -> st
              "(chosen reg) | gain over sparse learning | seeds |", "|---|---|---|---|---|---|---|---|---|"]
     for r in replicates:
         sel = r["selection"]
-        sparse = (sel.get("sparse_learning_scores") or {}).get(str(sel.get("best_sparse_reg")))
-        if sparse is None:
-            sparse = next((v for k, v in (sel.get("sparse_learning_scores") or {}).items()
-                           if float(k) == float(sel.get("best_sparse_reg") or -1)), None)
+        sparse = next((v for k, v in (sel.get("sparse_learning_scores") or {}).items()
+                       if sel.get("best_sparse_reg") is not None and float(k) == float(sel["best_sparse_reg"])), None)
         gain_sl = sel.get("gain_over_sparse_learning")
-        lines.append(f"| {r['name']} | `{r['command'].replace(str(proxy.ROOT) + '/', '')}` | {sel['epoch']} | {sel['score']:.4f} | "
+        lines.append(f"| {r['name']} | `{proxy.shown_command(r['command'])}` | {sel['epoch']} | {sel['score']:.4f} | "
                      f"{sel['control_score']:.4f} | {sel['gain_over_control']:+.4f} | "
                      f"{_num(sparse, '.4f')} ({sel.get('best_sparse_reg')}) | {_num(gain_sl, '+.4f')} | "
                      f"{len(r['seeds'])} |")

@@ -355,3 +355,10 @@ def test_reused_baselines_are_the_benchmarks_own_runs(tmp_path, proxy_module, mo
     assert proxy_module._reused_runs(tmp_path, None, [1], [2.0]) == []
     with pytest.raises(SystemExit, match=r"control \(seed 3\)"):  # a seed the benchmark never ran
         proxy_module._reused_runs(tmp_path, ["control"], [1, 3], [2.0])
+
+
+def test_report_commands_leave_out_this_checkouts_path(proxy_module):
+    root = proxy_module.ROOT
+    assert proxy_module.shown_command(f"python benchmarks/proxy.py --results {root}/benchmarks/results/x "
+                                      "--out /elsewhere/o") == \
+        "python benchmarks/proxy.py --results benchmarks/results/x --out /elsewhere/o"
